@@ -1,0 +1,312 @@
+"""Typed run configuration: one dataclass per stage, nested in `RunConfig`.
+
+Loaded from YAML, overridden from the command line with `section.field=value`, validated
+with errors that name the field, and saved resolved (as JSON) in the run directory.
+Every field's `help` metadata is the documentation shown by `elrea config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("smollm2-135m-instruct", "Backbone: a built-in alias, a hub id or a local directory.")
+    dtype: str = _f("float32", "Backbone dtype: float32, bfloat16 or float16.")
+    trust_remote_code: bool = _f(False, "Allow model code from the hub (never on by default).")
+
+    def validate(self, p="model"):
+        _choice(p, "dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        _nonempty(p, "name", self.name)
+
+
+@dataclass
+class DataConfig:
+    max_length: int = _f(2048, "Maximum tokens of instruction + response.")
+    truncation: str = _f("left", "Over-long records: 'left' truncates the instruction from the left, 'strict' fails.")
+    system_prompt: str | None = _f(None, "Optional system turn prepended to every prompt.")
+
+    def validate(self, p="data"):
+        _positive(p, "max_length", self.max_length)
+        _choice(p, "truncation", self.truncation, ["left", "strict"])
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(8, "LoRA rank r.")
+    alpha: float = _f(16.0, "LoRA alpha; the update is scaled by alpha / r.")
+    dropout: float = _f(0.05, "LoRA dropout during training.")
+    target_modules: Any = _f("all-linear", "'all-linear' or a list of module names.")
+
+    def validate(self, p="lora"):
+        _positive(p, "rank", self.rank)
+        _positive(p, "alpha", self.alpha)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{p}.dropout: must be in [0, 1), got {self.dropout!r}")
+        if not (self.target_modules == "all-linear" or (isinstance(self.target_modules, list)
+                                                        and self.target_modules)):
+            raise ConfigError(f"{p}.target_modules: 'all-linear' or a non-empty list, got {self.target_modules!r}")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = _f(5e-5, "Peak learning rate (AdamW), decayed linearly to 0.")
+    epochs: float = _f(2.0, "Training epochs.")
+    batch_size: int = _f(16, "Effective batch size in sequences (micro_batch_size x accumulation x devices).")
+    micro_batch_size: int = _f(4, "Sequences per forward/backward on one device.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    warmup_ratio: float = _f(0.0, "Fraction of steps of linear warm-up.")
+    max_steps: int = _f(-1, "If > 0, stop after this many optimizer steps (overrides epochs).")
+
+    def validate(self, p="train"):
+        _positive(p, "lr", self.lr)
+        _positive(p, "epochs", self.epochs)
+        _positive(p, "batch_size", self.batch_size)
+        _positive(p, "micro_batch_size", self.micro_batch_size)
+        if self.weight_decay < 0:
+            raise ConfigError(f"{p}.weight_decay: must be >= 0, got {self.weight_decay!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"{p}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
+
+
+@dataclass
+class FeatureConfig:
+    dim: int = _f(8192, "Projected feature dimension d_proj.")
+    projection: str = _f("sjlt", "Random projection: 'sjlt' (sparse, fast) or 'rademacher' (dense, blockwise).")
+    sjlt_nnz: int = _f(4, "Non-zeros per input coordinate in the sparse projection.")
+    train_preconditioner: str = _f("adam", "Training features: 'adam' (LESS, uses the base optimizer moments) or 'sgd'.")
+    test_preconditioner: str = _f("sgd", "Routing features: 'sgd' (plain gradient) or 'adam'.")
+    batch_size: int = _f(16, "Examples per batched backward pass.")
+    checkpoint_every: int = _f(16, "Flush features to disk every this many batches.")
+
+    def validate(self, p="features"):
+        _positive(p, "dim", self.dim)
+        _positive(p, "sjlt_nnz", self.sjlt_nnz)
+        _positive(p, "batch_size", self.batch_size)
+        _positive(p, "checkpoint_every", self.checkpoint_every)
+        from .projection import PROJECTORS
+        _choice(p, "projection", self.projection, PROJECTORS)
+        _choice(p, "train_preconditioner", self.train_preconditioner, ["adam", "sgd"])
+        _choice(p, "test_preconditioner", self.test_preconditioner, ["adam", "sgd"])
+
+
+@dataclass
+class ClusterConfig:
+    method: str = _f("birch", "Clustering method (see elrea.clustering.CLUSTERERS).")
+    num_clusters: int = _f(0, "Number of expert clusters C; 0 picks C in [2, max_clusters] by silhouette.")
+    max_clusters: int = _f(8, "Upper bound for the automatic cluster count.")
+    min_cluster_size: int = _f(8, "Clusters smaller than this are merged into the nearest one.")
+    threshold: float = _f(0.5, "BIRCH sub-cluster radius threshold (features are unit vectors).")
+    branching_factor: int = _f(50, "BIRCH branching factor.")
+    sample_size: int = _f(5000, "Fit on at most this many examples; assign the rest to the nearest centroid.")
+
+    def validate(self, p="clustering"):
+        from .clustering import CLUSTERERS
+        _choice(p, "method", self.method, CLUSTERERS)
+        if self.num_clusters < 0 or self.num_clusters == 1:
+            raise ConfigError(f"{p}.num_clusters: 0 (automatic) or >= 2, got {self.num_clusters!r}")
+        if self.max_clusters < 2:
+            raise ConfigError(f"{p}.max_clusters: must be >= 2, got {self.max_clusters!r}")
+        _positive(p, "min_cluster_size", self.min_cluster_size)
+        _positive(p, "threshold", self.threshold)
+        _positive(p, "branching_factor", self.branching_factor)
+        _positive(p, "sample_size", self.sample_size)
+
+
+@dataclass
+class RoutingConfig:
+    temperature: float = _f(1.0, "Softmax temperature tau over standardised similarities.")
+    top_k: int = _f(0, "Keep the k largest weights and renormalise; 0 keeps all.")
+    batch_size: int = _f(16, "Prompts per batched routing backward pass.")
+
+    def validate(self, p="routing"):
+        _positive(p, "temperature", self.temperature)
+        if self.top_k < 0:
+            raise ConfigError(f"{p}.top_k: must be >= 0 (0 = all), got {self.top_k!r}")
+        _positive(p, "batch_size", self.batch_size)
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = _f(64, "Tokens to generate.")
+    temperature: float = _f(0.0, "0 is greedy; > 0 samples.")
+    top_p: float = _f(1.0, "Nucleus sampling mass when sampling.")
+    batch_size: int = _f(8, "Prompts decoded together.")
+
+    def validate(self, p="generation"):
+        _positive(p, "max_new_tokens", self.max_new_tokens)
+        if self.temperature < 0:
+            raise ConfigError(f"{p}.temperature: must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{p}.top_p: must be in (0, 1], got {self.top_p!r}")
+        _positive(p, "batch_size", self.batch_size)
+
+
+def _expert_train() -> TrainConfig:
+    return TrainConfig(lr=2e-5)
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, "Run seed; every stage derives its own seed from it.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    base: TrainConfig = field(default_factory=TrainConfig)
+    experts: TrainConfig = field(default_factory=_expert_train)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    clustering: ClusterConfig = field(default_factory=ClusterConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def validate(self) -> "RunConfig":
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed: must be a non-negative integer, got {self.seed!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def section_hash(self, *names: str) -> str:
+        """Fingerprint of some sections: a stage re-runs when its inputs' hash changes."""
+        d = self.to_dict()
+        blob = json.dumps({n: d[n] for n in names}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def stage_seed(self, stage: str) -> int:
+        """A seed derived from the run seed for one stage (reproducible, independent)."""
+        h = hashlib.sha256(f"{self.seed}:{stage}".encode()).hexdigest()
+        return int(h[:8], 16)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _coerce(name: str, value, default, annotation: str):
+    """Check a value against its field's type; ints are accepted for floats."""
+    if annotation == "Any" or (annotation.endswith("| None") and value is None):
+        return value
+    kinds = {"bool": bool, "int": int, "float": float, "str": str, "str | None": str}
+    expected = kinds.get(annotation, type(default))
+    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        label = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[expected]
+        raise ConfigError(f"{name}: expected {label}, got {value!r}")
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    obj = cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{name}: unknown field; valid: {', '.join(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            value = _from_dict(type(current), value, prefix=f"{name}.")
+        else:
+            value = _coerce(name, value, current, str(fields[key].type))
+        setattr(obj, key, value)
+    return obj
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` strings (value parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. lora.rank=16")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> RunConfig:
+    """Resolve a RunConfig from (base dict) <- YAML file <- overrides, then validate."""
+    data: dict = json.loads(json.dumps(base)) if base else {}
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            loaded = yaml.safe_load(text) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        _deep_update(data, loaded)
+    apply_overrides(data, overrides or [])
+    return _from_dict(RunConfig, data).validate()
+
+
+def _deep_update(dst: dict, src: dict):
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def describe_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(name, default, help) for every leaf field, for `elrea config`."""
+    rows = []
+    obj = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_fields(type(value), prefix=f"{prefix}{f.name}.")
+        else:
+            rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
+    return rows
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _positive(p, name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{p}.{name}: must be > 0, got {value!r}")
+
+
+def _nonempty(p, name, value):
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{p}.{name}: must be a non-empty string, got {value!r}")
+
+
+def _choice(p, name, value, valid):
+    if value not in valid:
+        raise ConfigError(f"{p}.{name}: unknown value {value!r}; valid: {', '.join(sorted(valid))}")

@@ -1,0 +1,331 @@
+"""Data: read instruction records from files, validate them, and tokenize them.
+
+Accepted files: JSONL, JSON (a list of records), CSV, Parquet, or a `datasets` dataset
+(a directory saved with `save_to_disk`, or a hub id when the machine is online).
+
+Accepted records (docs/method.md, "Data"):
+  {"instruction" | "prompt": str, "response" | "completion" | "output": str,
+   "input": str (optional, appended to the instruction), "source": str (optional)}
+  {"messages": [{"role": ..., "content": ...}, ...]}  (the last assistant turn is the response)
+
+A bad record raises `DataError` naming the file, the line (or row) and the field; nothing is
+dropped silently. Unknown keys are kept and ignored with one warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+INSTRUCTION_KEYS = ("instruction", "prompt")
+RESPONSE_KEYS = ("response", "completion", "output")
+KNOWN_KEYS = set(INSTRUCTION_KEYS + RESPONSE_KEYS + ("input", "source", "messages", "id"))
+PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+@dataclass
+class Record:
+    """One example: the chat turns before the response, the response, and its origin."""
+
+    messages: list[dict]          # prompt turns: [{"role": "user", "content": ...}, ...]
+    response: str | None
+    source: str | None = None
+    where: str = ""               # "file:line" for error messages
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def instruction(self) -> str:
+        return self.messages[-1]["content"]
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_records(path: str | Path, require_response: bool = True) -> list[Record]:
+    """Read and validate every record of a data file (or datasets directory / hub id)."""
+    p = Path(path)
+    if p.is_dir():
+        rows = _read_datasets_dir(p)
+    elif p.exists():
+        suffix = p.suffix.lower()
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
+                   ".parquet": _read_parquet}
+        if suffix not in readers:
+            raise DataError(f"unsupported file type {suffix!r}; use one of "
+                            f"{', '.join(readers)} or a datasets directory", path=str(p))
+        rows = readers[suffix](p)
+    elif "/" in str(path) and not str(path).startswith((".", "/")):
+        rows = _read_hub(str(path))
+    else:
+        raise DataError("file not found", path=str(p))
+    records, unknown = [], set()
+    for loc, row in rows:
+        rec = parse_record(row, loc, require_response)
+        unknown |= set(rec.extra)
+        records.append(rec)
+    if not records:
+        raise DataError("no records: the file is empty", path=str(path))
+    if unknown:
+        log.warning("%s: ignoring unknown record keys: %s", path, ", ".join(sorted(unknown)))
+    return records
+
+
+def _read_jsonl(p: Path):
+    with open(p, "rb") as fh:
+        for i, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+                                "re-save the file as UTF-8", path=str(p), line=i) from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"malformed JSON ({e.msg} at column {e.colno}); each line must be "
+                                "one JSON object", path=str(p), line=i) from None
+            yield dict(path=str(p), line=i), row
+
+
+def _read_json(p: Path):
+    try:
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 (byte offset {e.start})", path=str(p)) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e.msg})", path=str(p), line=e.lineno) from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError("expected a JSON list of records (or {\"data\": [...]})", path=str(p))
+    for i, row in enumerate(data):
+        yield dict(path=str(p), line=f"record {i}"), row
+
+
+def _read_csv(p: Path):
+    try:
+        with open(p, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            _check_columns(p, reader.fieldnames or [])
+            for i, row in enumerate(reader, start=2):  # line 1 is the header
+                yield dict(path=str(p), line=i), {k: v for k, v in row.items() if v not in (None, "") or k in
+                                   INSTRUCTION_KEYS + RESPONSE_KEYS}
+    except UnicodeDecodeError as e:
+        raise DataError(f"not valid UTF-8 (byte offset {e.start}); re-save the file as UTF-8",
+                        path=str(p)) from None
+
+
+def _read_parquet(p: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(p)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
+        raise DataError(f"cannot read Parquet: {e}", path=str(p)) from None
+    _check_columns(p, table.column_names)
+    for i, row in enumerate(table.to_pylist()):
+        yield dict(path=str(p), line=f"row {i}"), row
+
+
+def _read_datasets_dir(p: Path):
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p))
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"not a datasets directory saved with save_to_disk ({e})", path=str(p)) from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"DatasetDict without a 'train' split (has {list(ds)})", path=str(p))
+        ds = ds["train"]
+    _check_columns(p, ds.column_names)
+    for i, row in enumerate(ds):
+        yield dict(path=str(p), line=f"row {i}"), row
+
+
+def _read_hub(name: str):  # pragma: no cover - needs the network
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"not a local file, and the hub data set could not be loaded ({e})",
+                        path=name) from None
+    _check_columns(name, ds.column_names)
+    for i, row in enumerate(ds):
+        yield dict(path=name, line=f"row {i}"), row
+
+
+def _check_columns(p, columns):
+    cols = set(columns)
+    if "messages" in cols or (cols & set(INSTRUCTION_KEYS)):
+        return
+    raise DataError(f"no instruction column; found columns {sorted(cols)}, expected one of "
+                    f"{list(INSTRUCTION_KEYS)} (plus one of {list(RESPONSE_KEYS)}) or 'messages'",
+                    path=str(p))
+
+
+# ----------------------------------------------------------------------------- validation
+
+def parse_record(row, loc: dict, require_response: bool = True) -> Record:
+    """Validate one raw row into a Record, or raise DataError naming where and which field.
+
+    `loc` is {"path": ..., "line": int line number or "row N" label}.
+    """
+    where = DataError("", **loc).args[0].rstrip(": ")
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {type(row).__name__}", **loc)
+    extra = {k: v for k, v in row.items() if k not in KNOWN_KEYS}
+    source = row.get("source")
+    if source is not None and not isinstance(source, str):
+        raise DataError(f"expected a string, got {type(source).__name__} {source!r}", field="source", **loc)
+    if "messages" in row:
+        messages, response = _parse_messages(row["messages"], loc, require_response)
+    else:
+        key = next((k for k in INSTRUCTION_KEYS if k in row), None)
+        if key is None:
+            raise DataError(f"missing instruction: expected one of {list(INSTRUCTION_KEYS)} or "
+                            f"'messages'; keys present: {sorted(row)}", **loc)
+        instruction = _text(row[key], key, loc)
+        extra_input = row.get("input")
+        if extra_input not in (None, ""):
+            instruction += "\n\n" + _text(extra_input, "input", loc)
+        messages = [{"role": "user", "content": instruction}]
+        rkey = next((k for k in RESPONSE_KEYS if k in row), None)
+        response = None
+        if rkey is not None:
+            response = _text(row[rkey], rkey, loc)
+        elif require_response:
+            raise DataError(f"missing response: expected one of {list(RESPONSE_KEYS)}; "
+                            f"keys present: {sorted(row)}", **loc)
+    return Record(messages=messages, response=response, source=source, where=where, extra=extra)
+
+
+def _text(value, key, loc) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"expected a string, got {type(value).__name__} {value!r:.60}", field=key, **loc)
+    if not value.strip():
+        raise DataError("is empty", field=key, **loc)
+    return value
+
+
+def _parse_messages(messages, loc, require_response):
+    if not isinstance(messages, list) or not messages:
+        raise DataError("expected a non-empty list of {role, content} turns", field="messages", **loc)
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+                not isinstance(m.get("content"), str):
+            raise DataError(f"turn {j} must be an object with string 'role' and 'content', got {m!r:.80}",
+                            field="messages", **loc)
+    response = None
+    if messages[-1]["role"] == "assistant":
+        response = _text(messages[-1]["content"], "messages[-1].content", loc)
+        messages = messages[:-1]
+    elif require_response:
+        raise DataError("the last turn must be the assistant's response", field="messages", **loc)
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError("the turn before the response must be a user turn", field="messages", **loc)
+    _text(messages[-1]["content"], "messages[-2].content", loc)
+    return [dict(role=m["role"], content=m["content"]) for m in messages], response
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+@dataclass
+class Encoded:
+    """Token ids and labels (-100 = no loss, transformers' shift convention) of one example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+class PromptFormatter:
+    """Turns records into token ids with the tokenizer's chat template (or a plain template).
+
+    Training examples carry loss on the response tokens only. Instruction-only examples (for
+    gradient features) carry loss on the last user turn and the generation prompt; tokens of
+    earlier turns and of a system prompt are context only, because they are shared by many
+    examples and would add the same gradient to every feature.
+    """
+
+    def __init__(self, tokenizer, system_prompt: str | None = None, max_length: int = 2048,
+                 truncation: str = "left"):
+        self.tok = tokenizer
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.truncation = truncation
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}] + messages
+        if self.has_template:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        context = "".join(f"{m['content']}\n\n" for m in messages[:-1])
+        return context + PLAIN_TEMPLATE.format(instruction=messages[-1]["content"])
+
+    def prompt_ids(self, messages: list[dict]) -> tuple[list[int], int]:
+        """(ids of the formatted prompt, number of leading context tokens)."""
+        text = self.prompt_text(messages)
+        special = not self.has_template  # chat templates already write BOS themselves
+        ids = self.tok(text, add_special_tokens=special)["input_ids"]
+        cut = text.rfind(messages[-1]["content"])
+        n_ctx = len(self.tok(text[:cut], add_special_tokens=special)["input_ids"]) if cut > 0 else 0
+        return ids, min(n_ctx, len(ids) - 1)
+
+    def _truncate(self, ids: list[int], n_ctx: int, budget: int, where: str) -> tuple[list[int], bool]:
+        overflow = len(ids) - budget
+        if overflow <= 0:
+            return ids, False
+        if self.truncation == "strict":
+            raise DataError(f"{len(ids) + (self.max_length - budget)} tokens exceed data.max_length="
+                            f"{self.max_length}; raise it, or set data.truncation=left to cut the "
+                            "instruction from the left", path=where)
+        if n_ctx + overflow < len(ids):  # cut the start of the instruction, keep the template head
+            return ids[:n_ctx] + ids[n_ctx + overflow:], True
+        return ids[overflow:], True
+
+    def encode_train(self, rec: Record) -> Encoded:
+        """Prompt + response + EOS; loss on the response (and EOS) only."""
+        ids, n_ctx = self.prompt_ids(rec.messages)
+        resp = self.tok(rec.response, add_special_tokens=False)["input_ids"]
+        if self.tok.eos_token_id is not None:
+            resp = resp + [self.tok.eos_token_id]
+        if len(resp) >= self.max_length:
+            raise DataError(f"the response alone has {len(resp)} tokens, over data.max_length="
+                            f"{self.max_length}", path=rec.where, field="response")
+        ids, cut = self._truncate(ids, n_ctx, self.max_length - len(resp), rec.where)
+        return Encoded(ids + resp, [-100] * len(ids) + resp, cut)
+
+    def encode_instruction(self, messages: list[dict], where: str = "") -> Encoded:
+        """The prompt alone (no response); loss on the last user turn + generation prompt."""
+        ids, n_ctx = self.prompt_ids(messages)
+        ids, cut = self._truncate(ids, n_ctx, self.max_length, where)
+        if cut:
+            n_ctx = min(n_ctx, len(ids) - 1)
+        return Encoded(ids, [-100] * n_ctx + ids[n_ctx:], cut)
+
+
+def collate(batch: list[Encoded], pad_id: int, side: str = "right") -> dict:
+    """Pad a list of examples into tensors: input_ids, attention_mask, labels [n, T]."""
+    import torch
+
+    T = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)
+    labels = torch.full((len(batch), T), -100, dtype=torch.long)
+    for i, e in enumerate(batch):
+        n = len(e.input_ids)
+        sl = slice(T - n, T) if side == "left" else slice(0, n)
+        ids[i, sl] = torch.tensor(e.input_ids)
+        mask[i, sl] = 1
+        labels[i, sl] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

