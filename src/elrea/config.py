@@ -211,6 +211,11 @@ def _coerce(name: str, value, default, annotation: str):
     ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not ok:
         label = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[expected]
         raise ConfigError(f"{name}: expected {label}, got {value!r}")

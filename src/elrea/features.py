@@ -34,10 +34,16 @@ class _Capture:
     output: torch.Tensor | None = None   # (n, T, out), part of the graph
 
 
-def _lora_captures(model) -> list[_Capture]:
-    params = lora_parameters(model)
+def _lora_captures(model, adapter: str | None = None) -> list[_Capture]:
+    """The LoRA factors to differentiate: the trainable ones, or those of one named adapter."""
+    if adapter is None:
+        params = lora_parameters(model)
+    else:
+        params = [(n, p) for n, p in model.named_parameters()
+                  if f".lora_A.{adapter}." in n or f".lora_B.{adapter}." in n]
     if not params:
-        raise ValueError("the model has no trainable parameters; expected a PEFT LoRA model")
+        raise ValueError("no LoRA parameters to differentiate; expected a PEFT LoRA model"
+                         + (f" with adapter {adapter!r}" if adapter else " with trainable LoRA weights"))
     owners = {}
     for mod_name, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
@@ -86,14 +92,28 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def iter_per_example_gradients(model, batch: dict):
+@contextmanager
+def _requires_grad(caps: list[_Capture]):
+    """Let the graph reach the chosen LoRA weights (an adapter loaded for inference is frozen)."""
+    before = [c.module.weight.requires_grad for c in caps]
+    for c in caps:
+        c.module.weight.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for c, b in zip(caps, before):
+            c.module.weight.requires_grad_(b)
+
+
+def iter_per_example_gradients(model, batch: dict, adapter: str | None = None):
     """Yield (name, offset, grad [n, numel]) per LoRA parameter, from one backward pass.
 
-    Offsets are positions in the flattened `model.named_parameters()` order of trainable
-    parameters. Dropout must be off (model.eval()) for gradients to be deterministic.
+    Offsets are positions in the flattened `model.named_parameters()` order of the trainable
+    LoRA parameters (or of adapter `adapter`'s, which must be the active one). Dropout must be
+    off (model.eval()) for gradients to be deterministic.
     """
-    caps = _lora_captures(model)
-    with _capturing(caps):
+    caps = _lora_captures(model, adapter)
+    with _capturing(caps), _requires_grad(caps), torch.enable_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
         loss = per_example_loss(out.logits, batch["labels"]).sum()
@@ -144,13 +164,42 @@ def sgd_preconditioner(name: str, g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def batch_features(model, batch: dict, projector, precondition=sgd_preconditioner) -> torch.Tensor:
+def batch_features(model, batch: dict, projector, precondition=sgd_preconditioner,
+                   adapter: str | None = None) -> torch.Tensor:
     """Unit-norm projected features [n, d] of one batch: delta_i = P precond(g_i) / ||.||."""
     out = torch.zeros(batch["input_ids"].shape[0], projector.dim)
-    for name, offset, g in iter_per_example_gradients(model, batch):
+    for name, offset, g in iter_per_example_gradients(model, batch, adapter):
         projector.project_block(precondition(name, g), offset, out)
     return F.normalize(out, dim=1)
 
 
-def num_lora_params(model) -> int:
-    return sum(p.numel() for _, p in lora_parameters(model))
+def num_lora_params(model, adapter: str | None = None) -> int:
+    return sum(c.module.weight.numel() for c in _lora_captures(model, adapter))
+
+
+def lora_param_names(model, adapter: str | None = None) -> list[str]:
+    return [c.name for c in _lora_captures(model, adapter)]
+
+
+def extract_features(model, examples: list, projector, store, pad_id: int, batch_size: int = 16,
+                     precondition=sgd_preconditioner, adapter: str | None = None,
+                     checkpoint_every: int = 16, desc: str = "gradient features") -> None:
+    """Fill `store` (a FeatureStore) with the features of `examples` (data.Encoded), resuming
+    after its last committed row and committing every `checkpoint_every` batches."""
+    from tqdm.auto import tqdm
+
+    from .data import collate
+
+    n = len(examples)
+    start = store.done
+    if start:
+        log.info("%s: resuming at example %d of %d", desc, start, n)
+    bar = tqdm(total=n, initial=start, desc=desc, unit="ex", dynamic_ncols=True)
+    for k, s in enumerate(range(start, n, batch_size), start=1):
+        batch = collate(examples[s:s + batch_size], pad_id, side="right")
+        store.write(s, batch_features(model, batch, projector, precondition, adapter).numpy())
+        bar.update(min(batch_size, n - s))
+        if k % checkpoint_every == 0:
+            store.commit(min(s + batch_size, n))
+    bar.close()
+    store.finish()

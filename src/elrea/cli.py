@@ -1,0 +1,260 @@
+"""The `elrea` command line. Each command calls one library function and prints a table.
+
+    elrea fit --model smollm2-135m-instruct --data train.jsonl --out runs/demo [key=value ...]
+    elrea generate runs/demo --prompt "What is 3 + 4?" --show-weights
+    elrea route runs/demo --input prompts.jsonl
+    elrea eval runs/demo --data test.jsonl
+    elrea info runs/demo
+    elrea config                       # every config field, its default and help
+    elrea data export reasoning-mix --out data/mix
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import ElreaError
+
+log = logging.getLogger("elrea")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in columns:
+        t.add_column(c, justify="right" if c not in (columns[0],) else "left")
+    for r in rows:
+        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r])
+    _console().print(t)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_fit(args):
+    from .config import load_config
+    from .pipeline import fit
+
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.insert(0, f"model.name={args.model}")
+    cfg = load_config(args.config, overrides)
+    run = fit(args.data, args.out, cfg, from_stage=args.from_stage)
+    cmd_info(argparse.Namespace(run=run))
+
+
+def _read_prompts(args) -> list:
+    from .data import load_records
+
+    if args.prompt is not None:
+        return [args.prompt]
+    if args.input is None:
+        raise ElreaError("give --prompt TEXT or --input prompts.jsonl")
+    return [r.messages for r in load_records(args.input, require_response=False)]
+
+
+def _write_jsonl(path, rows):
+    from .rundir import atomic_path
+
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if path is None or path == "-":
+        sys.stdout.write(text)
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    log.info("wrote %d rows to %s", len(rows), path)
+
+
+def cmd_generate(args):
+    from .api import ELREA
+
+    model = ELREA.from_pretrained(args.run)
+    prompts = _read_prompts(args)
+    weights = model.route(prompts, temperature=args.tau, top_k=args.top_k)
+    outs = model.generate(prompts, weights=weights, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode)
+    if args.show_weights:
+        _table("routing weights", ["prompt"] + model.adapters,
+               [[_short(p)] + [float(x) for x in w] for p, w in zip(prompts, weights)])
+    if args.output:
+        _write_jsonl(args.output, [{"prompt": _text(p), "output": o,
+                                    "weights": [round(float(x), 6) for x in w]}
+                                   for p, o, w in zip(prompts, outs, weights)])
+    else:
+        for o in outs:
+            print(o)
+
+
+def cmd_route(args):
+    from .api import ELREA
+
+    model = ELREA.from_pretrained(args.run)
+    prompts = _read_prompts(args)
+    w = model.route(prompts, router=args.router, temperature=args.tau, top_k=args.top_k)
+    _write_jsonl(args.output, [{"prompt": _text(p), "weights": [round(float(x), 6) for x in row],
+                                "adapters": model.adapters} for p, row in zip(prompts, w)])
+
+
+def cmd_eval(args):
+    from .api import ELREA
+    from .data import load_records
+    from .evaluation import evaluate
+    from .rundir import write_json
+
+    model = ELREA.from_pretrained(args.run)
+    records = load_records(args.data)
+    if args.limit:
+        records = records[: args.limit]
+    result = evaluate(model, records, max_new_tokens=args.max_new_tokens)
+    acc = result["accuracy"]
+    sources = list(acc["elrea"]["per_source"])
+    _table(f"exact match on {args.data} ({len(records)} examples)", ["method"] + sources + ["overall"],
+           [[m] + [acc[m]["per_source"][s] for s in sources] + [acc[m]["overall"]] for m in acc])
+    out = Path(args.output) if args.output else Path(args.run) / "eval.json"
+    write_json(out, result)
+    print(f"wrote {out}")
+
+
+def cmd_info(args):
+    from .rundir import Manifest, read_json
+
+    m = Manifest.load(args.run)
+    print(f"run {args.run}: backbone {m.data.get('backbone')}, {m.data.get('num_examples')} examples "
+          f"from {m.data.get('data')}")
+    _table("stages", ["stage", "status", "seconds"],
+           [[s, st.get("status", "-"), st.get("seconds", "-")] for s, st in m.data.get("stages", {}).items()])
+    cpath = Path(args.run) / "clusters" / "clusters.json"
+    if cpath.exists():
+        cl = read_json(cpath)
+        mix = cl.get("source_mix") or {}
+        sources = sorted({s for c in mix.values() for s in c})
+        rows = [[f"expert_{c}", size] + [mix.get(str(c), {}).get(s, 0) for s in sources]
+                for c, size in enumerate(cl["sizes"], start=1)]
+        _table(f"clusters (C={cl['num_clusters']}; adapters: base + experts)", ["adapter", "size"] + sources,
+               rows)
+
+
+def cmd_config(args):
+    from .config import describe_fields
+
+    _table("run config (override with section.field=value)", ["field", "default", "help"],
+           [[n, json.dumps(d), h] for n, d, h in describe_fields()])
+
+
+def cmd_data_export(args):
+    from .tasks import export_mixture
+
+    paths = export_mixture(args.name, args.out, train=args.train, validation=args.validation,
+                           test=args.test, seed=args.seed)
+    for split, p in paths.items():
+        print(f"{split}: {p}")
+
+
+def _text(p) -> str:
+    return p if isinstance(p, str) else p[-1]["content"]
+
+
+def _short(p, n=40) -> str:
+    t = _text(p).replace("\n", " ")
+    return t if len(t) <= n else t[: n - 1] + "…"
+
+
+# ----------------------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="elrea", description="Ensembles of Low-Rank Expert Adapters: "
+                                 "cluster training examples by gradient, train one LoRA expert per "
+                                 "cluster, route and mix them at inference.")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="train base adapter, features, clusters and experts into a run dir")
+    p.add_argument("--data", required=True, help="training data: .jsonl/.json/.csv/.parquet or datasets dir")
+    p.add_argument("--out", required=True, help="run directory (created; re-running resumes)")
+    p.add_argument("--model", help="backbone: alias, hub id or directory (default smollm2-135m-instruct)")
+    p.add_argument("--config", help="YAML run config (see `elrea config`)")
+    p.add_argument("--from", dest="from_stage", choices=["base", "features", "clusters", "experts"],
+                   help="redo this stage and the ones after it")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.rank=16")
+    p.set_defaults(func=cmd_fit)
+
+    for name, helptext, fn in [("generate", "ensembled generation", cmd_generate),
+                               ("route", "routing weights per prompt, as JSONL", cmd_route)]:
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run", help="run directory made by `elrea fit`")
+        p.add_argument("--prompt", help="one prompt")
+        p.add_argument("--input", help="prompts file (records with an instruction; response optional)")
+        p.add_argument("--output", help="JSONL output (default: stdout)")
+        p.add_argument("--tau", type=float, help="routing temperature (default from the run config)")
+        p.add_argument("--top-k", type=int, help="keep the k largest routing weights")
+        p.set_defaults(func=fn)
+        if name == "generate":
+            p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 64)")
+            p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
+            p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+            p.add_argument("--seed", type=int, help="sampling seed")
+            p.add_argument("--mode", default="logits", choices=["logits", "weights"],
+                           help="mix expert logits (default) or expert weights inside each layer")
+            p.add_argument("--show-weights", action="store_true", help="print the routing weights")
+        else:
+            p.add_argument("--router", default="gradient", choices=["gradient", "uniform"])
+
+    p = sub.add_parser("eval", help="exact-match accuracy of the ensemble and of the base adapter")
+    p.add_argument("run")
+    p.add_argument("--data", required=True, help="test records with responses (and optional source)")
+    p.add_argument("--output", help="JSON results (default RUN/eval.json)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--max-new-tokens", type=int)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("info", help="backbone, stages, cluster sizes and source mix")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("config", help="list every config field with its default and help")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("data", help="built-in data sets")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    e = dsub.add_parser("export", help="write train/validation/test JSONL of a built-in mixture")
+    e.add_argument("name", choices=["reasoning-mix", "toy"], help="which mixture")
+    e.add_argument("--out", required=True, help="output directory")
+    e.add_argument("--train", type=int, default=2000)
+    e.add_argument("--validation", type=int, default=200)
+    e.add_argument("--test", type=int, default=400)
+    e.add_argument("--seed", type=int, default=0)
+    e.set_defaults(func=cmd_data_export)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except ElreaError as e:
+        print(f"elrea: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("elrea: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

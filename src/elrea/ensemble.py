@@ -1,0 +1,135 @@
+"""Ensembled decoding and scoring over LoRA adapters (step 6 of docs/method.md).
+
+At every decoding step the next-token logits of prompt b are
+
+    l_b = sum_c w_{b,c} * logits(M + Q_c)
+
+For speed, all adapters of all prompts run in ONE forward pass per step: the batch is
+expanded to one row per (prompt, adapter with w > 0), PEFT's mixed-adapter batches
+(`adapter_names`) give each row its own adapter, each row keeps its own KV cache, and the
+rows' logits are summed back per prompt with the weights. With one adapter at weight 1 this
+is exactly that adapter's own decoding.
+
+`mode="weights"` instead mixes the adapters inside each layer, delta W = sum_c w_c B_c A_c
+(PEFT's `add_weighted_adapter(..., combination_type="cat")`, exact), one row per prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .features import position_ids_from_mask
+
+
+def _expand(weights: torch.Tensor, adapters: list[str]):
+    """Rows (prompt index, adapter name, weight) for every w > 0."""
+    rows = [(b, adapters[c], float(weights[b, c])) for b in range(weights.shape[0])
+            for c in range(weights.shape[1]) if weights[b, c] > 0]
+    prompt_of = torch.tensor([r[0] for r in rows])
+    return prompt_of, [r[1] for r in rows], torch.tensor([r[2] for r in rows])
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int):
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+def _logits_processors(temperature: float, top_p: float):
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    procs = LogitsProcessorList()
+    if temperature > 0:
+        procs.append(TemperatureLogitsWarper(temperature))
+        if top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p))
+    return procs
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], weights: torch.Tensor, adapters: list[str], *,
+             eos_id: int | None, pad_id: int, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
+    """Ensembled decoding: new token ids for each prompt. weights [B, K] over `adapters`."""
+    B = len(prompts)
+    prompt_of, names, row_w = _expand(weights, adapters)
+    ids, mask = _left_pad([prompts[b] for b in prompt_of.tolist()], pad_id)   # (R, T)
+    procs = _logits_processors(temperature, top_p)
+    done = torch.zeros(B, dtype=torch.bool)
+    out_tokens = torch.zeros((B, 0), dtype=torch.long)
+    cache, step_ids, pos = None, ids, position_ids_from_mask(mask)
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                    use_cache=True, adapter_names=names)
+        cache = out.past_key_values
+        row_logits = out.logits[:, -1, :].float() * row_w[:, None]                # (R, V)
+        logits = torch.zeros(B, row_logits.shape[1]).index_add_(0, prompt_of, row_logits)
+        logits = procs(out_tokens if out_tokens.numel() else torch.zeros((B, 0), dtype=torch.long), logits)
+        if temperature > 0:
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        else:
+            nxt = logits.argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out_tokens = torch.cat([out_tokens, nxt[:, None]], dim=1)
+        if eos_id is not None:
+            done |= nxt == eos_id
+        if bool(done.all()):
+            break
+        step_ids = nxt[prompt_of][:, None]                                         # (R, 1)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+        pos = pos[:, -1:] + 1
+    return [_strip(out_tokens[b].tolist(), eos_id) for b in range(B)]
+
+
+def _strip(tokens: list[int], eos_id: int | None) -> list[int]:
+    if eos_id is not None and eos_id in tokens:
+        return tokens[: tokens.index(eos_id)]
+    return tokens
+
+
+@torch.no_grad()
+def score(model, prompt: list[int], continuations: list[list[int]], weights: torch.Tensor,
+          adapters: list[str], pad_id: int) -> list[float]:
+    """Sum over continuation tokens of log softmax(sum_c w_c logits_c): one value per continuation.
+
+    weights: [K] for this prompt.
+    """
+    keep = [c for c in range(len(adapters)) if weights[c] > 0]
+    seqs, rows = [], []
+    for j, cont in enumerate(continuations):
+        for c in keep:
+            seqs.append(prompt + cont)
+            rows.append((j, c))
+    ids, mask = _left_pad(seqs, pad_id)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=False, adapter_names=[adapters[c] for _, c in rows])
+    T = ids.shape[1]
+    V = out.logits.shape[-1]
+    combined = torch.zeros(len(continuations), T, V)
+    for r, (j, c) in enumerate(rows):
+        combined[j] += float(weights[c]) * out.logits[r].float()
+    logp = torch.log_softmax(combined, dim=-1)
+    scores = []
+    for j, cont in enumerate(continuations):
+        n = len(cont)
+        target = torch.tensor(cont)
+        # token t of the continuation sits at T-n+t and is predicted at position T-n+t-1
+        pred = logp[j, T - n - 1:T - 1]
+        scores.append(float(pred.gather(1, target[:, None]).sum()))
+    return scores
+
+
+def mix_in_layers(peft_model, weights: torch.Tensor, adapters: list[str], prefix: str = "mix") -> list[str]:
+    """One merged adapter per row of weights [B, K]: delta W = sum_c w_c s_c B_c A_c (exact)."""
+    names = []
+    for b in range(weights.shape[0]):
+        keep = [c for c in range(len(adapters)) if weights[b, c] > 0]
+        name = f"{prefix}_{b}"
+        peft_model.add_weighted_adapter([adapters[c] for c in keep], [float(weights[b, c]) for c in keep],
+                                        name, combination_type="cat")
+        names.append(name)
+    return names

@@ -1,0 +1,172 @@
+"""The run directory: atomic files, the manifest, and the streamed feature store.
+
+Layout (docs/method.md, "Run directory"):
+    elrea.json                 manifest: backbone, resolved config, versions, stage status
+    config.json                the resolved config
+    base/                      PEFT adapter folder (+ adam_moments.safetensors)
+    features/train.npy         [N, d] float32, memory-mapped (+ progress.json while running)
+    clusters/clusters.json     assignments, sizes, source mix; clusters/centroids.safetensors
+    experts/<c>/               PEFT adapter folders, c = 1..C
+
+Every file is written to a temporary name and renamed into place, so a killed job leaves
+either the old file or the new one, never half of one. Only JSON, safetensors and .npy
+(loaded with allow_pickle=False) are ever read back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from .errors import RunDirError
+
+MANIFEST = "elrea.json"
+STAGES = ("base", "features", "clusters", "experts")
+
+
+@contextmanager
+def atomic_path(path: str | Path, is_dir: bool = False):
+    """Yield a temporary path beside `path`; on success rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    else:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if is_dir and path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True) if is_dir else tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise RunDirError(f"{path}: missing; re-run `elrea fit` to recreate it")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{path}: truncated or corrupt JSON ({e}); re-run `elrea fit`") from None
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a data file (or of a directory's files), for stage invalidation."""
+    h = hashlib.sha256()
+    p = Path(path)
+    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16] if files else hashlib.sha256(str(path).encode()).hexdigest()[:16]
+
+
+class Manifest:
+    """elrea.json: what a run is, and which stages are done with which input fingerprints."""
+
+    def __init__(self, root: Path, data: dict):
+        self.root, self.data = root, data
+
+    @classmethod
+    def load(cls, root: str | Path, create: bool = False) -> "Manifest":
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.exists():
+            if create:
+                return cls(root, {"format": 1, "stages": {}})
+            raise RunDirError(f"{root}: not an elrea run directory (no {MANIFEST}); run `elrea fit` first")
+        return cls(root, read_json(path))
+
+    def save(self) -> None:
+        write_json(self.root / MANIFEST, self.data)
+
+    def stage(self, name: str) -> dict:
+        return self.data.setdefault("stages", {}).get(name, {})
+
+    def is_done(self, name: str, fingerprint: str) -> bool:
+        st = self.stage(name)
+        return st.get("status") == "done" and st.get("fingerprint") == fingerprint
+
+    def mark(self, name: str, status: str, fingerprint: str, **info) -> None:
+        self.data.setdefault("stages", {})[name] = {
+            "status": status, "fingerprint": fingerprint, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **info}
+        self.save()
+
+
+class FeatureStore:
+    """An [N, d] float32 .npy file filled in order, with a durable count of finished rows.
+
+    Rows are written through a memory map and flushed before `progress.json` (written
+    atomically) advances, so after a crash every row below the recorded count is complete.
+    """
+
+    def __init__(self, path: str | Path, n: int, dim: int, fingerprint: str):
+        self.path = Path(path)
+        self.progress_path = self.path.with_suffix(".progress.json")
+        self.n, self.dim, self.fingerprint = n, dim, fingerprint
+        self.done = 0
+        prog = json.loads(self.progress_path.read_text()) if self.progress_path.exists() else None
+        if prog and prog.get("fingerprint") == fingerprint and self.path.exists() \
+                and prog.get("shape") == [n, dim]:
+            self.array = np.lib.format.open_memmap(self.path, mode="r+")
+            self.done = int(prog["done"])
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32,
+                                                   shape=(n, dim))
+            self._commit()
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        self.array[start:start + len(rows)] = rows
+
+    def commit(self, done: int) -> None:
+        """Flush rows [0, done) to disk, then record the count."""
+        self.array.flush()
+        self.done = done
+        self._commit()
+
+    def _commit(self):
+        write_json(self.progress_path, {"fingerprint": self.fingerprint, "shape": [self.n, self.dim],
+                                        "done": self.done})
+
+    def finish(self) -> None:
+        self.commit(self.n)
+        del self.array
+
+
+def load_features(path: str | Path) -> np.ndarray:
+    """Memory-map a finished feature array (never unpickles)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunDirError(f"{path}: feature store missing; re-run `elrea fit --from features`")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise RunDirError(f"{path}: truncated or corrupt feature store ({e}); "
+                          "re-run `elrea fit --from features`") from None
+    return arr

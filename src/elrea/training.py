@@ -1,0 +1,145 @@
+"""Training: fit a LoRA adapter with transformers' Trainer (steps 1 and 4 of docs/method.md).
+
+Trainer makes `accelerate launch elrea fit ...` data-parallel across GPUs with no change
+here. The adapter is saved as a standard PEFT folder, written atomically; the base adapter
+also keeps its AdamW moments (exp_avg, exp_avg_sq) in `adam_moments.safetensors`, which the
+Adam-preconditioned gradient features need. Trainer checkpoints (pickles) are never written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .data import Encoded, collate
+from .rundir import atomic_path
+
+log = logging.getLogger(__name__)
+MOMENTS_FILE = "adam_moments.safetensors"
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items: list[Encoded]):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir: str | Path,
+                  pad_id: int, seed: int, save_moments: bool = False, desc: str = "train") -> dict:
+    """Train the active adapter of `peft_model` on `examples`; save it to `out_dir`.
+
+    Returns a summary: optimizer steps, final training loss, seconds.
+    """
+    from transformers import Trainer, TrainingArguments
+
+    out_dir = Path(out_dir)
+    world = max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
+    scratch = out_dir.parent / f".{out_dir.name}.trainer"
+    args = TrainingArguments(
+        output_dir=str(scratch), per_device_train_batch_size=cfg.micro_batch_size,
+        gradient_accumulation_steps=accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps, lr_scheduler_type="linear",
+        warmup_steps=int(cfg.warmup_ratio * _steps(len(examples), cfg, accum)),
+        weight_decay=cfg.weight_decay, optim="adamw_torch", save_strategy="no", report_to=[],
+        logging_steps=max(1, _steps(len(examples), cfg, accum) // 10), seed=seed, data_seed=seed,
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False)
+    trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(examples),
+                      data_collator=lambda b: collate(b, pad_id, side="right"))
+    t0 = time.time()
+    log.info("%s: %d examples, %d optimizer steps of %d sequences", desc, len(examples),
+             _steps(len(examples), cfg, accum), cfg.micro_batch_size * accum * world)
+    result = trainer.train()
+    seconds = time.time() - t0
+    if trainer.is_world_process_zero():
+        save_adapter(peft_model, out_dir, trainer.optimizer if save_moments else None)
+    peft_model.eval()
+    return {"steps": int(result.global_step), "train_loss": float(result.training_loss),
+            "seconds": round(seconds, 2), "examples": len(examples)}
+
+
+def _steps(n: int, cfg: TrainConfig, accum: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(math.ceil(n / cfg.micro_batch_size) / accum) * math.ceil(cfg.epochs))
+
+
+def save_adapter(peft_model, out_dir: Path, optimizer=None) -> None:
+    """Save the active adapter as a PEFT folder (safetensors) atomically, with Adam moments."""
+    from safetensors.torch import save_file
+
+    with atomic_path(out_dir, is_dir=True) as tmp:
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        name = peft_model.active_adapter
+        sub = tmp / name if name != "default" and (tmp / name).is_dir() else tmp
+        if sub != tmp:  # PEFT writes non-default adapters into a sub-folder: flatten it
+            for f in sub.iterdir():
+                f.rename(tmp / f.name)
+            sub.rmdir()
+        if optimizer is not None:
+            save_file(adam_moments(peft_model, optimizer), str(tmp / MOMENTS_FILE))
+
+
+def adam_moments(peft_model, optimizer) -> dict[str, torch.Tensor]:
+    """{"<param>.exp_avg": m, "<param>.exp_avg_sq": v} for every trainable parameter."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # unwrap accelerate's AcceleratedOptimizer
+    out = {}
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        state = opt.state.get(p, {})
+        if "exp_avg" not in state:
+            raise RuntimeError(f"optimizer has no Adam state for {name}; was it trained?")
+        out[f"{name}.exp_avg"] = state["exp_avg"].detach().float().cpu().contiguous()
+        out[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].detach().float().cpu().contiguous()
+    return out
+
+
+def load_moments(adapter_dir: str | Path, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Adam moments keyed by parameter name (as named in the loaded PeftModel)."""
+    from safetensors.torch import load_file
+
+    from .errors import RunDirError
+
+    path = Path(adapter_dir) / MOMENTS_FILE
+    if not path.exists():
+        raise RunDirError(f"{path}: missing Adam moments; re-run `elrea fit --from base`, or set "
+                          "features.train_preconditioner=sgd")
+    try:
+        raw = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise RunDirError(f"{path}: truncated or corrupt ({e}); re-run `elrea fit --from base`") from None
+    saved = {k[: -len(".exp_avg")]: k for k in raw if k.endswith(".exp_avg")}
+    out = {}
+    for name in names:
+        key = _match_name(name, saved)
+        if key is None:
+            raise RunDirError(f"{path}: no moments for parameter {name}")
+        out[name] = (raw[key + ".exp_avg"], raw[key + ".exp_avg_sq"])
+    return out
+
+
+def _match_name(name: str, saved: dict) -> str | None:
+    """Moments are saved under the training adapter's name ('default'); match by structure."""
+    if name in saved:
+        return name
+    target = _strip_adapter(name)
+    return next((k for k in saved if _strip_adapter(k) == target), None)
+
+
+def _strip_adapter(name: str) -> str:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ("lora_A", "lora_B"):
+            return ".".join(parts[: i + 1] + parts[i + 2:])
+    return name
