@@ -132,4 +132,5 @@ def mix_in_layers(peft_model, weights: torch.Tensor, adapters: list[str], prefix
         peft_model.add_weighted_adapter([adapters[c] for c in keep], [float(weights[b, c]) for c in keep],
                                         name, combination_type="cat")
         names.append(name)
+    peft_model.eval()  # the new adapters' dropout modules are created in training mode
     return names
