@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,9 +46,9 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     out_dir = Path(out_dir)
     world = max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
     accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
-    scratch = out_dir.parent / f".{out_dir.name}.trainer"
+    scratch = tempfile.TemporaryDirectory(prefix="elrea-trainer-")  # Trainer wants one; we save ourselves
     args = TrainingArguments(
-        output_dir=str(scratch), per_device_train_batch_size=cfg.micro_batch_size,
+        output_dir=scratch.name, per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, lr_scheduler_type="linear",
         warmup_steps=int(cfg.warmup_ratio * _steps(len(examples), cfg, accum)),
@@ -64,6 +65,7 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     if trainer.is_world_process_zero():
         save_adapter(peft_model, out_dir, trainer.optimizer if save_moments else None)
     peft_model.eval()
+    scratch.cleanup()
     return {"steps": int(result.global_step), "train_loss": float(result.training_loss),
             "seconds": round(seconds, 2), "examples": len(examples)}
 

@@ -1,0 +1,95 @@
+"""End to end through the command line on the tiny model: fit, route, generate, eval, info."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import FAST
+
+
+def elrea(*args, check=True):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "elrea.cli", *map(str, args)], capture_output=True,
+                       text=True, env=env, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"elrea {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+@pytest.mark.slow
+def test_fit_route_generate_eval_info(tmp_path, tiny_model_dir, toy_data):
+    run = tmp_path / "run"
+    r = elrea("fit", "--model", tiny_model_dir, "--data", toy_data / "train.jsonl", "--out", run,
+              *FAST, "clustering.num_clusters=0", "clustering.max_clusters=5")
+    assert "clusters (C=" in r.stdout
+    manifest = json.loads((run / "elrea.json").read_text())
+    assert all(manifest["stages"][s]["status"] == "done" for s in ("base", "features", "clusters", "experts"))
+    C = json.loads((run / "clusters" / "clusters.json").read_text())["num_clusters"]
+    assert 2 <= C <= 5 and len(list((run / "experts").iterdir())) == C
+    for sub in ["base"] + [f"experts/{c}" for c in range(1, C + 1)]:
+        assert (run / sub / "adapter_model.safetensors").exists()
+        assert (run / sub / "adapter_config.json").exists()
+    assert not list(run.rglob("*.bin")) and not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
+
+    # resume: nothing to do, every stage skipped
+    r = elrea("fit", "--model", tiny_model_dir, "--data", toy_data / "train.jsonl", "--out", run,
+              *FAST, "clustering.num_clusters=0", "clustering.max_clusters=5")
+    assert r.stderr.count("up to date, skipped") == 4
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "Add 2 and 9."}\n{"instruction": "Reverse the word abc."}\n')
+    r = elrea("route", run, "--input", prompts)
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2 and len(rows[0]["weights"]) == C + 1
+    assert abs(sum(rows[0]["weights"]) - 1) < 1e-5
+
+    out = tmp_path / "gen.jsonl"
+    r = elrea("generate", run, "--input", prompts, "--output", out, "--show-weights", "--max-new-tokens", 5)
+    assert "routing weights" in r.stdout
+    assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == ["Add 2 and 9.", "Reverse the word abc."]
+    r = elrea("generate", run, "--prompt", "Add 1 and 1.", "--max-new-tokens", 4)
+    assert r.returncode == 0
+
+    r = elrea("eval", run, "--data", toy_data / "test.jsonl", "--max-new-tokens", 4)
+    assert "exact match" in r.stdout and "elrea" in r.stdout and "base" in r.stdout
+    res = json.loads((run / "eval.json").read_text())
+    assert set(res["accuracy"]) == {"elrea", "base"}
+    assert set(res["accuracy"]["elrea"]["per_source"]) == {"add", "sub", "rev", "upper"}
+
+    r = elrea("info", run)
+    assert "expert_1" in r.stdout and "upper" in r.stdout
+
+
+@pytest.mark.slow
+def test_changed_config_reruns_dependent_stages_only(fitted_run, tmp_path, toy_data, fast_overrides):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    args = ["fit", "--data", toy_data / "train.jsonl", "--out", run, *fast_overrides,
+            "clustering.num_clusters=4"]
+    before = json.loads((run / "elrea.json").read_text())["stages"]
+    r = elrea(*args, "experts.lr=1e-3")
+    assert "stage experts: its config or data changed" in r.stderr
+    after = json.loads((run / "elrea.json").read_text())["stages"]
+    for s in ("base", "features", "clusters"):
+        assert after[s]["time"] == before[s]["time"]
+    assert after["experts"]["fingerprint"] != before["experts"]["fingerprint"]
+    r = elrea(*args, "experts.lr=1e-3", "--from", "clusters")
+    assert "stage clusters: up to date" not in r.stderr and "stage base: up to date, skipped" in r.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["fit", "--data", "missing.jsonl", "--out", "x"], "missing.jsonl: file not found"),
+    (["fit", "--data", "{data}", "--out", "{out}", "lora.rank=-2"], "lora.rank: must be > 0"),
+    (["fit", "--data", "{data}", "--out", "{out}", "--model", "{out}/no-such-model"], "cannot load"),
+    (["info", "{out}/nothing"], "not an elrea run directory"),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path, toy_data, args, match):
+    args = [a.format(data=toy_data / "train.jsonl", out=tmp_path) for a in args]
+    r = elrea(*args, check=False)
+    assert r.returncode == 2, r.stderr
+    assert match in r.stderr and "Traceback" not in r.stderr
