@@ -161,6 +161,17 @@ def cmd_data_export(args):
         print(f"{split}: {p}")
 
 
+def cmd_demo(args):
+    from .demo import run_demo
+
+    result = run_demo(args.out, train=args.train, test=args.test, seed=args.seed, overrides=args.overrides)
+    acc = result["accuracy"]
+    sources = list(acc["elrea"]["per_source"])
+    _table("demo: accuracy on held-out test data", ["method"] + sources + ["overall"],
+           [[m] + [acc[m]["per_source"][s] for s in sources] + [acc[m]["overall"]] for m in acc])
+    print(f"report: {Path(args.out) / 'report.md'}")
+
+
 def _text(p) -> str:
     return p if isinstance(p, str) else p[-1]["content"]
 
@@ -221,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="backbone, stages, cluster sizes and source mix")
     p.add_argument("run")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="fit + evaluate + report on the embedded model and built-in data")
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument("--train", type=int, default=320, help="training examples (default 320)")
+    p.add_argument("--test", type=int, default=160, help="test examples (default 160)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="list every config field with its default and help")
     p.set_defaults(func=cmd_config)

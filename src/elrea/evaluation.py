@@ -47,8 +47,19 @@ def accuracy_table(rows: list[dict], methods: list[str]) -> dict:
     return out
 
 
-def evaluate(model, records, max_new_tokens: int | None = None, progress: bool = True) -> dict:
-    """Exact match of the ELREA ensemble and of the base adapter alone on `records`."""
+def default_checker(source, prediction: str, record) -> bool:
+    """A built-in mixture's own answer checker for its sources, exact match otherwise."""
+    from .tasks import GYM_SOURCES, TOY_SOURCES, check_answer
+
+    if source in GYM_SOURCES or source in TOY_SOURCES:
+        return check_answer(source, prediction, {"instruction": record.instruction,
+                                                 "response": record.response, "source": source})
+    return exact_match(prediction, record.response)
+
+
+def evaluate(model, records, max_new_tokens: int | None = None, progress: bool = True,
+             checker=default_checker) -> dict:
+    """Accuracy of the ELREA ensemble and of the base adapter alone on `records`."""
     import torch
     from tqdm.auto import tqdm
 
@@ -65,7 +76,7 @@ def evaluate(model, records, max_new_tokens: int | None = None, progress: bool =
         base = model.generate(chunk, weights=base_w, max_new_tokens=max_new_tokens)
         for r, e, b, wr in zip(recs, ens, base, w):
             rows.append({"source": r.source, "reference": r.response, "elrea_output": e, "base_output": b,
-                         "elrea": exact_match(e, r.response), "base": exact_match(b, r.response),
+                         "elrea": checker(r.source, e, r), "base": checker(r.source, b, r),
                          "weights": [round(float(x), 4) for x in wr]})
         bar.update(len(chunk))
     bar.close()

@@ -1,0 +1,117 @@
+"""Reports: pictures and a Markdown page for a fitted and evaluated run.
+
+    features.png        gradient features in 2-D (PCA), coloured by cluster and by source
+    cluster_source.png  cluster x source counts
+    routing.png         mean routing weight of each adapter per test source
+    report.md           the accuracy table, cluster summary and the pictures
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .rundir import atomic_path, load_features, read_json
+
+log = logging.getLogger(__name__)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+
+
+def plot_features(run: Path, sources: list, out: Path, max_points: int = 3000) -> Path:
+    from sklearn.decomposition import PCA
+
+    X = load_features(run / "features" / "train.npy")
+    labels = np.array(read_json(run / "clusters" / "clusters.json")["labels"])
+    idx = np.random.default_rng(0).permutation(len(X))[:max_points]
+    xy = PCA(n_components=2, random_state=0).fit_transform(np.asarray(X[np.sort(idx)]))
+    idx = np.sort(idx)
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, key, values in [(axes[0], "cluster", labels[idx]),
+                            (axes[1], "source", np.array([str(sources[i]) for i in idx]))]:
+        for v in sorted(set(values.tolist()), key=str):
+            m = values == v
+            ax.scatter(xy[m, 0], xy[m, 1], s=8, alpha=0.7, label=f"{key} {v}" if key == "cluster" else v)
+        ax.set_title(f"gradient features (PCA), coloured by {key}")
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+    _save(fig, out)
+    return out
+
+
+def _heatmap(matrix, rows, cols, title, out: Path, fmt="{:.0f}") -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.1 * len(cols) + 2, 0.5 * len(rows) + 1.8))
+    im = ax.imshow(matrix, cmap="Blues", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    top = matrix.max() if matrix.size else 1
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center", fontsize=8,
+                    color="white" if matrix[i, j] > 0.6 * top else "black")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    _save(fig, out)
+    return out
+
+
+def plot_cluster_sources(run: Path, out: Path) -> Path | None:
+    cl = read_json(run / "clusters" / "clusters.json")
+    mix = cl.get("source_mix") or {}
+    if not mix:
+        return None
+    sources = sorted({s for c in mix.values() for s in c})
+    rows = [f"expert_{c}" for c in range(1, cl["num_clusters"] + 1)]
+    M = np.array([[mix[str(c)].get(s, 0) for s in sources] for c in range(1, cl["num_clusters"] + 1)])
+    return _heatmap(M, rows, sources, "training examples: cluster x source", out)
+
+
+def plot_routing(eval_rows: list[dict], adapters: list[str], out: Path) -> Path:
+    sources = sorted({str(r["source"]) for r in eval_rows})
+    W = np.array([np.mean([r["weights"] for r in eval_rows if str(r["source"]) == s], axis=0)
+                  for s in sources])
+    return _heatmap(W.T, adapters, sources, "mean routing weight per test source", out, fmt="{:.2f}")
+
+
+def write_report(run: Path, evaluation: dict, adapters: list[str], sources: list,
+                 title: str = "ELREA run report", extra: str = "") -> Path:
+    run = Path(run)
+    pics = run / "report"
+    pics.mkdir(exist_ok=True)
+    plot_features(run, sources, pics / "features.png")
+    has_mix = plot_cluster_sources(run, pics / "cluster_source.png") is not None
+    plot_routing(evaluation["examples"], adapters, pics / "routing.png")
+    acc = evaluation["accuracy"]
+    srcs = list(acc["elrea"]["per_source"])
+    lines = [f"# {title}", "", extra, "", "## Exact-match accuracy on held-out test data", "",
+             "| method | " + " | ".join(srcs) + " | mean over sources | overall |",
+             "|---|" + "---|" * (len(srcs) + 2)]
+    for m, a in acc.items():
+        per = [a["per_source"][s] for s in srcs]
+        lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in per)
+                     + f" | {100 * np.mean(per):.1f} | {100 * a['overall']:.1f} |")
+    cl = read_json(run / "clusters" / "clusters.json")
+    lines += ["", f"## Clusters: C = {cl['num_clusters']}, sizes {cl['sizes']}", "",
+              "![features](report/features.png)", ""]
+    if has_mix:
+        lines += ["![cluster x source](report/cluster_source.png)", ""]
+    lines += ["## Routing", "", "![routing](report/routing.png)", ""]
+    with atomic_path(run / "report.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return run / "report.md"
