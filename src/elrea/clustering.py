@@ -122,8 +122,9 @@ def _centroids(X, labels: np.ndarray, ids, chunk: int = 8192) -> np.ndarray:
     index = np.array([pos.get(int(v), -1) for v in labels])
     sums = np.zeros((len(ids), X.shape[1]))
     for s in range(0, len(X), chunk):
-        keep = index[s:s + chunk] >= 0
-        np.add.at(sums, index[s:s + chunk][keep], np.asarray(X[s:s + chunk], dtype=np.float64)[keep])
+        idx = index[s:s + chunk]
+        onehot = (idx[None, :] == np.arange(len(ids))[:, None]).astype(np.float64)   # (K, chunk)
+        sums += onehot @ np.asarray(X[s:s + chunk], dtype=np.float64)
     return sums / np.bincount(index[index >= 0], minlength=len(ids))[:, None]
 
 

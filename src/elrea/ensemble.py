@@ -64,7 +64,7 @@ def generate(model, prompts: list[list[int]], weights: torch.Tensor, adapters: l
     cache, step_ids, pos = None, ids, position_ids_from_mask(mask)
     for _ in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True, adapter_names=names)
+                    use_cache=True, adapter_names=names, logits_to_keep=1)  # only the last position
         cache = out.past_key_values
         row_logits = out.logits[:, -1, :].float() * row_w[:, None]                # (R, V)
         logits = torch.zeros(B, row_logits.shape[1]).index_add_(0, prompt_of, row_logits)

@@ -60,13 +60,18 @@ class RademacherProjector:
 
     def __init__(self, num_params: int, dim: int, seed: int, **_):
         self.num_params, self.dim, self.seed = num_params, dim, seed
+        self._last: tuple = (None, None)
 
     rows_per_chunk = 1024  # 1024 x 8192 floats = 32 MiB generated at a time
 
     def _chunk(self, c: int) -> torch.Tensor:
+        # keep the last chunk: streamed blocks that straddle a chunk boundary reuse it
+        if self._last[0] == c:
+            return self._last[1]
         gen = torch.Generator().manual_seed(_chunk_seed(self.seed, c))
         bits = torch.randint(0, 2, (self.rows_per_chunk, self.dim), generator=gen, dtype=torch.int8)
-        return (bits.float() * 2 - 1) / self.dim ** 0.5              # (rows, d)
+        self._last = (c, (bits.float() * 2 - 1) / self.dim ** 0.5)   # (rows, d)
+        return self._last[1]
 
     def project_block(self, g: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
         g = g.float()

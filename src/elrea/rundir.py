@@ -159,14 +159,50 @@ class FeatureStore:
         del self.array
 
 
-def load_features(path: str | Path) -> np.ndarray:
-    """Memory-map a finished feature array (never unpickles)."""
+class FeatureFile:
+    """Read-only rows of a feature .npy, mapped only for the duration of each read.
+
+    Indexing with a slice or an index array returns an in-memory copy, so that streaming over
+    a feature file larger than memory keeps resident memory at one chunk (a long-lived memmap
+    would keep every page it touched resident).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise ValueError(f"unsupported .npy version {version}")
+            shape, fortran, dtype = read_header(fh)
+            self.offset = fh.tell()
+        if fortran or len(shape) != 2 or dtype != np.float32:
+            raise RunDirError(f"{path}: expected a C-ordered [N, d] float32 array, got {dtype} {shape}")
+        expected = self.offset + shape[0] * shape[1] * 4
+        if path.stat().st_size < expected:
+            raise RunDirError(f"{path}: truncated ({path.stat().st_size} of {expected} bytes); "
+                              "re-run `elrea fit --from features`")
+        self.shape = shape
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        mm = np.memmap(self.path, dtype=np.float32, mode="r", offset=self.offset, shape=self.shape)
+        try:
+            return np.array(mm[key])
+        finally:
+            del mm
+
+
+def load_features(path: str | Path) -> FeatureFile:
+    """Open a finished feature array for chunked reading (never unpickles)."""
     path = Path(path)
     if not path.exists():
         raise RunDirError(f"{path}: feature store missing; re-run `elrea fit --from features`")
     try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        return FeatureFile(path)
     except (ValueError, OSError) as e:
         raise RunDirError(f"{path}: truncated or corrupt feature store ({e}); "
                           "re-run `elrea fit --from features`") from None
-    return arr

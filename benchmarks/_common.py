@@ -1,0 +1,290 @@
+"""Shared helpers for the speed benchmarks (imported by speed_features.py and speed_generate.py).
+
+Machine description, thread setup, median timing, sampled per-phase RSS, model/prompt loading
+(the real alias or the tiny offline model of --quick), a rich table and the JSON report.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything here is local; never wait on the hub
+
+try:  # an installed (or editable) elrea wins; the checkout's src only when it is not importable
+    import elrea  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(REPO / "src"))
+
+import torch  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- setup / machine
+
+def add_common_args(ap, out_name: str):
+    ap.add_argument("--model", default="smollm2-135m-instruct", help="backbone alias, hub id or directory")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is reported")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny offline model and few examples (for tests; timings mean nothing)")
+    ap.add_argument("--out", default=None,
+                    help=f"JSON report (default benchmarks/results/{out_name}.json, "
+                         f"or {out_name}_quick.json with --quick)")
+
+
+def default_out(args, out_name: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    return RESULTS / (f"{out_name}_quick.json" if args.quick else f"{out_name}.json")
+
+
+def setup(args):
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.manual_seed(args.seed)
+    import logging
+
+    for name in ("transformers", "peft"):   # load-time notices would garble the table
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def machine() -> dict:
+    import peft
+    import transformers
+
+    cpu = platform.processor()
+    try:  # platform.processor() is often empty on Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
+        "cpu_count": os.cpu_count(), "python": platform.python_version(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+    }
+    if hasattr(os, "sched_getaffinity"):
+        info["usable_cpus"] = len(os.sched_getaffinity(0))
+    if hasattr(os, "getloadavg"):  # a busy machine makes every number here wrong: record it
+        info["loadavg_at_start"] = list(os.getloadavg())
+    return info
+
+
+def command_line(script: str, argv=None) -> str:
+    """The exact command; for main(argv) called from Python, the equivalent command line."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(shlex.quote(a) for a in [sys.executable, script] + args)
+
+
+# ----------------------------------------------------------------------------- timing / memory
+
+def timed(fn, repeats: int = 1, warmup=None):
+    """(median seconds, all times, last result); `warmup` (or fn itself) runs once untimed first."""
+    (warmup or fn)()
+    times, result = [], None
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), times, result
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the process-wide peak
+        return peak_rss_mb() * 2 ** 20
+
+
+def peak_rss_mb() -> float:
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 2 ** 20 if sys.platform == "darwin" else kb / 2 ** 10   # bytes on macOS, KiB on Linux
+
+
+def _release_freed_memory():
+    """Give freed heap back to the OS, so one phase's leftovers do not hide the next one's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def rss_phase(record: dict, interval: float = 0.005):
+    """Sample RSS in a thread while the block runs; store peak and growth (MiB) in `record`.
+
+    ru_maxrss only gives the whole process's peak, so per-phase peaks are sampled. Torch
+    kernels release the GIL, so the sampler keeps running during long matmuls; a spike
+    shorter than `interval` can be missed.
+    """
+    _release_freed_memory()
+    start = _rss_bytes()
+    peak = [start]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            stop.wait(interval)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        yield record
+    finally:
+        stop.set()
+        th.join()
+        peak[0] = max(peak[0], _rss_bytes())
+        record["peak_rss_mb"] = round(peak[0] / 2 ** 20, 1)
+        record["rss_growth_mb"] = round((peak[0] - start) / 2 ** 20, 1)
+
+
+# ----------------------------------------------------------------------------- models / data
+
+_TINY_DIRS: list[tempfile.TemporaryDirectory] = []
+
+
+def tiny_model_dir() -> str:
+    """A few-layer random Llama with its own tokenizer, in a temp dir kept for this process."""
+    from elrea.testing import make_tiny_model, make_toy_records
+
+    tmp = tempfile.TemporaryDirectory(prefix="elrea-bench-tiny-")
+    _TINY_DIRS.append(tmp)
+    texts = [r["instruction"] + " " + r["response"] for r in make_toy_records(400, seed=1)]
+    return str(make_tiny_model(tmp.name, texts))
+
+
+def load_model(args):
+    """(backbone in eval mode with frozen weights, tokenizer, model name as reported)."""
+    from elrea.config import ModelConfig
+    from elrea.models import load_backbone, load_tokenizer
+
+    name = tiny_model_dir() if args.quick else args.model
+    cfg = ModelConfig(name=name)
+    return load_backbone(cfg), load_tokenizer(cfg), ("tiny (elrea.testing.make_tiny_model)" if args.quick else name)
+
+
+def instructions(n: int, split: str, seed: int, quick: bool) -> tuple[list[str], str]:
+    """`n` instructions from the built-in reasoning-mix (toy records with --quick), and their origin."""
+    if quick:
+        from elrea.testing import make_toy_records
+
+        return [r["instruction"] for r in make_toy_records(n, seed=seed)], "toy (elrea.testing)"
+    try:
+        from elrea.tasks import make_split
+
+        rows = make_split("reasoning-mix", split, n, seed=seed)
+        return [r["instruction"] for r in rows], f"reasoning-mix/{split}"
+    except Exception as e:  # noqa: BLE001 - reasoning-gym missing or broken: keep the benchmark running
+        print(f"reasoning-mix unavailable ({type(e).__name__}: {e}); using synthetic prompts", file=sys.stderr)
+        return synthetic_instructions(n, seed), "synthetic"
+
+
+def synthetic_instructions(n: int, seed: int) -> list[str]:
+    """Prompts shaped like reasoning-mix's (one short task + answer format, ~20-35 tokens)."""
+    import random
+
+    rng = random.Random(seed)
+    words = "apple river stone cloud garden letter silver window orange forest candle bridge".split()
+    forms = [
+        lambda: f"Compute {rng.randint(10, 99)} + {rng.randint(10, 99)} - {rng.randint(10, 99)}. "
+                "Answer with the number only.",
+        lambda: f"Find the greatest common divisor (GCD) of {rng.randint(10, 99)} and {rng.randint(10, 99)}. "
+                "Answer with the number only.",
+        lambda: f"Spell the word \"{rng.choice(words)}\" backward. Answer with the reversed word only.",
+        lambda: "Sort these words alphabetically: " + ", ".join(rng.sample(words, 5))
+                + ". Answer with the words separated by commas.",
+    ]
+    return [forms[i % len(forms)]() for i in range(n)]
+
+
+def randomize_lora_b(model, std: float, seed: int, adapter: str | None = None):
+    """PEFT starts B at zero (so every LoRA gradient w.r.t. A is zero); give it random values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n and (adapter is None or f".lora_B.{adapter}." in n):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int):
+    """(input_ids, attention_mask) [n, T], padded on the left for decoding."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, T - len(s):] = torch.tensor(s)
+        mask[i, T - len(s):] = 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- output
+
+def print_table(title: str, columns: list[str], rows: list[list], notes: list[str] = ()):
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*[fmt(v) for v in r])
+    console = Console(width=None if sys.stdout.isatty() else 160)   # no wrapping in logs
+    console.print(table)
+    for n in notes:
+        console.print(n)
+
+
+def machine_note(report: dict) -> str:
+    m = report["machine"]
+    load = m.get("loadavg_at_start")
+    return (f"{m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} threads"
+            + (f", load average at start {load[0]:.2f}" if load else "")
+            + f"\ncommand: {report['command']}")
+
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+
+
+def write_report(path: Path, report: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report["machine"]["peak_rss_mb_process"] = round(peak_rss_mb(), 1)
+    if hasattr(os, "getloadavg"):
+        report["machine"]["loadavg_at_end"] = list(os.getloadavg())
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+    return path
