@@ -8,7 +8,10 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+# Tiny models gain nothing from threads, and two OpenMP pools spinning on 2 shared cores (the
+# test process and a CLI subprocess) slow each other down by orders of magnitude.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 from elrea.testing import make_tiny_model, make_toy_records, write_jsonl  # noqa: E402
 

@@ -71,3 +71,30 @@ def test_speed_generate_quick(tmp_path):
         assert b["checks"]["elrea_single_equals_peft"] is True
     assert r["targets"]["elrea_equals_naive"] is True
     assert all(min(w) > 0 and abs(sum(w) - 1) < 1e-3 for w in r["config"]["weights"])
+
+
+def test_scale_features_quick(tmp_path):
+    out = tmp_path / "scale.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "scale_features.py"), "--n", "3000", "--dim", "128",
+                           "--work", str(tmp_path / "w"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["found_clusters"] == r["planted_clusters"] and r["ari_vs_planted"] > 0.99
+    assert r["peak_rss_gib"] < 4
+
+
+@pytest.mark.slow
+def test_quality_benchmark_code_path(tmp_path, tiny_model_dir):
+    pytest.importorskip("reasoning_gym")
+    out = tmp_path / "quality.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--train", "64", "--validation", "8",
+                           "--test", "16", "--work", str(tmp_path / "w"), "--out", str(out),
+                           f"model.name={tiny_model_dir}", "base.micro_batch_size=8", "experts.micro_batch_size=8",
+                           "features.dim=256", "clustering.min_cluster_size=4", "generation.max_new_tokens=4"],
+                          capture_output=True, text=True, timeout=600, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert set(r["accuracy"]) == {"base", "base-matched", "elrea", "uniform", "top-1", "in-layer", "random",
+                                  "embedding", "oracle"}
+    assert r["clusterings"]["oracle"]["ari"] == 1.0 and r["chosen_on_validation"]["tau"] in (0.5, 1.0, 2.0)

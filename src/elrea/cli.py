@@ -50,7 +50,7 @@ def cmd_fit(args):
     if args.model:
         overrides.insert(0, f"model.name={args.model}")
     cfg = load_config(args.config, overrides)
-    run = fit(args.data, args.out, cfg, from_stage=args.from_stage)
+    run = fit(args.data, args.out, cfg, from_stage=args.from_stage, until=args.until)
     cmd_info(argparse.Namespace(run=run))
 
 
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run config (see `elrea config`)")
     p.add_argument("--from", dest="from_stage", choices=["base", "features", "clusters", "experts"],
                    help="redo this stage and the ones after it")
+    p.add_argument("--until", choices=["base", "features", "clusters", "experts"],
+                   help="stop after this stage (e.g. --until base trains one LoRA adapter)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.rank=16")
     p.set_defaults(func=cmd_fit)
 

@@ -169,10 +169,13 @@ def source_mix(labels: np.ndarray, sources: list, C: int) -> dict:
 
 # ----------------------------------------------------------------------------- fit
 
-def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | None = None) -> Path:
-    """Run every stage not already done with the same inputs; return the run directory."""
-    if from_stage is not None and from_stage not in STAGES:
-        raise ConfigError(f"--from: unknown stage {from_stage!r}; valid: {', '.join(STAGES)}")
+def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | None = None,
+        until: str | None = None) -> Path:
+    """Run every stage not already done with the same inputs (up to and including `until`);
+    return the run directory."""
+    for flag, value in (("--from", from_stage), ("--until", until)):
+        if value is not None and value not in STAGES:
+            raise ConfigError(f"{flag}: unknown stage {value!r}; valid: {', '.join(STAGES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = _Context(cfg, str(data), out)
@@ -190,6 +193,8 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
         fp = ctx.fp[name]
         if i < forced and manifest.is_done(name, fp):
             log.info("stage %s: up to date, skipped", name)
+            if name == until:
+                break
             continue
         old = manifest.stage(name)
         if old.get("status") == "done" and i < forced:
@@ -202,6 +207,8 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
             manifest.mark(name, "running", fp)
         info = runners[name](ctx)
         manifest.mark(name, "done", fp, **{**info, "seconds": round(time.time() - t0, 2)})
+        if name == until:
+            break
     return out
 
 

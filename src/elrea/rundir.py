@@ -121,8 +121,9 @@ class Manifest:
 class FeatureStore:
     """An [N, d] float32 .npy file filled in order, with a durable count of finished rows.
 
-    Rows are written through a memory map and flushed before `progress.json` (written
-    atomically) advances, so after a crash every row below the recorded count is complete.
+    Rows are written with positioned writes (no memory map, so resident memory stays at one
+    batch however large the file) and fsync'ed before `progress.json` (written atomically)
+    advances, so after a crash every row below the recorded count is complete.
     """
 
     def __init__(self, path: str | Path, n: int, dim: int, fingerprint: str):
@@ -131,22 +132,24 @@ class FeatureStore:
         self.n, self.dim, self.fingerprint = n, dim, fingerprint
         self.done = 0
         prog = json.loads(self.progress_path.read_text()) if self.progress_path.exists() else None
-        if prog and prog.get("fingerprint") == fingerprint and self.path.exists() \
-                and prog.get("shape") == [n, dim]:
-            self.array = np.lib.format.open_memmap(self.path, mode="r+")
+        resumable = prog and prog.get("fingerprint") == fingerprint and prog.get("shape") == [n, dim]
+        if resumable and self.path.exists():
             self.done = int(prog["done"])
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.array = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32,
-                                                   shape=(n, dim))
+            header = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n, dim))
+            del header  # only wanted the .npy header and the (sparse) allocation
             self._commit()
+        self.offset = FeatureFile(self.path, check_size=False).offset
+        self.fd = os.open(self.path, os.O_RDWR)
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        self.array[start:start + len(rows)] = rows
+        data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
+        os.pwrite(self.fd, data, self.offset + start * self.dim * 4)
 
     def commit(self, done: int) -> None:
-        """Flush rows [0, done) to disk, then record the count."""
-        self.array.flush()
+        """Make rows [0, done) durable, then record the count."""
+        os.fsync(self.fd)
         self.done = done
         self._commit()
 
@@ -156,7 +159,7 @@ class FeatureStore:
 
     def finish(self) -> None:
         self.commit(self.n)
-        del self.array
+        os.close(self.fd)
 
 
 class FeatureFile:
@@ -167,7 +170,7 @@ class FeatureFile:
     would keep every page it touched resident).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, check_size: bool = True):
         self.path = path
         with open(path, "rb") as fh:
             version = np.lib.format.read_magic(fh)
@@ -180,7 +183,7 @@ class FeatureFile:
         if fortran or len(shape) != 2 or dtype != np.float32:
             raise RunDirError(f"{path}: expected a C-ordered [N, d] float32 array, got {dtype} {shape}")
         expected = self.offset + shape[0] * shape[1] * 4
-        if path.stat().st_size < expected:
+        if check_size and path.stat().st_size < expected:
             raise RunDirError(f"{path}: truncated ({path.stat().st_size} of {expected} bytes); "
                               "re-run `elrea fit --from features`")
         self.shape = shape

