@@ -143,7 +143,7 @@ def choose_temperature(model: ELREA, val, grid) -> tuple[float, dict]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=320)
-    ap.add_argument("--validation", type=int, default=48)
+    ap.add_argument("--validation", type=int, default=40)
     ap.add_argument("--test", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="benchmarks/work/quality", help="run directories (resumable)")

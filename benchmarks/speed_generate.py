@@ -125,7 +125,7 @@ def naive_generate(model, prompts, weights, adapters, pad_id: int, n: int) -> li
         for c in used:
             model.set_adapter(adapters[c])
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=caches[c],
-                        use_cache=True)
+                        use_cache=True, logits_to_keep=1)
             caches[c] = out.past_key_values
             # same order and precision as elrea's sum: 0 + w_0 l_0 + w_1 l_1 + ...
             part = out.logits[:, -1, :].float() * weights[:, c][:, None]

@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("transformers", "peft", "accelerate", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
     try:
         args.func(args)
     except ElreaError as e:

@@ -54,7 +54,8 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
         warmup_steps=int(cfg.warmup_ratio * _steps(len(examples), cfg, accum)),
         weight_decay=cfg.weight_decay, optim="adamw_torch", save_strategy="no", report_to=[],
         logging_steps=max(1, _steps(len(examples), cfg, accum) // 10), seed=seed, data_seed=seed,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=False)
+        remove_unused_columns=False, dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=False)
     trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(examples),
                       data_collator=lambda b: collate(b, pad_id, side="right"))
     t0 = time.time()
