@@ -54,7 +54,7 @@ def test_fit_route_generate_eval_info(tmp_path, tiny_model_dir, toy_data):
     assert r.returncode == 0
 
     r = elrea("eval", run, "--data", toy_data / "test.jsonl", "--max-new-tokens", 4)
-    assert "exact match" in r.stdout and "elrea" in r.stdout and "base" in r.stdout
+    assert "accuracy (%)" in r.stdout and "elrea" in r.stdout and "base" in r.stdout
     res = json.loads((run / "eval.json").read_text())
     assert set(res["accuracy"]) == {"elrea", "base"}
     assert set(res["accuracy"]["elrea"]["per_source"]) == {"add", "sub", "rev", "upper"}

@@ -26,7 +26,7 @@ log = logging.getLogger("elrea")
 def _console():
     from rich.console import Console
 
-    return Console()
+    return Console(width=None if sys.stdout.isatty() else 200)  # no squeezed columns in logs
 
 
 def _table(title: str, columns: list[str], rows: list[list]):
@@ -38,6 +38,14 @@ def _table(title: str, columns: list[str], rows: list[list]):
     for r in rows:
         t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r])
     _console().print(t)
+
+
+def _accuracy_table(title: str, acc: dict):
+    sources = list(acc["elrea"]["per_source"])
+    _table(title, ["method"] + sources + ["mean over sources", "overall"],
+           [[m] + [f"{100 * acc[m]['per_source'][s]:.1f}" for s in sources]
+            + [f"{100 * sum(acc[m]['per_source'].values()) / len(sources):.1f}", f"{100 * acc[m]['overall']:.1f}"]
+            for m in acc])
 
 
 # ----------------------------------------------------------------------------- commands
@@ -117,10 +125,7 @@ def cmd_eval(args):
     if args.limit:
         records = records[: args.limit]
     result = evaluate(model, records, max_new_tokens=args.max_new_tokens)
-    acc = result["accuracy"]
-    sources = list(acc["elrea"]["per_source"])
-    _table(f"exact match on {args.data} ({len(records)} examples)", ["method"] + sources + ["overall"],
-           [[m] + [acc[m]["per_source"][s] for s in sources] + [acc[m]["overall"]] for m in acc])
+    _accuracy_table(f"accuracy (%) on {args.data} ({len(records)} examples)", result["accuracy"])
     out = Path(args.output) if args.output else Path(args.run) / "eval.json"
     write_json(out, result)
     print(f"wrote {out}")
@@ -165,10 +170,7 @@ def cmd_demo(args):
     from .demo import run_demo
 
     result = run_demo(args.out, train=args.train, test=args.test, seed=args.seed, overrides=args.overrides)
-    acc = result["accuracy"]
-    sources = list(acc["elrea"]["per_source"])
-    _table("demo: accuracy on held-out test data", ["method"] + sources + ["overall"],
-           [[m] + [acc[m]["per_source"][s] for s in sources] + [acc[m]["overall"]] for m in acc])
+    _accuracy_table("demo: accuracy (%) on held-out test data", result["accuracy"])
     print(f"report: {Path(args.out) / 'report.md'}")
 
 
@@ -238,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="fit + evaluate + report on the embedded model and built-in data")
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument("--train", type=int, default=320, help="training examples (default 320)")
-    p.add_argument("--test", type=int, default=160, help="test examples (default 160)")
+    p.add_argument("--test", type=int, default=128, help="test examples (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=cmd_demo)

@@ -21,7 +21,7 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("elrea") / "configs" / "demo.yaml"))
 
 
-def run_demo(out: str | Path, train: int = 320, test: int = 160, seed: int = 0,
+def run_demo(out: str | Path, train: int = 320, test: int = 128, seed: int = 0,
              overrides: list[str] | None = None) -> dict:
     """Returns the evaluation result; writes data/, the run, eval.json and report.md under `out`."""
     from .api import ELREA
