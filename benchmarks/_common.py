@@ -233,14 +233,10 @@ def randomize_lora_b(model, std: float, seed: int, adapter: str | None = None):
 
 
 def left_pad(seqs: list[list[int]], pad_id: int):
-    """(input_ids, attention_mask) [n, T], padded on the left for decoding."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):] = torch.tensor(s)
-        mask[i, T - len(s):] = 1
-    return ids, mask
+    """(input_ids, attention_mask) [n, T], padded on the left for decoding (elrea's own)."""
+    from elrea.ensemble import left_pad as pad
+
+    return pad(seqs, pad_id)
 
 
 # ----------------------------------------------------------------------------- output

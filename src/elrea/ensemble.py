@@ -29,7 +29,7 @@ def _expand(weights: torch.Tensor, adapters: list[str]):
     return prompt_of, [r[1] for r in rows], torch.tensor([r[2] for r in rows])
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int):
+def left_pad(seqs: list[list[int]], pad_id: int):
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -57,7 +57,7 @@ def generate(model, prompts: list[list[int]], weights: torch.Tensor, adapters: l
     """Ensembled decoding: new token ids for each prompt. weights [B, K] over `adapters`."""
     B = len(prompts)
     prompt_of, names, row_w = _expand(weights, adapters)
-    ids, mask = _left_pad([prompts[b] for b in prompt_of.tolist()], pad_id)   # (R, T)
+    ids, mask = left_pad([prompts[b] for b in prompt_of.tolist()], pad_id)   # (R, T)
     procs = _logits_processors(temperature, top_p)
     done = torch.zeros(B, dtype=torch.bool)
     out_tokens = torch.zeros((B, 0), dtype=torch.long)
@@ -104,7 +104,7 @@ def score(model, prompt: list[int], continuations: list[list[int]], weights: tor
         for c in keep:
             seqs.append(prompt + cont)
             rows.append((j, c))
-    ids, mask = _left_pad(seqs, pad_id)
+    ids, mask = left_pad(seqs, pad_id)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                 use_cache=False, adapter_names=[adapters[c] for _, c in rows])
     T = ids.shape[1]
