@@ -184,8 +184,15 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
         raise DataError(f"{len(ctx.records)} records cannot form {max(2, cfg.clustering.num_clusters)} "
                         f"clusters of at least clustering.min_cluster_size={cfg.clustering.min_cluster_size};"
                         " use more data or lower those settings", path=str(data))
+    # Under `accelerate launch`, every process trains (Trainer is data-parallel); features and
+    # clustering run on the main process only, and only the main process writes files.
+    from accelerate import PartialState
+
+    state = PartialState()
     manifest = Manifest.load(out, create=True)
-    _write_header(manifest, ctx)
+    manifest.writable = state.is_main_process
+    if state.is_main_process:
+        _write_header(manifest, ctx)
     forced = STAGES.index(from_stage) if from_stage else len(STAGES)
     runners = {"base": stage_base, "features": stage_features, "clusters": stage_clusters,
                "experts": lambda c: stage_experts(c, manifest)}
@@ -205,7 +212,9 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
             if name == "features":
                 (out / "features" / "train.progress.json").unlink(missing_ok=True)
             manifest.mark(name, "running", fp)
-        info = runners[name](ctx)
+        main_only = name in ("features", "clusters")
+        info = runners[name](ctx) if state.is_main_process or not main_only else {}
+        state.wait_for_everyone()
         manifest.mark(name, "done", fp, **{**info, "seconds": round(time.time() - t0, 2)})
         if name == until:
             break

@@ -93,6 +93,7 @@ class Manifest:
 
     def __init__(self, root: Path, data: dict):
         self.root, self.data = root, data
+        self.writable = True  # False on the non-main processes of a distributed run
 
     @classmethod
     def load(cls, root: str | Path, create: bool = False) -> "Manifest":
@@ -105,7 +106,8 @@ class Manifest:
         return cls(root, read_json(path))
 
     def save(self) -> None:
-        write_json(self.root / MANIFEST, self.data)
+        if self.writable:
+            write_json(self.root / MANIFEST, self.data)
 
     def stage(self, name: str) -> dict:
         return self.data.setdefault("stages", {}).get(name, {})
