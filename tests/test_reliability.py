@@ -185,12 +185,12 @@ def test_expert_from_another_backbone_is_rejected(tmp_path, fitted_run):
 
 
 def test_not_a_causal_lm_is_a_clear_error(tmp_path):
-    from transformers import BertConfig
+    from transformers import DistilBertConfig
 
     from elrea.config import ModelConfig
     from elrea.models import load_backbone
 
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37).save_pretrained(tmp_path)
+    DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37).save_pretrained(tmp_path)
     with pytest.raises(ModelError, match="not a causal LM"):
         load_backbone(ModelConfig(name=str(tmp_path)))
     with pytest.raises(ModelError, match="cannot load model"):

@@ -91,12 +91,18 @@ def load_backbone(cfg: ModelConfig):
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"cannot load model {cfg.name!r}: {e}. Pass a local directory, a hub id "
                          "(online), or the alias smollm2-135m-instruct") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    remote = cfg.trust_remote_code and "AutoModelForCausalLM" in (getattr(hf_cfg, "auto_map", None) or {})
+    if hf_cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise ModelError(f"model {cfg.name!r} is a {hf_cfg.model_type!r} model ({type(hf_cfg).__name__}), "
+                         "not a causal LM that AutoModelForCausalLM can load; pass a decoder LM "
+                         "(Llama, Qwen, Mistral, SmolLM2, ...)")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, config=hf_cfg, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
-    except ValueError as e:
-        raise ModelError(f"model {cfg.name!r} ({type(hf_cfg).__name__}) is not a causal LM that "
-                         f"transformers' AutoModelForCausalLM can load: {e}") from None
+    except (ValueError, OSError) as e:
+        raise ModelError(f"cannot load the weights of model {cfg.name!r}: {e}") from None
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
