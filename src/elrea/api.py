@@ -27,9 +27,6 @@ from .rundir import Manifest, atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
-Prompt = "str | list[dict]"
-
-
 class ELREA:
     """A PEFT model holding the base adapter ("base") and experts ("expert_1".."expert_C")."""
 

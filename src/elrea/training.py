@@ -46,21 +46,22 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     out_dir = Path(out_dir)
     world = max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
     accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
+    steps = _steps(len(examples), cfg, accum)
     scratch = tempfile.TemporaryDirectory(prefix="elrea-trainer-")  # Trainer wants one; we save ourselves
     args = TrainingArguments(
         output_dir=scratch.name, per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, lr_scheduler_type="linear",
-        warmup_steps=int(cfg.warmup_ratio * _steps(len(examples), cfg, accum)),
+        warmup_steps=int(cfg.warmup_ratio * steps),
         weight_decay=cfg.weight_decay, optim="adamw_torch", save_strategy="no", report_to=[],
-        logging_steps=max(1, _steps(len(examples), cfg, accum) // 10), seed=seed, data_seed=seed,
+        logging_steps=max(1, steps // 10), seed=seed, data_seed=seed,
         remove_unused_columns=False, dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=False)
     trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(examples),
                       data_collator=lambda b: collate(b, pad_id, side="right"))
     t0 = time.time()
     log.info("%s: %d examples, %d optimizer steps of %d sequences", desc, len(examples),
-             _steps(len(examples), cfg, accum), cfg.micro_batch_size * accum * world)
+             steps, cfg.micro_batch_size * accum * world)
     result = trainer.train()
     seconds = time.time() - t0
     if trainer.is_world_process_zero():
