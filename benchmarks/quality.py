@@ -15,7 +15,11 @@ On SmolLM2-135M-Instruct and the built-in reasoning-mix (8 sources), one run com
   oracle          experts on clusters by source label
 Every clustering variant shares the base adapter and gradient features and routes with the
 gradient router over its own clusters' feature centroids, so only the grouping differs.
-The routing temperature is chosen on the validation split, never on test.
+Settings are chosen on the validation split, never on test: each --candidates entry (config
+overrides for the clusters and experts stages; they share the base adapter and features) is
+fitted and decoded on validation at every routing temperature of --tau-grid, then at every
+top-k of --top-k-grid at its best temperature; the best (candidate, temperature, top-k) becomes
+"elrea", and the baselines use its expert settings and its number of clusters.
 Writes benchmarks/results/quality.json and prints the table (accuracy per source and mean).
 """
 
@@ -126,16 +130,65 @@ def single_adapter(model: ELREA, name: str, records) -> list[str]:
     return outs
 
 
-def choose_temperature(model: ELREA, val, grid) -> tuple[float, dict]:
-    feats = model.features([r.messages for r in val])
-    from elrea.routing import gradient_weights
+def routed_weights(model: ELREA, feats, tau: float, top_k: int):
+    from elrea.routing import gradient_weights, keep_top_k
 
-    scores = {}
-    for tau in grid:
-        w = gradient_weights(feats, model.centroids, tau)
-        scores[tau] = accuracy(val, run_weights(model, val, w))["mean"]
-        log.info("validation: tau=%s -> mean accuracy %.3f", tau, scores[tau])
-    return max(scores, key=scores.get), scores
+    w = gradient_weights(feats, model.centroids, tau)
+    return keep_top_k(w, top_k) if top_k else w
+
+
+def validate(model: ELREA, val, tau_grid, top_k_grid) -> dict:
+    """Validation mean accuracy per 'tau=..,top_k=..': every tau at top_k 0, then every top-k at the best tau."""
+    feats = model.features([r.messages for r in val])
+    scores: dict[tuple[float, int], float] = {}
+
+    def trial(tau, k):
+        k = 0 if k >= len(model.adapters) else k          # top-k of all adapters = all
+        if (tau, k) not in scores:
+            w = routed_weights(model, feats, tau, k)
+            scores[(tau, k)] = accuracy(val, run_weights(model, val, w))["mean"]
+            log.info("validation: tau=%s top_k=%s -> mean accuracy %.3f", tau, k or "all", scores[(tau, k)])
+
+    for tau in tau_grid:
+        trial(tau, 0)
+    best_tau = max(tau_grid, key=lambda t: scores[(t, 0)])
+    for k in top_k_grid:
+        trial(best_tau, k)
+    return scores
+
+
+def candidate_run(shared: Path, out: Path) -> Path:
+    """A run directory that shares `shared`'s base adapter, features and clusters; fit() redoes
+    the stages whose settings differ (candidates change only clustering and experts settings)."""
+    if not (out / "elrea.json").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        for sub in ("base", "features", "clusters"):
+            if (shared / sub).exists():
+                shutil.copytree(shared / sub, out / sub)
+        shutil.copy2(shared / "elrea.json", out / "elrea.json")
+    return out
+
+
+def choose_on_validation(args, paths, work: Path, shared: Path, val) -> tuple[dict, list]:
+    """Fit every candidate on the shared base + features; the best on validation wins."""
+    tau_grid = [float(x) for x in args.tau_grid.split(",")]
+    k_grid = [int(x) for x in args.top_k_grid.split(",")]
+    trials, best = [], None
+    for i, cand in enumerate(args.candidates):
+        extra = [o for o in cand.split(",") if o.strip()]
+        cfg = load_config(demo_config_path(), args.overrides + extra)
+        run = shared if not extra else candidate_run(shared, work / f"candidate-{i}")
+        t = time.time()
+        fit(paths["train"], run, cfg)
+        fit_s = round(time.time() - t, 1)
+        model = ELREA.from_pretrained(run)
+        for (tau, k), acc in validate(model, val, tau_grid, k_grid).items():
+            trials.append({"candidate": cand or "(demo config)", "tau": tau, "top_k": k, "validation_mean": acc,
+                           "num_clusters": len(model.adapters) - 1, "fit_seconds": fit_s})
+            if best is None or acc > best["validation_mean"]:
+                best = {**trials[-1], "run": run, "overrides": extra, "cfg": cfg}
+        del model
+    return best, trials
 
 
 # ----------------------------------------------------------------------------- main
@@ -148,6 +201,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="benchmarks/work/quality", help="run directories (resumable)")
     ap.add_argument("--tau-grid", default="0.5,1,2", help="routing temperatures tried on validation")
+    ap.add_argument("--top-k-grid", default="0,2", help="top-k tried on validation at the best temperature "
+                    "(0: all experts)")
+    ap.add_argument("--candidates", nargs="*", default=["", "clustering.num_clusters=8", "experts.epochs=4"],
+                    help="ELREA settings tried on validation: comma-separated config overrides each "
+                         "('' = the demo config)")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     ap.add_argument("overrides", nargs="*", help="config overrides on top of the demo config")
     args = ap.parse_args(argv)
@@ -162,7 +220,12 @@ def main(argv=None):
     train, val, test = (load_records(paths[s]) for s in ("train", "validation", "test"))
 
     t = time.time()
-    run = fit(paths["train"], work / "elrea", cfg)
+    fit(paths["train"], work / "elrea", cfg, until="features")
+    best, trials = choose_on_validation(args, paths, work, work / "elrea", val)
+    run, cfg = best["run"], best["cfg"]
+    chosen = {"candidate": best["candidate"], "tau": best["tau"], "top_k": best["top_k"], "trials": trials}
+    log.info("chosen on validation: %s, tau=%s, top_k=%s (%.3f)", best["candidate"], best["tau"],
+             best["top_k"], best["validation_mean"])
     stages = read_json(run / "elrea.json")["stages"]
     times.update({f"elrea {k}": v.get("seconds", 0) for k, v in stages.items()})
     labels = np.array(read_json(run / "clusters" / "clusters.json")["labels"])
@@ -191,17 +254,15 @@ def main(argv=None):
                   load_config(demo_config_path(), args.overrides + [f"base.max_steps={steps}"]), until="base")
     times["base-matched"] = round(time.time() - t, 1)
 
-    results, chosen = {}, {}
+    results = {}
     model = ELREA.from_pretrained(run)
-    grid = [float(x) for x in args.tau_grid.split(",")]
-    tau, chosen["validation_tau"] = choose_temperature(model, val, grid)
-    chosen["tau"] = tau
+    tau, top_k = chosen["tau"], chosen["top_k"]
     t = time.time()
-    from elrea.routing import gradient_weights, keep_top_k
+    from elrea.routing import keep_top_k
 
     feats = model.features([r.messages for r in test])
     times["routing (test set)"] = round(time.time() - t, 1)
-    w = gradient_weights(feats, model.centroids, tau)
+    w = routed_weights(model, feats, tau, top_k)
     k = len(model.adapters)
     one_hot = torch.zeros(len(test), k)
     one_hot[:, 0] = 1
@@ -217,7 +278,7 @@ def main(argv=None):
     results["base-matched"] = accuracy(test, single_adapter(model, "base_matched", test))
     for name in variants:
         vm = ELREA.from_pretrained(runs[name])
-        vw = gradient_weights(vm.features([r.messages for r in test]), vm.centroids, tau)
+        vw = routed_weights(vm, vm.features([r.messages for r in test]), tau, top_k)
         results[name] = accuracy(test, run_weights(vm, test, vw))
         log.info("%s: mean %.3f", name, results[name]["mean"])
 
@@ -237,6 +298,9 @@ def main(argv=None):
                  for m in order])
     print_table("clusterings vs source labels", ["clustering", "C", "ARI", "NMI"],
                 [[k, v["num_clusters"], v["ari"], v["nmi"]] for k, v in purity.items()])
+    print_table("chosen on validation (mean accuracy, %)", ["candidate", "C", "tau", "top-k", "validation"],
+                [[t["candidate"], t["num_clusters"], t["tau"], t["top_k"] or "all", 100 * t["validation_mean"]]
+                 for t in chosen["trials"]])
     print(f"wrote {out}")
 
 

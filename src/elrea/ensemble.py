@@ -5,10 +5,11 @@ At every decoding step the next-token logits of prompt b are
     l_b = sum_c w_{b,c} * logits(M + Q_c)
 
 For speed, all adapters of all prompts run in ONE forward pass per step: the batch is
-expanded to one row per (prompt, adapter with w > 0), PEFT's mixed-adapter batches
-(`adapter_names`) give each row its own adapter, each row keeps its own KV cache, and the
-rows' logits are summed back per prompt with the weights. With one adapter at weight 1 this
-is exactly that adapter's own decoding.
+expanded to one row per (adapter, prompt) with w > 0, adapter-major, each row keeps its own KV
+cache, and the rows' logits are summed back per prompt with the weights. Each row runs its own
+adapter through `elrea.fastlora.grouped_lora` (two batched matmuls per layer for all
+adapters), or through PEFT's mixed-adapter batches (`adapter_names`) where that does not
+apply. With one adapter at weight 1 this is exactly that adapter's own decoding.
 
 `mode="weights"` instead mixes the adapters inside each layer, delta W = sum_c w_c B_c A_c
 (PEFT's `add_weighted_adapter(..., combination_type="cat")`, exact), one row per prompt.
@@ -16,15 +17,18 @@ is exactly that adapter's own decoding.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from . import fastlora
 from .features import position_ids_from_mask
 
 
 def _expand(weights: torch.Tensor, adapters: list[str]):
-    """Rows (prompt index, adapter name, weight) for every w > 0."""
-    rows = [(b, adapters[c], float(weights[b, c])) for b in range(weights.shape[0])
-            for c in range(weights.shape[1]) if weights[b, c] > 0]
+    """Rows (prompt index, adapter name, weight) for every w > 0, adapter-major."""
+    rows = [(b, adapters[c], float(weights[b, c])) for c in range(weights.shape[1])
+            for b in range(weights.shape[0]) if weights[b, c] > 0]
     prompt_of = torch.tensor([r[0] for r in rows])
     return prompt_of, [r[1] for r in rows], torch.tensor([r[2] for r in rows])
 
@@ -50,6 +54,13 @@ def _logits_processors(temperature: float, top_p: float):
     return procs
 
 
+def _row_adapters(model, names: list[str]):
+    """(context manager, forward kwargs) that make row i of each batch run adapter names[i]."""
+    if fastlora.supported(model, sorted(set(names))):
+        return fastlora.grouped_lora(model, names), {}
+    return contextlib.nullcontext(), {"adapter_names": names}
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], weights: torch.Tensor, adapters: list[str], *,
              eos_id: int | None, pad_id: int, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -62,26 +73,28 @@ def generate(model, prompts: list[list[int]], weights: torch.Tensor, adapters: l
     done = torch.zeros(B, dtype=torch.bool)
     out_tokens = torch.zeros((B, 0), dtype=torch.long)
     cache, step_ids, pos = None, ids, position_ids_from_mask(mask)
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=True, adapter_names=names, logits_to_keep=1)  # only the last position
-        cache = out.past_key_values
-        row_logits = out.logits[:, -1, :].float() * row_w[:, None]                # (R, V)
-        logits = torch.zeros(B, row_logits.shape[1]).index_add_(0, prompt_of, row_logits)
-        logits = procs(out_tokens if out_tokens.numel() else torch.zeros((B, 0), dtype=torch.long), logits)
-        if temperature > 0:
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
-        else:
-            nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out_tokens = torch.cat([out_tokens, nxt[:, None]], dim=1)
-        if eos_id is not None:
-            done |= nxt == eos_id
-        if bool(done.all()):
-            break
-        step_ids = nxt[prompt_of][:, None]                                         # (R, 1)
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
-        pos = pos[:, -1:] + 1
+    per_row, kw = _row_adapters(model, names)
+    with per_row:
+        for _ in range(max_new_tokens):
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1, **kw)  # only the last position
+            cache = out.past_key_values
+            row_logits = out.logits[:, -1, :].float() * row_w[:, None]                # (R, V)
+            logits = torch.zeros(B, row_logits.shape[1]).index_add_(0, prompt_of, row_logits)
+            logits = procs(out_tokens if out_tokens.numel() else torch.zeros((B, 0), dtype=torch.long), logits)
+            if temperature > 0:
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out_tokens = torch.cat([out_tokens, nxt[:, None]], dim=1)
+            if eos_id is not None:
+                done |= nxt == eos_id
+            if bool(done.all()):
+                break
+            step_ids = nxt[prompt_of][:, None]                                         # (R, 1)
+            mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+            pos = pos[:, -1:] + 1
     return [_strip(out_tokens[b].tolist(), eos_id) for b in range(B)]
 
 
@@ -99,14 +112,12 @@ def score(model, prompt: list[int], continuations: list[list[int]], weights: tor
     weights: [K] for this prompt.
     """
     keep = [c for c in range(len(adapters)) if weights[c] > 0]
-    seqs, rows = [], []
-    for j, cont in enumerate(continuations):
-        for c in keep:
-            seqs.append(prompt + cont)
-            rows.append((j, c))
-    ids, mask = left_pad(seqs, pad_id)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                use_cache=False, adapter_names=[adapters[c] for _, c in rows])
+    rows = [(j, c) for c in keep for j in range(len(continuations))]       # adapter-major
+    ids, mask = left_pad([prompt + continuations[j] for j, _ in rows], pad_id)
+    per_row, kw = _row_adapters(model, [adapters[c] for _, c in rows])
+    with per_row:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    use_cache=False, **kw)
     T = ids.shape[1]
     V = out.logits.shape[-1]
     combined = torch.zeros(len(continuations), T, V)

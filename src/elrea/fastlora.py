@@ -1,0 +1,105 @@
+"""Grouped LoRA: one batch, a different adapter per row, two batched matmuls per layer.
+
+PEFT's mixed-adapter batches (`adapter_names=`) are general, but per layer they rebuild the
+row index lists and run gather -> A -> dropout -> B -> scale -> scatter once per adapter; at
+decoding time, with a handful of rows, that Python work costs more than the base model's own
+matmuls. Ensembled decoding knows its rows in advance, so `grouped_lora` lays them out
+adapter-major (every adapter's rows contiguous), stacks the adapters' factors once,
+
+    At[k] = A_k^T           (K, in, r)
+    Bt[k] = s_k * B_k^T     (K, r, out)
+
+and, while active, replaces the forward of every LoRA linear layer with
+
+    y = W x + bmm(bmm(x viewed as (K, rows_per_adapter * T, in), At), Bt)
+
+when all adapters have the same number of rows (the usual ensemble: every prompt, every
+adapter), or one slice-matmul-add per adapter otherwise. It is exact (the same sums as PEFT,
+up to float rounding) and covers plain LoRA on linear layers (nn.Linear or GPT-2's Conv1D
+base layers) in eval mode; `supported()` says when it applies, and callers fall back to
+PEFT's `adapter_names` otherwise (DoRA and other variants, LoRA on embeddings, quantized
+layers, dropout in training mode).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+
+def _lora_modules(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def supported(model, adapters: list[str]) -> bool:
+    """Whether `grouped_lora` reproduces PEFT exactly for these adapters on this model."""
+    from peft.tuners.lora.layer import Linear
+
+    mods = _lora_modules(model)
+    if not mods:
+        return False
+    for m in mods:
+        if type(m) is not Linear or m.merged or m.training or m.disable_adapters:
+            return False
+        for a in adapters:
+            if a not in m.lora_A or a in m.lora_variant or a in getattr(m, "lora_magnitude_vector", {}):
+                return False
+    return True
+
+
+def row_groups(row_adapters: list[str]) -> list[tuple[str, int, int]]:
+    """[(adapter, start, end)] of the contiguous runs of rows; raises if an adapter's rows are split."""
+    groups: list[tuple[str, int, int]] = []
+    for i, a in enumerate(row_adapters):
+        if groups and groups[-1][0] == a:
+            groups[-1] = (a, groups[-1][1], i + 1)
+        else:
+            if any(g[0] == a for g in groups):
+                raise ValueError(f"rows of adapter {a!r} are not contiguous; order rows adapter-major")
+            groups.append((a, i, i + 1))
+    return groups
+
+
+def _grouped_forward(module, plan, x, *args, **kwargs):
+    kwargs.pop("adapter_names", None)
+    result = module.base_layer(x, *args, **kwargs)
+    At, Bt, groups = plan
+    xs = x.to(At.dtype)
+    if xs.shape[0] != groups[-1][2]:
+        raise RuntimeError(f"grouped LoRA was set up for {groups[-1][2]} rows, got a batch of {xs.shape[0]}")
+    sizes = {e - s for _, s, e in groups}
+    if len(sizes) == 1:                    # equal groups: two batched matmuls for all adapters
+        K = len(groups)
+        delta = torch.bmm(torch.bmm(xs.reshape(K, -1, xs.shape[-1]), At), Bt)
+        return result + delta.reshape(result.shape).to(result.dtype)
+    result = result.clone()
+    for k, (_, s, e) in enumerate(groups):
+        result[s:e] += (xs[s:e] @ At[k] @ Bt[k]).to(result.dtype)
+    return result
+
+
+@contextlib.contextmanager
+def grouped_lora(model, row_adapters: list[str]):
+    """While active, row i of every batch through `model` runs adapter `row_adapters[i]`.
+
+    Rows must be adapter-major (each adapter's rows contiguous); the batch size must equal
+    len(row_adapters) on every forward. Check `supported(model, adapters)` first.
+    """
+    groups = row_groups(row_adapters)
+    names = [g[0] for g in groups]
+    patched = []
+    try:
+        with torch.no_grad():
+            for m in _lora_modules(model):
+                At = torch.stack([m.lora_A[a].weight.t() for a in names])                  # (K, in, r)
+                Bt = torch.stack([(m.lora_B[a].weight * m.scaling[a]).t() for a in names])  # (K, r, out)
+                m.forward = functools.partial(_grouped_forward, m, (At.contiguous(), Bt.contiguous(), groups))
+                patched.append(m)
+        yield
+    finally:
+        for m in patched:
+            del m.forward

@@ -1,0 +1,99 @@
+"""Grouped LoRA (elrea.fastlora) against PEFT: single-adapter outputs and mixed-adapter batches."""
+
+import pytest
+import torch
+
+from elrea import fastlora
+from elrea.ensemble import generate, left_pad
+from elrea.features import position_ids_from_mask
+
+from conftest import lora_model
+
+
+@pytest.fixture(scope="module")
+def three_adapters(tiny_model_dir):
+    """The tiny backbone with adapters a, b, c (random non-zero B, different scalings)."""
+    from elrea.config import LoraConfig
+    from elrea.models import peft_lora_config
+
+    model = lora_model(tiny_model_dir, seed=0)          # adapter "default"
+    for name, alpha in [("b", 8.0), ("c", 32.0)]:
+        model.add_adapter(name, peft_lora_config(LoraConfig(alpha=alpha)))
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    return model.eval(), ["default", "b", "c"]
+
+
+def _batch(n_rows, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, 60, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n_rows)]
+    ids, mask = left_pad(seqs, 0)
+    return dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+
+
+def _single(model, adapter, batch, rows):
+    """Reference: plain PEFT, one adapter active, on the given rows."""
+    model.set_adapter(adapter)
+    with torch.no_grad():
+        out = model(**{k: v[rows] for k, v in batch.items()}).logits
+    model.set_adapter("default")
+    return out
+
+
+@pytest.mark.parametrize("layout", [["default"] * 2 + ["b"] * 2 + ["c"] * 2,   # equal groups: bmm path
+                                    ["default"] * 1 + ["b"] * 3 + ["c"] * 2])  # unequal: per-group path
+def test_grouped_rows_equal_single_adapter_peft(three_adapters, layout):
+    model, adapters = three_adapters
+    assert fastlora.supported(model, adapters)
+    batch = _batch(len(layout))
+    with fastlora.grouped_lora(model, layout), torch.no_grad():
+        got = model(**batch).logits
+    for a in adapters:
+        rows = [i for i, x in enumerate(layout) if x == a]
+        assert torch.allclose(got[rows], _single(model, a, batch, rows), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():   # PEFT's own mixed batch agrees too, and the patch is gone afterwards
+        peft_mixed = model(**batch, adapter_names=layout).logits
+    assert torch.allclose(got, peft_mixed, atol=1e-5, rtol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_rows_must_be_adapter_major():
+    with pytest.raises(ValueError, match="adapter-major"):
+        fastlora.row_groups(["a", "b", "a"])
+    assert fastlora.row_groups(["a", "a", "b"]) == [("a", 0, 2), ("b", 2, 3)]
+
+
+def test_unsupported_adapters_fall_back_to_peft_mixed_batches(tiny_model_dir):
+    """LoRA on the embeddings is not a linear layer: generate() must use PEFT's mixed-batch path
+    and still match the naive ensemble."""
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+
+    from elrea.config import ModelConfig
+    from elrea.models import load_backbone
+
+    torch.manual_seed(0)
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    model = get_peft_model(load_backbone(ModelConfig(name=str(tiny_model_dir))), PeftLora(**cfg), adapter_name="x")
+    model.add_adapter("y", PeftLora(**cfg))
+    for n, p in model.named_parameters():
+        if "lora_B" in n or "lora_embedding_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    model.eval()
+    assert not fastlora.supported(model, ["x", "y"])
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    w = torch.tensor([[0.25, 0.75], [0.6, 0.4]])
+    got = generate(model, prompts, w, ["x", "y"], eos_id=None, pad_id=0, max_new_tokens=5)
+    for p, row, toks in zip(prompts, w, got):
+        ids = list(p)
+        for _ in range(5):
+            logits = 0
+            for name, wc in zip(["x", "y"], row.tolist()):
+                model.set_adapter(name)
+                with torch.no_grad():
+                    logits = logits + wc * model(input_ids=torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+        assert toks == ids[len(p):]
