@@ -1,7 +1,7 @@
 """Quality: does ELREA beat one LoRA adapter, and every baseline of the paper?
 
     python benchmarks/quality.py                       # ~1-2 h on 2 CPU cores; run it in the background
-    python benchmarks/quality.py --train 320 --test 160 --work benchmarks/work/quality
+    python benchmarks/quality.py --train 640 --test 480 --work /tmp/quality     # a larger slice
 
 On SmolLM2-135M-Instruct and the built-in reasoning-mix (8 sources), one run compares:
   base            the base adapter alone (the paper's epochs)
@@ -191,22 +191,98 @@ def choose_on_validation(args, paths, work: Path, shared: Path, val) -> tuple[di
     return best, trials
 
 
+# ----------------------------------------------------------------------------- analysis
+
+def analyse(run: Path, tau: float, top_k: int, train, val, test) -> dict:
+    """Where ELREA's accuracy goes: cluster x source counts, routing on test, each expert alone.
+
+    - home expert of a source: the cluster holding most of its training examples;
+    - routing: per source, the share of test prompts whose largest weight is on the home
+      expert (or on the base adapter), and the mean weight the home expert gets;
+    - experts: training loss and steps, and validation accuracy of each expert alone on its
+      home sources against the base adapter alone on the same examples (over-fitting shows as
+      an expert below the base on its own sources).
+    """
+    model = ELREA.from_pretrained(run)
+    labels = read_json(run / "clusters" / "clusters.json")["labels"]
+    counts: dict[str, dict[int, int]] = {}
+    for lab, r in zip(labels, train):
+        counts.setdefault(str(r.source), {}).setdefault(int(lab), 0)
+        counts[str(r.source)][int(lab)] += 1
+    home = {s: max(c, key=c.get) for s, c in counts.items()}
+    w = routed_weights(model, model.features([r.messages for r in test]), tau, top_k)
+    top = w.argmax(1).tolist()
+    routing = {}
+    for s in sorted(home):
+        idx = [i for i, r in enumerate(test) if str(r.source) == s]
+        routing[s] = {"home_expert": home[s], "top1_home": float(np.mean([top[i] == home[s] for i in idx])),
+                      "top1_base": float(np.mean([top[i] == 0 for i in idx])),
+                      "mean_home_weight": float(w[idx, home[s]].mean())}
+    finished = read_json(run / "elrea.json")["stages"]["experts"]["finished"]
+    experts = {}
+    for c in range(1, len(model.adapters)):
+        mine = [r for r in val if home.get(str(r.source)) == c]
+        info = finished.get(str(c), {})
+        experts[c] = {"sources": sorted(s for s, h in home.items() if h == c), "examples": info.get("examples"),
+                      "steps": info.get("steps"), "train_loss": info.get("train_loss"),
+                      "validation_examples": len(mine)}
+        if mine:
+            for name, col in (("expert_alone", c), ("base_alone", 0)):
+                oh = torch.zeros(len(mine), len(model.adapters))
+                oh[:, col] = 1
+                experts[c][f"validation_{name}"] = accuracy(mine, run_weights(model, mine, oh))["mean"]
+    return {"run": str(run), "cluster_source_counts": counts, "routing": routing, "experts": experts}
+
+
+def show_analysis(a: dict):
+    clusters = sorted({c for v in a["cluster_source_counts"].values() for c in v})
+    print_table("training examples: source x cluster (chosen ELREA run)", ["source"] + [f"c{c}" for c in clusters],
+                [[s] + [v.get(c, 0) for c in clusters] for s, v in sorted(a["cluster_source_counts"].items())])
+    print_table("routing on test (chosen tau, top-k)", ["source", "home expert", "top-1 = home (%)",
+                                                         "top-1 = base (%)", "mean home weight"],
+                [[s, v["home_expert"], 100 * v["top1_home"], 100 * v["top1_base"], v["mean_home_weight"]]
+                 for s, v in a["routing"].items()])
+    print_table("experts: training and validation accuracy alone on their home sources (%)",
+                ["expert", "sources", "examples", "steps", "train loss", "expert alone", "base alone"],
+                [[c, " ".join(v["sources"]), v["examples"], v["steps"], v["train_loss"],
+                  100 * v.get("validation_expert_alone", float("nan")),
+                  100 * v.get("validation_base_alone", float("nan"))] for c, v in a["experts"].items()])
+
+
+def analysis_only(args, work: Path, val, test, train) -> None:
+    """--analysis-only: add the analysis to an existing results file (same --work and splits)."""
+    out = Path(args.out)
+    report = json.loads(out.read_text())
+    ch = report["chosen_on_validation"]
+    cands = list(dict.fromkeys(t["candidate"] for t in ch["trials"]))
+    i = cands.index(ch["candidate"])
+    run = work / "elrea" if ch["candidate"] == "(demo config)" else work / f"candidate-{i}"
+    report["analysis"] = analyse(run, ch["tau"], ch["top_k"], train, val, test)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    show_analysis(report["analysis"])
+    print(f"wrote {out}")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", type=int, default=320)
-    ap.add_argument("--validation", type=int, default=40)
-    ap.add_argument("--test", type=int, default=160)
+    ap.add_argument("--validation", type=int, default=80)
+    ap.add_argument("--test", type=int, default=240)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="benchmarks/work/quality", help="run directories (resumable)")
     ap.add_argument("--tau-grid", default="0.5,1,2", help="routing temperatures tried on validation")
     ap.add_argument("--top-k-grid", default="0,2", help="top-k tried on validation at the best temperature "
                     "(0: all experts)")
-    ap.add_argument("--candidates", nargs="*", default=["", "clustering.num_clusters=8", "experts.epochs=4"],
+    ap.add_argument("--candidates", nargs="*", default=["", "clustering.num_clusters=8", "experts.epochs=4",
+                                                        "features.train_preconditioner=sgd"],
                     help="ELREA settings tried on validation: comma-separated config overrides each "
                          "('' = the demo config)")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--analysis-only", action="store_true",
+                    help="only add the analysis (clusters, routing, experts) to an existing --out file")
     ap.add_argument("overrides", nargs="*", help="config overrides on top of the demo config")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -218,12 +294,15 @@ def main(argv=None):
                            test=args.test, seed=args.seed)
     cfg = load_config(demo_config_path(), args.overrides)
     train, val, test = (load_records(paths[s]) for s in ("train", "validation", "test"))
+    if args.analysis_only:
+        return analysis_only(args, work, val, test, train)
 
     t = time.time()
     fit(paths["train"], work / "elrea", cfg, until="features")
     best, trials = choose_on_validation(args, paths, work, work / "elrea", val)
     run, cfg = best["run"], best["cfg"]
-    chosen = {"candidate": best["candidate"], "tau": best["tau"], "top_k": best["top_k"], "trials": trials}
+    chosen = {"candidate": best["candidate"], "run": str(run), "tau": best["tau"], "top_k": best["top_k"],
+              "trials": trials}
     log.info("chosen on validation: %s, tau=%s, top_k=%s (%.3f)", best["candidate"], best["tau"],
              best["top_k"], best["validation_mean"])
     stages = read_json(run / "elrea.json")["stages"]
@@ -286,7 +365,7 @@ def main(argv=None):
               "data": {"train": len(train), "validation": len(val), "test": len(test), "seed": args.seed},
               "config": cfg.to_dict(), "num_clusters": C, "chosen_on_validation": chosen,
               "accuracy": results, "clusterings": purity, "seconds": times,
-              "compute_matched_steps": steps}
+              "compute_matched_steps": steps, "analysis": analyse(run, tau, top_k, train, val, test)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
@@ -301,6 +380,7 @@ def main(argv=None):
     print_table("chosen on validation (mean accuracy, %)", ["candidate", "C", "tau", "top-k", "validation"],
                 [[t["candidate"], t["num_clusters"], t["tau"], t["top_k"] or "all", 100 * t["validation_mean"]]
                  for t in chosen["trials"]])
+    show_analysis(report["analysis"])
     print(f"wrote {out}")
 
 

@@ -97,4 +97,14 @@ def test_quality_benchmark_code_path(tmp_path, tiny_model_dir):
     r = json.loads(out.read_text())
     assert set(r["accuracy"]) == {"base", "base-matched", "elrea", "uniform", "top-1", "in-layer", "random",
                                   "embedding", "oracle"}
-    assert r["clusterings"]["oracle"]["ari"] == 1.0 and r["chosen_on_validation"]["tau"] in (0.5, 1.0, 2.0)
+    chosen = r["chosen_on_validation"]
+    assert r["clusterings"]["oracle"]["ari"] == 1.0 and chosen["tau"] in (0.5, 1.0, 2.0)
+    assert {t["candidate"] for t in chosen["trials"]} == {"(demo config)", "clustering.num_clusters=8",
+                                                         "experts.epochs=4", "features.train_preconditioner=sgd"}
+    a = r["analysis"]
+    assert sum(sum(c.values()) for c in a["cluster_source_counts"].values()) == 64
+    assert set(a["routing"]) == set(r["accuracy"]["elrea"]["per_source"])
+    assert all(0 <= v["top1_home"] <= 1 and 0 < v["mean_home_weight"] <= 1 for v in a["routing"].values())
+    assert sum(e["examples"] for e in a["experts"].values()) == 64
+    best = max(chosen["trials"], key=lambda t: t["validation_mean"])      # the first of the best, as chosen
+    assert (best["candidate"], best["tau"], best["top_k"]) == (chosen["candidate"], chosen["tau"], chosen["top_k"])

@@ -12,13 +12,14 @@ from conftest import lora_model
 
 @pytest.fixture(scope="module")
 def three_adapters(tiny_model_dir):
-    """The tiny backbone with adapters a, b, c (random non-zero B, different scalings)."""
+    """The tiny backbone with adapters default, b, c (random non-zero B, different scalings, ranks)."""
     from elrea.config import LoraConfig
     from elrea.models import peft_lora_config
 
     model = lora_model(tiny_model_dir, seed=0)          # adapter "default"
-    for name, alpha in [("b", 8.0), ("c", 32.0)]:
-        model.add_adapter(name, peft_lora_config(LoraConfig(alpha=alpha)))
+    for name, alpha, rank in [("b", 8.0, 8), ("c", 32.0, 4)]:     # c: another rank, zero-padded
+        model.add_adapter(name, peft_lora_config(LoraConfig(alpha=alpha, rank=rank)))
+    assert {p.shape[0] for n, p in model.named_parameters() if "lora_A.c." in n} == {4}
     torch.manual_seed(1)
     for n, p in model.named_parameters():
         if "lora_B" in n:

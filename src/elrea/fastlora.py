@@ -82,6 +82,20 @@ def _grouped_forward(module, plan, x, *args, **kwargs):
     return result
 
 
+def _stacked(m, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """At (K, in, r) and Bt (K, r, out) with the scaling folded in; adapters of lower rank are
+    zero-padded to the largest rank (the padding adds exact zeros)."""
+    r = max(m.lora_A[a].weight.shape[0] for a in names)
+    A0, B0 = m.lora_A[names[0]].weight, m.lora_B[names[0]].weight
+    At = A0.new_zeros(len(names), A0.shape[1], r)
+    Bt = B0.new_zeros(len(names), r, B0.shape[0])
+    for k, a in enumerate(names):
+        ra = m.lora_A[a].weight.shape[0]
+        At[k, :, :ra] = m.lora_A[a].weight.t()
+        Bt[k, :ra] = (m.lora_B[a].weight * m.scaling[a]).t()
+    return At, Bt
+
+
 @contextlib.contextmanager
 def grouped_lora(model, row_adapters: list[str]):
     """While active, row i of every batch through `model` runs adapter `row_adapters[i]`.
@@ -95,9 +109,7 @@ def grouped_lora(model, row_adapters: list[str]):
     try:
         with torch.no_grad():
             for m in _lora_modules(model):
-                At = torch.stack([m.lora_A[a].weight.t() for a in names])                  # (K, in, r)
-                Bt = torch.stack([(m.lora_B[a].weight * m.scaling[a]).t() for a in names])  # (K, r, out)
-                m.forward = functools.partial(_grouped_forward, m, (At.contiguous(), Bt.contiguous(), groups))
+                m.forward = functools.partial(_grouped_forward, m, (*_stacked(m, names), groups))
                 patched.append(m)
         yield
     finally:
