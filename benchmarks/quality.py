@@ -79,8 +79,15 @@ def embedding_labels(records, C: int, seed: int) -> np.ndarray:
 
 
 def variant_run(elrea_run: Path, out: Path, labels: np.ndarray, records, cfg) -> Path:
-    """A run directory sharing ELREA's base + features, with other clusters; fit() trains experts."""
-    if not (out / "elrea.json").exists() or read_json(out / "clusters" / "clusters.json")["labels"] \
+    """A run directory sharing ELREA's base + features, with other clusters; fit() trains experts.
+
+    It is rebuilt when its labels differ, or when its clusters stage was recorded under other
+    settings than ELREA's run (fit() would otherwise re-cluster it with BIRCH)."""
+    def clusters_fp(run):
+        return read_json(run / "elrea.json")["stages"].get("clusters", {}).get("fingerprint")
+
+    if not (out / "elrea.json").exists() or clusters_fp(out) != clusters_fp(elrea_run) \
+            or read_json(out / "clusters" / "clusters.json")["labels"] \
             != finalize(load_features(elrea_run / "features" / "train.npy"), labels).labels.tolist():
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
