@@ -90,10 +90,7 @@ def variant_run(elrea_run: Path, out: Path, labels: np.ndarray, records, cfg) ->
             or read_json(out / "clusters" / "clusters.json")["labels"] \
             != finalize(load_features(elrea_run / "features" / "train.npy"), labels).labels.tolist():
         shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        for sub in ("base", "features"):
-            shutil.copytree(elrea_run / sub, out / sub)
-        shutil.copy2(elrea_run / "elrea.json", out / "elrea.json")
+        share_stages(elrea_run, out, ("base", "features"))
         X = load_features(out / "features" / "train.npy")
         cl = finalize(X, labels)
         from safetensors.numpy import save_file
@@ -138,10 +135,9 @@ def single_adapter(model: ELREA, name: str, records) -> list[str]:
 
 
 def routed_weights(model: ELREA, feats, tau: float, top_k: int):
-    from elrea.routing import gradient_weights, keep_top_k
+    from elrea.routing import gradient_weights
 
-    w = gradient_weights(feats, model.centroids, tau)
-    return keep_top_k(w, top_k) if top_k else w
+    return gradient_weights(feats, model.centroids, tau, top_k)
 
 
 def validate(model: ELREA, val, tau_grid, top_k_grid) -> dict:
@@ -164,15 +160,26 @@ def validate(model: ELREA, val, tau_grid, top_k_grid) -> dict:
     return scores
 
 
+def share_stages(shared: Path, out: Path, stages) -> Path:
+    """Make `out` a run directory holding copies of `shared`'s manifest and these stages' outputs."""
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in stages:
+        if (shared / sub).exists():
+            shutil.copytree(shared / sub, out / sub)
+    shutil.copy2(shared / "elrea.json", out / "elrea.json")
+    return out
+
+
+def candidate_dir(work: Path, i: int, overrides: list[str]) -> Path:
+    """Candidate i's run directory: the shared ELREA run for the demo config itself."""
+    return work / "elrea" if not overrides else work / f"candidate-{i}"
+
+
 def candidate_run(shared: Path, out: Path) -> Path:
     """A run directory that shares `shared`'s base adapter, features and clusters; fit() redoes
     the stages whose settings differ (candidates change only clustering and experts settings)."""
-    if not (out / "elrea.json").exists():
-        out.mkdir(parents=True, exist_ok=True)
-        for sub in ("base", "features", "clusters"):
-            if (shared / sub).exists():
-                shutil.copytree(shared / sub, out / sub)
-        shutil.copy2(shared / "elrea.json", out / "elrea.json")
+    if out != shared and not (out / "elrea.json").exists():
+        share_stages(shared, out, ("base", "features", "clusters"))
     return out
 
 
@@ -184,7 +191,7 @@ def choose_on_validation(args, paths, work: Path, shared: Path, val) -> tuple[di
     for i, cand in enumerate(args.candidates):
         extra = [o for o in cand.split(",") if o.strip()]
         cfg = load_config(demo_config_path(), args.overrides + extra)
-        run = shared if not extra else candidate_run(shared, work / f"candidate-{i}")
+        run = candidate_run(shared, candidate_dir(work, i, extra))
         t = time.time()
         fit(paths["train"], run, cfg)
         fit_s = round(time.time() - t, 1)
@@ -214,8 +221,8 @@ def analyse(run: Path, tau: float, top_k: int, train, val, test) -> dict:
     labels = read_json(run / "clusters" / "clusters.json")["labels"]
     counts: dict[str, dict[int, int]] = {}
     for lab, r in zip(labels, train):
-        counts.setdefault(str(r.source), {}).setdefault(int(lab), 0)
-        counts[str(r.source)][int(lab)] += 1
+        per = counts.setdefault(str(r.source), {})
+        per[int(lab)] = per.get(int(lab), 0) + 1
     home = {s: max(c, key=c.get) for s, c in counts.items()}
     w = routed_weights(model, model.features([r.messages for r in test]), tau, top_k)
     top = w.argmax(1).tolist()
@@ -262,8 +269,8 @@ def analysis_only(args, work: Path, val, test, train) -> None:
     report = json.loads(out.read_text())
     ch = report["chosen_on_validation"]
     cands = list(dict.fromkeys(t["candidate"] for t in ch["trials"]))
-    i = cands.index(ch["candidate"])
-    run = work / "elrea" if ch["candidate"] == "(demo config)" else work / f"candidate-{i}"
+    overrides = [] if ch["candidate"] == "(demo config)" else ch["candidate"].split(",")
+    run = candidate_dir(work, cands.index(ch["candidate"]), overrides)
     report["analysis"] = analyse(run, ch["tau"], ch["top_k"], train, val, test)
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(report, indent=2))

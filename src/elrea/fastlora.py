@@ -67,12 +67,11 @@ def row_groups(row_adapters: list[str]) -> list[tuple[str, int, int]]:
 def _grouped_forward(module, plan, x, *args, **kwargs):
     kwargs.pop("adapter_names", None)
     result = module.base_layer(x, *args, **kwargs)
-    At, Bt, groups = plan
+    At, Bt, groups, equal = plan
     xs = x.to(At.dtype)
     if xs.shape[0] != groups[-1][2]:
         raise RuntimeError(f"grouped LoRA was set up for {groups[-1][2]} rows, got a batch of {xs.shape[0]}")
-    sizes = {e - s for _, s, e in groups}
-    if len(sizes) == 1:                    # equal groups: two batched matmuls for all adapters
+    if equal:                              # equal groups: two batched matmuls for all adapters
         K = len(groups)
         delta = torch.bmm(torch.bmm(xs.reshape(K, -1, xs.shape[-1]), At), Bt)
         return result + delta.reshape(result.shape).to(result.dtype)
@@ -105,11 +104,12 @@ def grouped_lora(model, row_adapters: list[str]):
     """
     groups = row_groups(row_adapters)
     names = [g[0] for g in groups]
+    equal = len({e - s for _, s, e in groups}) == 1
     patched = []
     try:
         with torch.no_grad():
             for m in _lora_modules(model):
-                m.forward = functools.partial(_grouped_forward, m, (*_stacked(m, names), groups))
+                m.forward = functools.partial(_grouped_forward, m, (*_stacked(m, names), groups, equal))
                 patched.append(m)
         yield
     finally:
