@@ -1,4 +1,4 @@
-"""Shared helpers for the speed benchmarks (imported by speed_features.py and speed_generate.py).
+"""Shared helpers for the benchmarks (speed_features.py and speed_generate.py run through run_benchmark).
 
 Machine description, thread setup, median timing, sampled per-phase RSS, model/prompt loading
 (the real alias or the tiny offline model of --quick), a rich table and the JSON report.
@@ -272,6 +272,23 @@ def fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
+
+
+def log(msg: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_benchmark(name: str, parse_args, run, show, argv=None) -> dict:
+    """A speed benchmark's main(): parse, set threads, run, print the table, write the JSON."""
+    args = parse_args(argv)
+    setup(args)
+    script = str(Path(__file__).with_name(f"{name}.py"))
+    report = {"command": command_line(sys.argv[0] if argv is None else script, argv),
+              "argv": sys.argv[1:] if argv is None else list(argv), "machine": machine()}
+    report.update(run(args))
+    show(report)
+    write_report(default_out(args, name), report)
+    return report
 
 
 def write_report(path: Path, report: dict) -> Path:

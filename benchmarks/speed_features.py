@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # _common, when imported from elsewhere
@@ -153,7 +152,7 @@ def run(args) -> dict:
         sampler thread competes for the GIL and slows fine-grained work. A phase too slow to
         run twice (the dense projection: long kernels, little Python) is sampled while timed."""
         R[name] = rec = {}
-        log(f"{name} ..." + (" (dense projection: generates all p x d signs, minutes on a CPU)"
+        C.log(f"{name} ..." + (" (dense projection: generates all p x d signs, minutes on a CPU)"
                              if "projection" in name else ""))
         if memory_run:
             med, times, out = C.timed(fn, repeats, warmup)
@@ -282,19 +281,8 @@ def show(report: dict):
          C.machine_note(report)])
 
 
-def log(msg: str):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    C.setup(args)
-    report = {"command": C.command_line(sys.argv[0] if argv is None else __file__, argv),
-              "argv": sys.argv[1:] if argv is None else list(argv), "machine": C.machine()}
-    report.update(run(args))
-    show(report)
-    C.write_report(C.default_out(args, "speed_features"), report)
-    return report
+    return C.run_benchmark("speed_features", parse_args, run, show, argv)
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ def run_batch(args, model, adapters, encoded, info, W, B: int) -> dict:
     }
     res, toks = {}, {}
     for name, fn in methods.items():
-        log(f"batch {B}: {name} ...")
+        C.log(f"batch {B}: {name} ...")
         # warm-up on 2 tokens: kernels and caches ready, without paying a whole decode twice
         sec, times, toks[name] = C.timed(lambda: fn(n), args.repeats, warmup=lambda: fn(2))
         res[name] = {"seconds": sec, "all_seconds": [round(t, 4) for t in times], "tokens": B * n,
@@ -213,7 +213,7 @@ def run_batch(args, model, adapters, encoded, info, W, B: int) -> dict:
     for r in res.values():
         r["ratio_to_single"] = r["tokens_per_s"] / floor
 
-    log(f"batch {B}: mixing cost, routing cost ...")
+    C.log(f"batch {B}: mixing cost, routing cost ...")
     res["weight_mixing"]["mixing_s"], _, _ = C.timed(lambda: mix_only(model, w, adapters), args.repeats)
     model.set_adapter("base")   # routing differentiates the base adapter, which must be active
     projector = SparseProjector(num_lora_params(model, "base"), args.dim, args.seed)
@@ -297,19 +297,8 @@ def show(report: dict):
                   ["method"] + [h for B in bs for h in (f"tok/s b={B}", f"x single b={B}")], rows, notes)
 
 
-def log(msg: str):
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    C.setup(args)
-    report = {"command": C.command_line(sys.argv[0] if argv is None else __file__, argv),
-              "argv": sys.argv[1:] if argv is None else list(argv), "machine": C.machine()}
-    report.update(run(args))
-    show(report)
-    C.write_report(C.default_out(args, "speed_generate"), report)
-    return report
+    return C.run_benchmark("speed_generate", parse_args, run, show, argv)
 
 
 if __name__ == "__main__":
