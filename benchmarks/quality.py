@@ -111,11 +111,29 @@ def variant_run(elrea_run: Path, out: Path, labels: np.ndarray, records, cfg) ->
 # ----------------------------------------------------------------------------- evaluation
 
 def accuracy(records, outputs) -> dict:
-    per: dict[str, list[bool]] = {}
-    for r, o in zip(records, outputs):
-        per.setdefault(str(r.source), []).append(default_checker(r.source, o, r))
+    """Per-source and mean (over sources) accuracy, with every example's 0/1 in record order."""
+    correct = [int(default_checker(r.source, o, r)) for r, o in zip(records, outputs)]
+    per: dict[str, list[int]] = {}
+    for r, c in zip(records, correct):
+        per.setdefault(str(r.source), []).append(c)
     per_source = {s: float(np.mean(v)) for s, v in sorted(per.items())}
-    return {"per_source": per_source, "mean": float(np.mean(list(per_source.values())))}
+    return {"per_source": per_source, "mean": float(np.mean(list(per_source.values()))), "correct": correct}
+
+
+def paired_difference(records, a: dict, b: dict, draws: int = 10_000, seed: int = 0) -> dict:
+    """Mean accuracy of `a` minus `b` (points) with a 95% paired bootstrap interval.
+
+    Both methods answered the same test prompts, so examples are resampled together, within each
+    source (the mean is over sources): the interval reflects which prompts happened to be drawn.
+    """
+    rng = np.random.default_rng(seed)
+    diff = np.array(a["correct"], float) - np.array(b["correct"], float)     # (n,)
+    sources = np.array([str(r.source) for r in records])
+    groups = [diff[sources == s] for s in sorted(set(sources))]
+    boot = np.mean([g[rng.integers(0, len(g), (draws, len(g)))].mean(1) for g in groups], axis=0)  # (draws,)
+    point = float(np.mean([g.mean() for g in groups]))
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"points": 100 * point, "ci95": [100 * float(lo), 100 * float(hi)]}
 
 
 def run_weights(model: ELREA, records, weights, mode="logits") -> list[str]:
@@ -291,7 +309,7 @@ def main(argv=None):
     ap.add_argument("--top-k-grid", default="0,2", help="top-k tried on validation at the best temperature "
                     "(0: all experts)")
     ap.add_argument("--candidates", nargs="*", default=["", "clustering.num_clusters=8", "experts.epochs=4",
-                                                        "features.train_preconditioner=sgd"],
+                                                        "experts.lr=1e-3", "features.train_preconditioner=sgd"],
                     help="ELREA settings tried on validation: comma-separated config overrides each "
                          "('' = the demo config)")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
@@ -375,11 +393,14 @@ def main(argv=None):
         results[name] = accuracy(test, run_weights(vm, test, vw))
         log.info("%s: mean %.3f", name, results[name]["mean"])
 
+    versus = {m: paired_difference(test, results[m], results["base-matched"])
+              for m in results if m != "base-matched"}
     report = {"command": command_line(__file__, argv), "machine": machine(),
               "data": {"train": len(train), "validation": len(val), "test": len(test), "seed": args.seed},
               "config": cfg.to_dict(), "num_clusters": C, "chosen_on_validation": chosen,
               "accuracy": results, "clusterings": purity, "seconds": times,
-              "compute_matched_steps": steps, "analysis": analyse(run, tau, top_k, train, val, test)}
+              "compute_matched_steps": steps, "versus_base_matched": versus,
+              "analysis": analyse(run, tau, top_k, train, val, test)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
@@ -389,6 +410,9 @@ def main(argv=None):
     print_table("exact-match accuracy on test (%)", ["method"] + srcs + ["mean"],
                 [[m] + [100 * results[m]["per_source"][s] for s in srcs] + [100 * results[m]["mean"]]
                  for m in order])
+    print_table("difference to the compute-matched base (points; 95% paired bootstrap interval)",
+                ["method", "difference", "low", "high"],
+                [[m, v["points"], v["ci95"][0], v["ci95"][1]] for m, v in versus.items()])
     print_table("clusterings vs source labels", ["clustering", "C", "ARI", "NMI"],
                 [[k, v["num_clusters"], v["ari"], v["nmi"]] for k, v in purity.items()])
     print_table("chosen on validation (mean accuracy, %)", ["candidate", "C", "tau", "top-k", "validation"],

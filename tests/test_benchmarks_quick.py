@@ -100,7 +100,13 @@ def test_quality_benchmark_code_path(tmp_path, tiny_model_dir):
     chosen = r["chosen_on_validation"]
     assert r["clusterings"]["oracle"]["ari"] == 1.0 and chosen["tau"] in (0.5, 1.0, 2.0)
     assert {t["candidate"] for t in chosen["trials"]} == {"(demo config)", "clustering.num_clusters=8",
-                                                         "experts.epochs=4", "features.train_preconditioner=sgd"}
+                                                         "experts.epochs=4", "experts.lr=1e-3",
+                                                         "features.train_preconditioner=sgd"}
+    for m, v in r["versus_base_matched"].items():     # paired differences: point inside its interval
+        acc, ref = r["accuracy"][m], r["accuracy"]["base-matched"]
+        assert len(acc["correct"]) == len(ref["correct"]) == 16
+        assert abs(v["points"] - 100 * (acc["mean"] - ref["mean"])) < 1e-6
+        assert v["ci95"][0] <= v["points"] + 1e-9 and v["points"] <= v["ci95"][1] + 1e-9
     a = r["analysis"]
     assert sum(sum(c.values()) for c in a["cluster_source_counts"].values()) == 64
     assert set(a["routing"]) == set(r["accuracy"]["elrea"]["per_source"])
@@ -108,3 +114,59 @@ def test_quality_benchmark_code_path(tmp_path, tiny_model_dir):
     assert sum(e["examples"] for e in a["experts"].values()) == 64
     best = max(chosen["trials"], key=lambda t: t["validation_mean"])      # the first of the best, as chosen
     assert (best["candidate"], best["tau"], best["top_k"]) == (chosen["candidate"], chosen["tau"], chosen["top_k"])
+
+
+@pytest.mark.slow
+def test_conflict_benchmark(tmp_path, tiny_model_dir):
+    """conflict.py's exact per-source mean gradients agree with autograd on the mean loss."""
+    out = tmp_path / "conflict.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "conflict.py"), "--mixture", "toy", "--train", "32",
+                           "--dim", "256", "--batch-size", "8", "--work", str(tmp_path / "w"), "--out", str(out),
+                           f"model.name={tiny_model_dir}", "base.micro_batch_size=8", "features.dim=256"],
+                          capture_output=True, text=True, timeout=300, cwd=BENCH.parent)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    k = len(r["sources"])
+    assert r["sources"] == ["add", "rev", "sub", "upper"] and r["examples_per_source"] == [8.0] * 4
+    for key in ("mean_gradient_cosine", "instruction_feature_cosine"):
+        M = r[key]
+        assert len(M) == k and all(abs(M[i][i] - 1) < 1e-6 for i in range(k))
+        assert all(abs(M[i][j] - M[j][i]) < 1e-6 and -1 - 1e-6 <= M[i][j] <= 1 + 1e-6
+                   for i in range(k) for j in range(k))
+    assert r["source_pairs"] == 6 and 0 <= r["negative_source_pairs"] <= 6
+    p = r["example_pairs"]
+    assert p["within_source"]["pairs"] == 4 * 28 and p["across_sources"]["pairs"] == 6 * 64
+    assert (tmp_path / "conflict.png").stat().st_size > 0
+
+
+def test_conflict_source_sums_match_autograd(tiny_model_dir, toy_rows):
+    """conflict.training_gradients: per-source gradient sums == autograd of each source's summed loss."""
+    import numpy as np
+    import torch
+
+    from conftest import lora_model
+    from elrea.config import ModelConfig
+    from elrea.data import PromptFormatter, collate, parse_record
+    from elrea.features import per_example_loss
+    from elrea.models import load_tokenizer
+    from elrea.projection import SparseProjector
+
+    sys.path.insert(0, str(BENCH))
+    from conflict import training_gradients
+
+    tok = load_tokenizer(ModelConfig(name=str(tiny_model_dir)))
+    fmt = PromptFormatter(tok)
+    recs = [parse_record(r, dict(path="t", line=i)) for i, r in enumerate(toy_rows[:10])]
+    enc = [fmt.encode_train(r) for r in recs]
+    src = np.array([0, 1, 2, 0, 1, 2, 2, 0, 1, 0])
+    model = lora_model(tiny_model_dir)
+    params = [p for p in model.parameters() if p.requires_grad]
+    proj = SparseProjector(sum(p.numel() for p in params), 64, seed=0)
+    sums, projected = training_gradients(model, enc, src, 3, tok.pad_token_id, 4, proj)
+    for s in range(3):
+        b = collate([e for e, k in zip(enc, src) if k == s], tok.pad_token_id)
+        loss = per_example_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                b["labels"]).sum()
+        ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+        assert torch.allclose(sums[s], ref, rtol=1e-4, atol=1e-6), (sums[s] - ref).abs().max()
+    assert projected.shape == (10, 64) and projected.norm(dim=1).min() > 0
