@@ -20,7 +20,9 @@ overrides for the clusters and experts stages; they share the base adapter and f
 fitted and decoded on validation at every routing temperature of --tau-grid, then at every
 top-k of --top-k-grid at its best temperature; the best (candidate, temperature, top-k) becomes
 "elrea", and the baselines use its expert settings and its number of clusters.
-Writes benchmarks/results/quality.json and prints the table (accuracy per source and mean).
+Writes benchmarks/results/quality.json and prints the table (accuracy per source and mean), each
+method's difference to the compute-matched base with a 95% paired bootstrap interval (the test
+prompts resampled within each source; every example's 0/1 is kept in the JSON), and the analysis.
 """
 
 from __future__ import annotations
