@@ -21,7 +21,8 @@ SIZES = {"train": 48, "validation": 16, "test": 24}
 
 
 @pytest.fixture(scope="module",
-                params=[pytest.param("reasoning-mix", marks=needs_gym), "toy"])
+                params=[pytest.param("reasoning-mix", marks=needs_gym),
+                        pytest.param("conflict-mix", marks=needs_gym), "toy"])
 def splits(request):
     name = request.param
     return name, {s: make_split(name, s, n, seed=3) for s, n in SIZES.items()}
@@ -133,3 +134,31 @@ def test_missing_reasoning_gym_is_a_user_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)
     with pytest.raises(ElreaError, match="pip install reasoning-gym"):
         make_split("reasoning-mix", "train", 8, seed=11)
+
+
+@needs_gym
+def test_conflict_mix_pairs_share_the_input_and_oppose():
+    """Each pair's instructions differ in one word, and the same input gets opposite answers."""
+    rows = make_split("conflict-mix", "train", 64, seed=0)
+    by = {}
+    for r in rows:
+        by.setdefault(r["source"], []).append(r)
+    assert set(by) == set(MIXTURES["conflict-mix"]) and all(len(v) == 8 for v in by.values())
+    words = lambda r: r["instruction"].split(": ", 1)[1].split(". ")[0].split(", ")   # noqa: E731
+    for r in by["words_kept"]:
+        assert r["response"].split(", ") == words(r)
+    for r in by["words_reversed"]:
+        assert r["response"].split(", ") == words(r)[::-1]
+    for r in by["sort_ascending"]:
+        assert r["response"].split(", ") == sorted(words(r))
+    for r in by["sort_descending"]:
+        assert r["response"].split(", ") == sorted(words(r), reverse=True)
+    for r in by["spelled_forward"] + by["spelled_backward"]:
+        word = r["instruction"].split('"')[1]
+        assert r["response"] == (word if r["source"] == "spelled_forward" else word[::-1])
+    # a pair's templates differ in exactly one word
+    a, b = by["words_kept"][0], by["words_reversed"][0]
+    assert a["instruction"].replace("the same", "reverse").split(":")[0] == b["instruction"].split(":")[0]
+    # exact match only where the reasoning-gym scorer would apply the other rule
+    assert not check_answer("spelled_forward", by["spelled_forward"][0]["response"][::-1] + "x",
+                            by["spelled_forward"][0])

@@ -11,8 +11,15 @@ match but whose rules differ, so their gradients conflict:
   spell_backward reverse the letters of a word     vs letter_counting count a letter in words
   word_sequence_reversal reverse a word list       vs word_sorting sort the same kind of list
 
+"conflict-mix" (8 sources) tightens the pairs so that the same input has opposite answers and
+the instructions differ in one word: gcd vs lcm (as above), words sorted in ascending vs
+descending order (word_sorting split by direction), a word list written "in reverse order" vs
+"in the same order", a word spelled "backward" vs "forward". It exists because measured
+training gradients of reasoning-mix's sources do not conflict (benchmarks/conflict.py).
+
 The reasoning-gym question is rewritten into a concise instruction (same meaning) from the
-entry's metadata; the answer is reasoning-gym's. "toy" holds the four rule-conflicting toy
+entry's metadata; the answer is reasoning-gym's (for words_kept and spelled_forward, the
+input words or word themselves). "toy" holds the four rule-conflicting toy
 sources of `elrea.testing.make_toy_records` (add, sub, rev, upper).
 
 Splits: each instruction belongs to exactly one split, chosen by a hash of (mixture, seed,
@@ -65,6 +72,8 @@ class GymSource:
     config: dict
     render: Callable[[dict], str]
     metadata: Callable[[str], dict] = field(default=lambda response: {})
+    answer: Callable[[dict], str] = field(default=lambda e: e["answer"])   # the response
+    keep: Callable[[dict], bool] = field(default=lambda e: True)           # which entries qualify
 
 
 def _words(ws) -> str:
@@ -108,14 +117,48 @@ GYM_SOURCES: dict[str, GymSource] = {
                   f"{_words(e['metadata']['transformed_words'])}. {LIST_ONLY}",
         metadata=lambda response: {"sorted_words": response.split(", ")}),
 }
-EXACT_ONLY = {"spell_backward"}     # see the module docstring
+REASONING_MIX = list(GYM_SOURCES)
+
+
+def _spell(direction: str) -> Callable[[dict], str]:
+    return lambda e: f"Spell the word \"{e['metadata']['word']}\" {direction}. Answer with the word only."
+
+
+def _rewrite(order: str) -> Callable[[dict], str]:
+    return lambda e: f"Write these words in {order} order: {_words(e['metadata']['words'])}. " + LIST_ONLY
+
+
+def _sort(direction: str) -> GymSource:
+    spec = GYM_SOURCES["word_sorting"]
+    return GymSource(spec.dataset, spec.config, spec.render, spec.metadata,
+                     keep=lambda e: e["metadata"]["direction"] == direction)
+
+
+# conflict-mix: four pairs whose instructions differ in one word and whose answers oppose for
+# the same input (see the module docstring)
+GYM_SOURCES.update({
+    "sort_ascending": _sort("ascending"),
+    "sort_descending": _sort("descending"),
+    "words_reversed": GymSource("word_sequence_reversal", dict(min_words=3, max_words=5), _rewrite("reverse")),
+    "words_kept": GymSource("word_sequence_reversal", dict(min_words=3, max_words=5), _rewrite("the same"),
+                            answer=lambda e: _words(e["metadata"]["words"])),
+    "spelled_backward": GymSource("spell_backward", dict(min_word_len=3, max_word_len=6), _spell("backward")),
+    "spelled_forward": GymSource("spell_backward", dict(min_word_len=3, max_word_len=6), _spell("forward"),
+                                 answer=lambda e: e["metadata"]["word"]),
+})
+# exact match only: spell_backward's scorer (see the module docstring), and sources whose answer
+# is not the reasoning-gym entry's own, so that dataset's scorer would compare against another rule
+EXACT_ONLY = {"spell_backward", "spelled_backward", "spelled_forward", "words_kept"}
 
 TOY_SOURCES = ["add", "sub", "rev", "upper"]
 
 MIXTURES: dict[str, list[str]] = {
-    "reasoning-mix": list(GYM_SOURCES),
+    "reasoning-mix": REASONING_MIX,
+    "conflict-mix": ["gcd", "lcm", "sort_ascending", "sort_descending", "words_reversed", "words_kept",
+                     "spelled_backward", "spelled_forward"],
     "toy": list(TOY_SOURCES),
 }
+GYM_MIXTURES = {"reasoning-mix", "conflict-mix"}
 ALLOW_REPEATS = {"toy"}       # mixtures whose small sources may repeat prompts within a split
 
 
@@ -141,7 +184,7 @@ def _import_gym():
     try:
         import reasoning_gym
     except ImportError as e:
-        raise ElreaError("the reasoning-mix mixture needs reasoning-gym: "
+        raise ElreaError("the reasoning-mix and conflict-mix mixtures need reasoning-gym: "
                          "pip install reasoning-gym") from e
     return reasoning_gym
 
@@ -160,7 +203,8 @@ def _gym_stream(source: str, seed: int) -> Iterator[tuple[str, str]]:
     spec, ds = GYM_SOURCES[source], _gym_dataset(source, 10**9, seed)
     for i in range(10**9):
         entry = ds[i]
-        yield spec.render(entry), entry["answer"]
+        if spec.keep(entry):
+            yield spec.render(entry), spec.answer(entry)
 
 
 def _toy_stream(source: str, seed: int) -> Iterator[tuple[str, str]]:
@@ -173,7 +217,7 @@ def _toy_stream(source: str, seed: int) -> Iterator[tuple[str, str]]:
 
 def _draw(name: str, source: str, split: str, need: int, seed: int) -> list[tuple[str, str]]:
     """`need` distinct (instruction, response) pairs of `source` that belong to `split`."""
-    stream = (_gym_stream if name == "reasoning-mix" else _toy_stream)(
+    stream = (_gym_stream if name in GYM_MIXTURES else _toy_stream)(
         source, _derive(name, seed, split, source))
     seen: set[str] = set()
     pool: list[tuple[str, str]] = []
