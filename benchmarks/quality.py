@@ -3,7 +3,8 @@
     python benchmarks/quality.py                       # ~1-2 h on 2 CPU cores; run it in the background
     python benchmarks/quality.py --train 640 --test 480 --work /tmp/quality     # a larger slice
 
-On SmolLM2-135M-Instruct and the built-in reasoning-mix (8 sources), one run compares:
+On SmolLM2-135M-Instruct and a built-in mixture (--mixture: reasoning-mix, or conflict-mix whose
+pairs of sources oppose each other), one run compares:
   base            the base adapter alone (the paper's epochs)
   base-matched    a base adapter trained as many optimizer steps as base + all experts
   elrea           gradient clusters, gradient routing, logit ensemble
@@ -302,6 +303,7 @@ def analysis_only(args, work: Path, val, test, train) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mixture", default="reasoning-mix", help="built-in mixture (elrea data export)")
     ap.add_argument("--train", type=int, default=320)
     ap.add_argument("--validation", type=int, default=80)
     ap.add_argument("--test", type=int, default=240)
@@ -324,7 +326,7 @@ def main(argv=None):
         logging.getLogger(n).setLevel(logging.ERROR)
     work = Path(args.work)
     times: dict[str, float] = {}
-    paths = export_mixture("reasoning-mix", work / "data", train=args.train, validation=args.validation,
+    paths = export_mixture(args.mixture, work / "data", train=args.train, validation=args.validation,
                            test=args.test, seed=args.seed)
     cfg = load_config(demo_config_path(), args.overrides)
     train, val, test = (load_records(paths[s]) for s in ("train", "validation", "test"))
@@ -398,7 +400,8 @@ def main(argv=None):
     versus = {m: paired_difference(test, results[m], results["base-matched"])
               for m in results if m != "base-matched"}
     report = {"command": command_line(__file__, argv), "machine": machine(),
-              "data": {"train": len(train), "validation": len(val), "test": len(test), "seed": args.seed},
+              "data": {"mixture": args.mixture, "train": len(train), "validation": len(val), "test": len(test),
+                       "seed": args.seed},
               "config": cfg.to_dict(), "num_clusters": C, "chosen_on_validation": chosen,
               "accuracy": results, "clusterings": purity, "seconds": times,
               "compute_matched_steps": steps, "versus_base_matched": versus,
