@@ -4,7 +4,8 @@
 adapter must serve conflicting rules while experts clustered by gradient can split them.
 Every prompt is short (< 250 characters) and says what the answer must look like; every
 response is the bare answer. The sources come in four look-alike pairs whose surface forms
-match but whose rules differ, so their gradients conflict:
+match but whose rules differ, meant to make their gradients conflict (measured with
+SmolLM2-135M, benchmarks/conflict.py, they do not: every pair's mean gradients are aligned):
 
   chain_sum      "Compute 31 + 7 - 12."            vs products   "Compute 43 * 8."
   gcd            "... GCD of 12 and 18 ..."        vs lcm        "... LCM of 12 and 18 ..."
