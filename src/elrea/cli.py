@@ -251,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="built-in data sets")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     e = dsub.add_parser("export", help="write train/validation/test JSONL of a built-in mixture")
-    e.add_argument("name", choices=["reasoning-mix", "conflict-mix", "toy"], help="which mixture")
+    from .tasks import MIXTURES
+
+    e.add_argument("name", choices=list(MIXTURES), help="which mixture")
     e.add_argument("--out", required=True, help="output directory")
     e.add_argument("--train", type=int, default=2000)
     e.add_argument("--validation", type=int, default=200)

@@ -52,7 +52,7 @@ import os
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -130,9 +130,7 @@ def _rewrite(order: str) -> Callable[[dict], str]:
 
 
 def _sort(direction: str) -> GymSource:
-    spec = GYM_SOURCES["word_sorting"]
-    return GymSource(spec.dataset, spec.config, spec.render, spec.metadata,
-                     keep=lambda e: e["metadata"]["direction"] == direction)
+    return replace(GYM_SOURCES["word_sorting"], keep=lambda e: e["metadata"]["direction"] == direction)
 
 
 # conflict-mix: four pairs whose instructions differ in one word and whose answers oppose for
