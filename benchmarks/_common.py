@@ -42,6 +42,7 @@ def add_common_args(ap, out_name: str):
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: os.cpu_count())")
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions; the median is reported")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...; default cpu)")
     ap.add_argument("--quick", action="store_true",
                     help="tiny offline model and few examples (for tests; timings mean nothing)")
     ap.add_argument("--out", default=None,
@@ -60,7 +61,7 @@ def setup(args):
     torch.manual_seed(args.seed)
     import logging
 
-    for name in ("transformers", "peft"):   # load-time notices would garble the table
+    for name in ("transformers", "peft", "bitsandbytes"):   # load-time notices would garble the table
         logging.getLogger(name).setLevel(logging.ERROR)
     import warnings
 
@@ -185,7 +186,7 @@ def load_model(args):
     from elrea.models import load_backbone, load_tokenizer
 
     name = tiny_model_dir() if args.quick else args.model
-    cfg = ModelConfig(name=name)
+    cfg = ModelConfig(name=name, device=getattr(args, "device", "cpu"))
     return load_backbone(cfg), load_tokenizer(cfg), ("tiny (elrea.testing.make_tiny_model)" if args.quick else name)
 
 
@@ -225,18 +226,24 @@ def synthetic_instructions(n: int, seed: int) -> list[str]:
 
 def randomize_lora_b(model, std: float, seed: int, adapter: str | None = None):
     """PEFT starts B at zero (so every LoRA gradient w.r.t. A is zero); give it random values."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)   # the same values on any device
     with torch.no_grad():
         for n, p in model.named_parameters():
             if ".lora_B." in n and (adapter is None or f".lora_B.{adapter}." in n):
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)
 
 
-def left_pad(seqs: list[list[int]], pad_id: int):
-    """(input_ids, attention_mask) [n, T], padded on the left for decoding (elrea's own)."""
+def left_pad(seqs: list[list[int]], pad_id: int, device="cpu"):
+    """(input_ids, attention_mask) [n, T] on `device`, padded on the left for decoding (elrea's own)."""
     from elrea.ensemble import left_pad as pad
 
-    return pad(seqs, pad_id)
+    return pad(seqs, pad_id, device)
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings measure it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- output

@@ -53,12 +53,14 @@ def main(argv=None):
 
     t0 = time.time()
     store = FeatureStore(work / "train.npy", args.n, args.dim, fingerprint="scale")
+    store.prepare()
+    shard = store.shard(0, args.n)
     for s in range(0, args.n, args.batch):
         y = truth[s:s + args.batch]
         x = centers[y] + 0.6 * rng.normal(size=(len(y), args.dim)).astype(np.float32)
-        store.write(s, x / np.linalg.norm(x, axis=1, keepdims=True))
-        store.commit(min(s + args.batch, args.n))
-    store.finish()
+        shard.write(s, x / np.linalg.norm(x, axis=1, keepdims=True))
+        shard.commit(min(s + args.batch, args.n))
+    shard.close()
     t_write = time.time() - t0
     rss_after_write = peak_rss_gib()
 

@@ -95,10 +95,13 @@ def batches_of(encoded, batch_size: int, pad_id: int):
 def reference_gradients(model, params, examples) -> torch.Tensor:
     """The LESS way: one forward+backward per example, all LoRA gradients flattened: [n, p]."""
     from elrea.features import per_example_loss
+    from elrea.models import model_device
 
+    device = model_device(model)
     rows = []
     for e in examples:
-        ids, labels = torch.tensor([e.input_ids]), torch.tensor([e.labels])
+        ids = torch.tensor([e.input_ids], device=device)
+        labels = torch.tensor([e.labels], device=device)
         with torch.enable_grad():
             loss = per_example_loss(model(input_ids=ids, use_cache=False).logits, labels)[0]
             grads = torch.autograd.grad(loss, params)
@@ -123,7 +126,11 @@ def elrea_features(model, batches, projector) -> torch.Tensor:
 
 def plain_fwd_bwd(model, batches) -> None:
     """What one training step costs on the same tokens: HF loss, backward into .grad."""
+    from elrea.models import model_device
+
+    device = model_device(model)
     for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],

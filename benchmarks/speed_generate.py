@@ -38,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # _common, when impor
 import _common as C  # noqa: E402
 import torch  # noqa: E402
 
+from elrea.ensemble import cache_kwargs  # noqa: E402  (the KV-cache kwarg of this transformers)
+
 TARGET_ELREA = 0.5
 
 
@@ -105,8 +107,10 @@ def peft_generate(model, prompts, adapter: str, pad_id: int, eos_id: int, n: int
     """Plain PEFT/transformers greedy generate with one adapter; min_new_tokens forces n tokens."""
     from transformers import GenerationConfig
 
+    from elrea.models import model_device
+
     model.set_adapter(adapter)
-    ids, mask = C.left_pad(prompts, pad_id)
+    ids, mask = C.left_pad(prompts, pad_id, model_device(model))
     gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad_id,
                           eos_token_id=eos_id)
     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gc)
@@ -117,8 +121,11 @@ def peft_generate(model, prompts, adapter: str, pad_id: int, eos_id: int, n: int
 def naive_generate(model, prompts, weights, adapters, pad_id: int, n: int) -> list[list[int]]:
     """The straightforward ensemble: each adapter its own forward and KV cache at every step."""
     from elrea.features import position_ids_from_mask
+    from elrea.models import model_device
 
-    ids, mask = C.left_pad(prompts, pad_id)
+    device = model_device(model)
+    ids, mask = C.left_pad(prompts, pad_id, device)
+    weights = weights.to(device)
     pos = position_ids_from_mask(mask)
     used = [c for c in range(len(adapters)) if bool((weights[:, c] > 0).any())]
     caches = {c: None for c in used}
@@ -127,16 +134,16 @@ def naive_generate(model, prompts, weights, adapters, pad_id: int, n: int) -> li
         logits = None
         for c in used:
             model.set_adapter(adapters[c])
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, past_key_values=caches[c],
-                        use_cache=True, logits_to_keep=1)
-            caches[c] = out.past_key_values
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                        logits_to_keep=1, **(caches[c] or {}))
+            caches[c] = cache_kwargs(out)
             # same order and precision as elrea's sum: 0 + w_0 l_0 + w_1 l_1 + ...
             part = out.logits[:, -1, :].float() * weights[:, c][:, None]
             logits = (torch.zeros_like(part) if logits is None else logits) + part
         nxt = logits.argmax(-1)
         tokens.append(nxt)
         step_ids = nxt[:, None]
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype)], dim=1)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos[:, -1:] + 1
     model.set_adapter("base")
     return torch.stack(tokens, 1).tolist()

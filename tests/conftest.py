@@ -38,6 +38,13 @@ def tiny_model_dir(tmp_path_factory, toy_rows):
 
 
 @pytest.fixture(scope="session")
+def tiny64_model_dir(tmp_path_factory):
+    """Hidden size 64: bitsandbytes' CPU 4-bit kernels quantize in blocks of 64 input features."""
+    texts = [r["instruction"] + " " + r["response"] for r in make_toy_records(400, seed=1)]
+    return make_tiny_model(tmp_path_factory.mktemp("tiny64"), texts, hidden=64)
+
+
+@pytest.fixture(scope="session")
 def toy_data(tmp_path_factory, toy_rows):
     d = tmp_path_factory.mktemp("data")
     write_jsonl(d / "train.jsonl", toy_rows)

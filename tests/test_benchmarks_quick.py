@@ -170,3 +170,30 @@ def test_conflict_source_sums_match_autograd(tiny_model_dir, toy_rows):
         ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
         assert torch.allclose(sums[s], ref, rtol=1e-4, atol=1e-6), (sums[s] - ref).abs().max()
     assert projected.shape == (10, 64) and projected.norm(dim=1).min() > 0
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_smoke_and_refusal(tmp_path):
+    """benchmarks/gpu.py: its code path on a tiny model on the CPU (--smoke), and without CUDA a
+    clear refusal of the real run."""
+    import torch
+
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=BENCH.parent,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    assert r["device"]["device"] == "cpu" and r["device"]["torch"] == torch.__version__
+    tiny = r["archs"]["tiny"]
+    f, d = tiny["features"], tiny["decoding"]
+    assert f["agreement_cosine_min"] >= 0.999  # elrea's gradients == the LESS way's, same projection
+    assert all(v > 0 for v in f["examples_per_s"].values()) and f["speedup_vs_less"] > 0
+    for B in ("1", "2"):
+        assert d[B]["elrea_equals_naive"] and d[B]["one_hot_equals_peft"], d[B]
+        assert d[B]["routing_ms_per_prompt"] > 0
+    assert set(r["targets"]["tiny"]) >= {"features_speedup_ge_20x_less", "ensemble_ge_0_8x_single_b1"}
+    if not torch.cuda.is_available():
+        proc = subprocess.run([sys.executable, str(BENCH / "gpu.py")], capture_output=True, text=True,
+                              timeout=120, cwd=BENCH.parent)
+        assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr

@@ -54,15 +54,20 @@ def _json(path):
         return {}
 
 
+def _features_done(run):
+    """Rows committed by every shard's progress record (features/train.progress/rows-*.json)."""
+    records = [_json(f) for f in (run / "features" / "train.progress").glob("rows-*.json")]
+    return sum(r.get("done", 0) - r.get("start", 0) for r in records)
+
+
 @pytest.mark.slow
 def test_sigkill_during_features_resumes_to_identical_features(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", make_toy_records(600, seed=3))
     run = tmp_path / "run"
     cmd = _fit_cmd(tiny_model_dir, data, run, "base.max_steps=1", "features.batch_size=1",
                    "features.checkpoint_every=1", "experts.max_steps=1")
-    prog = run / "features" / "train.progress.json"
-    _kill_when(cmd, lambda: 20 <= _json(prog).get("done", 0) < 500)
-    done_at_kill = _json(prog)["done"]
+    _kill_when(cmd, lambda: 20 <= _features_done(run) < 500)
+    done_at_kill = _features_done(run)
     assert _json(run / "elrea.json")["stages"]["features"]["status"] == "running"
     r = _run(cmd)
     assert f"resuming at example {done_at_kill}" in r.stderr or "resuming at example" in r.stderr

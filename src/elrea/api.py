@@ -18,38 +18,42 @@ from . import ensemble
 from .config import RunConfig, _from_dict
 from .data import PromptFormatter
 from .errors import ConfigError, RunDirError
-from .features import AdamPreconditioner, batch_features, lora_param_names, num_lora_params, \
-    sgd_preconditioner
-from .models import load_backbone, load_tokenizer
-from .projection import make_projector
+from .features import Featurizer
+from .models import load_backbone, load_tokenizer, model_device
 from .routing import ROUTERS
 from .rundir import Manifest, atomic_path, read_json
 
 log = logging.getLogger(__name__)
 
+
 class ELREA:
-    """A PEFT model holding the base adapter ("base") and experts ("expert_1".."expert_C")."""
+    """A PEFT model holding the base adapter ("base") and experts ("expert_1".."expert_C").
+
+    Everything runs on the backbone's device (`device` of `from_pretrained`); results come
+    back on the CPU (routing weights, token ids, scores).
+    """
 
     def __init__(self, model, tokenizer, config: RunConfig, centroids: torch.Tensor, run_dir: Path):
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.centroids = centroids                          # (C+1, d)
+        self.device = model_device(model)
+        self.centroids = centroids.to(self.device, torch.float32)   # (C+1, d)
         self.run_dir = Path(run_dir)
         self.adapters = ["base"] + [f"expert_{c}" for c in range(1, centroids.shape[0])]
         c = config
         self.formatter = PromptFormatter(tokenizer, c.data.system_prompt, c.data.max_length, "left")
-        self.projector = make_projector(c.features.projection, num_lora_params(model, "base"),
-                                        c.features.dim, c.stage_seed("projection"), c.features.sjlt_nnz)
-        self.precondition = sgd_preconditioner
-        if c.features.test_preconditioner == "adam":
-            from .training import load_moments
-            self.precondition = AdamPreconditioner(
-                load_moments(self.run_dir / "base", lora_param_names(model, "base")))
+        self.featurizer = Featurizer.for_run(model, c, self.run_dir / "base", tokenizer.pad_token_id,
+                                             c.features.test_preconditioner, batch_size=c.routing.batch_size)
 
     # ------------------------------------------------------------------ loading / saving
 
     @classmethod
-    def from_pretrained(cls, run_dir: str | Path, backbone=None) -> "ELREA":
-        """Load a fitted run directory (JSON + safetensors only)."""
+    def from_pretrained(cls, run_dir: str | Path, backbone=None, device: str | torch.device | None = None
+                        ) -> "ELREA":
+        """Load a fitted run directory (JSON + safetensors only) onto `device`.
+
+        device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:1", ... Default: the
+        run config's `model.device`. Ignored when `backbone` (already placed) is given.
+        """
         from peft import PeftModel
         from safetensors.torch import load_file
 
@@ -60,7 +64,12 @@ class ELREA:
                 raise RunDirError(f"{run_dir}: stage {stage!r} is not finished; run `elrea fit` to complete it")
         config = _from_dict(RunConfig, read_json(run_dir / "config.json")).validate()
         tokenizer = load_tokenizer(config.model)
-        backbone = backbone if backbone is not None else load_backbone(config.model)
+        if backbone is None:
+            from .distributed import resolve_device
+
+            if not isinstance(device, torch.device):  # a name: resolve it (a torch.device is already placed)
+                device = resolve_device(device or config.model.device)
+            backbone = load_backbone(config.model, device)
         cpath = run_dir / "clusters" / "centroids.safetensors"
         try:
             centroids = load_file(str(cpath))["centroids"]
@@ -92,21 +101,15 @@ class ELREA:
         return self.formatter.encode_instruction(self._messages(prompt)).input_ids
 
     def features(self, prompts: list) -> torch.Tensor:
-        """Unit routing features [n, d]: instruction-only gradients of the base adapter."""
-        from .data import collate
-
+        """Unit routing features [n, d] on the model's device: instruction-only gradients of the
+        base adapter (docs/method.md, step 5)."""
         self.model.set_adapter("base")
-        out = []
-        bs = self.config.routing.batch_size
-        for s in range(0, len(prompts), bs):
-            enc = [self.formatter.encode_instruction(self._messages(p)) for p in prompts[s:s + bs]]
-            batch = collate(enc, self.tokenizer.pad_token_id, side="right")
-            out.append(batch_features(self.model, batch, self.projector, self.precondition, adapter="base"))
-        return torch.cat(out)
+        enc = [self.formatter.encode_instruction(self._messages(p)) for p in prompts]
+        return self.featurizer.features(enc)
 
     def route(self, prompts: list, router: str = "gradient", temperature: float | None = None,
               top_k: int | None = None) -> torch.Tensor:
-        """Routing weights [n, C+1] (column 0 = base adapter); rows sum to 1."""
+        """Routing weights [n, C+1] (column 0 = base adapter), float32 on the CPU; rows sum to 1."""
         from .errors import unknown_name
 
         if router not in ROUTERS:
@@ -116,8 +119,9 @@ class ELREA:
         t = r.temperature if temperature is None else temperature
         if t <= 0:
             raise ConfigError(f"routing.temperature: must be > 0, got {t!r}")
-        feats = self.features(prompts) if router == "gradient" else torch.zeros(len(prompts), 1)
-        return ROUTERS[router](feats, self.centroids, t, r.top_k if top_k is None else top_k)
+        feats = self.features(prompts) if router == "gradient" else \
+            torch.zeros(len(prompts), 1, device=self.device)
+        return ROUTERS[router](feats, self.centroids, t, r.top_k if top_k is None else top_k).cpu()
 
     def generate(self, prompts: list, weights: torch.Tensor | None = None, max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
@@ -127,14 +131,15 @@ class ELREA:
         g = self.config.generation
         weights = self.route(prompts) if weights is None else _check_weights(weights, len(prompts),
                                                                               len(self.adapters))
-        gen = torch.Generator().manual_seed(self.config.stage_seed("generate") if seed is None else seed)
+        gen = torch.Generator(device=self.device).manual_seed(
+            self.config.stage_seed("generate") if seed is None else seed)
         texts = []
         for s in range(0, len(prompts), g.batch_size):
             ids = [self.prompt_ids(p) for p in prompts[s:s + g.batch_size]]
             w, names = weights[s:s + g.batch_size], self.adapters
             if mode == "weights":
                 names = ensemble.mix_in_layers(self.model, w, self.adapters)
-                w = torch.eye(len(names))
+                w = torch.eye(len(names), device="cpu")
             elif mode != "logits":
                 raise ConfigError(f"mode: unknown {mode!r}; valid: logits, weights")
             try:
@@ -155,17 +160,18 @@ class ELREA:
     def score(self, prompt, continuations: list[str], weights: torch.Tensor | None = None) -> list[float]:
         """Summed log-probability of each continuation after `prompt`, under the ensemble."""
         w = self.route([prompt])[0] if weights is None else _check_weights(
-            torch.as_tensor(weights).reshape(1, -1), 1, len(self.adapters))[0]
+            torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1), 1, len(self.adapters))[0]
         conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
         return ensemble.score(self.model, self.prompt_ids(prompt), conts, w, self.adapters,
                               self.tokenizer.pad_token_id)
 
 
 def _check_weights(weights, n: int, k: int) -> torch.Tensor:
-    w = torch.as_tensor(weights, dtype=torch.float32)
+    """Weights [n, k] as float32 on the CPU, each row non-negative and summing to 1."""
+    w = torch.as_tensor(weights, dtype=torch.float32, device="cpu")
     if w.shape != (n, k):
         raise ConfigError(f"weights: expected shape [{n}, {k}] (prompts x adapters), got {list(w.shape)}")
-    if (w < 0).any() or not torch.allclose(w.sum(1), torch.ones(n), atol=1e-4):
+    if (w < 0).any() or not torch.allclose(w.sum(1), torch.ones(n, device="cpu"), atol=1e-4):
         raise ConfigError("weights: each row must be non-negative and sum to 1")
     return w
 

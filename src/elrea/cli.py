@@ -4,6 +4,7 @@
     elrea generate runs/demo --prompt "What is 3 + 4?" --show-weights
     elrea route runs/demo --input prompts.jsonl
     elrea eval runs/demo --data test.jsonl
+    accelerate launch -m elrea.cli fit ...   # one process per GPU (see README)
     elrea info runs/demo
     elrea config                       # every config field, its default and help
     elrea data export reasoning-mix --out data/mix
@@ -57,9 +58,30 @@ def cmd_fit(args):
     overrides = list(args.overrides)
     if args.model:
         overrides.insert(0, f"model.name={args.model}")
+    if args.device:
+        overrides.insert(0, f"model.device={args.device}")
     cfg = load_config(args.config, overrides)
     run = fit(args.data, args.out, cfg, from_stage=args.from_stage, until=args.until)
-    cmd_info(argparse.Namespace(run=run))
+    if _is_main():
+        cmd_info(argparse.Namespace(run=run))
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _load(args):
+    """(ELREA on this process's device, Processes): --device, else the run's model.device."""
+    from .api import ELREA
+    from .distributed import processes
+    from .rundir import read_json
+
+    device = args.device
+    if device is None:
+        cfg_path = Path(args.run) / "config.json"
+        device = read_json(cfg_path).get("model", {}).get("device", "auto") if cfg_path.exists() else "auto"
+    procs = processes(device)
+    return ELREA.from_pretrained(args.run, device=procs.device), procs
 
 
 def _read_prompts(args) -> list:
@@ -85,13 +107,22 @@ def _write_jsonl(path, rows):
 
 
 def cmd_generate(args):
-    from .api import ELREA
+    from .distributed import map_batches
 
-    model = ELREA.from_pretrained(args.run)
+    model, procs = _load(args)
     prompts = _read_prompts(args)
-    weights = model.route(prompts, temperature=args.tau, top_k=args.top_k)
-    outs = model.generate(prompts, weights=weights, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode)
+
+    def run(batch):  # route and decode one batch; under N processes each runs its share
+        w = model.route(batch, temperature=args.tau, top_k=args.top_k)
+        outs = model.generate(batch, weights=w, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode)
+        return list(zip(outs, w.tolist()))
+
+    results = map_batches(procs, prompts, model.config.generation.batch_size, run,
+                          desc="generating" if len(prompts) > 1 else None)
+    if not procs.is_main:
+        return
+    outs, weights = [o for o, _ in results], [w for _, w in results]
     if args.show_weights:
         _table("routing weights", ["prompt"] + model.adapters,
                [[_short(p)] + [float(x) for x in w] for p, w in zip(prompts, weights)])
@@ -105,26 +136,32 @@ def cmd_generate(args):
 
 
 def cmd_route(args):
-    from .api import ELREA
+    from .distributed import map_batches
 
-    model = ELREA.from_pretrained(args.run)
+    model, procs = _load(args)
     prompts = _read_prompts(args)
-    w = model.route(prompts, router=args.router, temperature=args.tau, top_k=args.top_k)
+    w = map_batches(procs, prompts, model.config.routing.batch_size,
+                    lambda batch: model.route(batch, router=args.router, temperature=args.tau,
+                                              top_k=args.top_k).tolist(),
+                    desc="routing" if len(prompts) > 1 else None)
+    if not procs.is_main:
+        return
     _write_jsonl(args.output, [{"prompt": _text(p), "weights": [round(float(x), 6) for x in row],
                                 "adapters": model.adapters} for p, row in zip(prompts, w)])
 
 
 def cmd_eval(args):
-    from .api import ELREA
     from .data import load_records
     from .evaluation import evaluate
     from .rundir import write_json
 
-    model = ELREA.from_pretrained(args.run)
+    model, procs = _load(args)
     records = load_records(args.data)
     if args.limit:
         records = records[: args.limit]
-    result = evaluate(model, records, max_new_tokens=args.max_new_tokens)
+    result = evaluate(model, records, max_new_tokens=args.max_new_tokens, procs=procs)
+    if not procs.is_main:
+        return
     _accuracy_table(f"accuracy (%) on {args.data} ({len(records)} examples)", result["accuracy"])
     out = Path(args.output) if args.output else Path(args.run) / "eval.json"
     write_json(out, result)
@@ -185,6 +222,11 @@ def _short(p, n=40) -> str:
 
 # ----------------------------------------------------------------------------- parser
 
+def _device_arg(p):
+    p.add_argument("--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N (default: the "
+                   "run's model.device); under `accelerate launch` each process uses its own GPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="elrea", description="Ensembles of Low-Rank Expert Adapters: "
                                  "cluster training examples by gradient, train one LoRA expert per "
@@ -201,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="redo this stage and the ones after it")
     p.add_argument("--until", choices=["base", "features", "clusters", "experts"],
                    help="stop after this stage (e.g. --until base trains one LoRA adapter)")
+    _device_arg(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.rank=16")
     p.set_defaults(func=cmd_fit)
 
@@ -213,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", help="JSONL output (default: stdout)")
         p.add_argument("--tau", type=float, help="routing temperature (default from the run config)")
         p.add_argument("--top-k", type=int, help="keep the k largest routing weights")
+        _device_arg(p)
         p.set_defaults(func=fn)
         if name == "generate":
             p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 64)")
@@ -231,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON results (default RUN/eval.json)")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
     p.add_argument("--max-new-tokens", type=int)
+    _device_arg(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("info", help="backbone, stages, cluster sizes and source mix")
@@ -265,23 +310,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.WARNING if args.quiet else logging.INFO
+    # one voice per job: under accelerate launch / torchrun only the main process logs progress
+    level = logging.WARNING if args.quiet or not _is_main() else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("transformers", "peft", "accelerate", "httpx", "datasets"):
+    for noisy in ("transformers", "peft", "accelerate", "httpx", "datasets", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         args.func(args)
     except ElreaError as e:
-        print(f"elrea: error: {e}", file=sys.stderr)
+        print(f"elrea: error: {_who()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("elrea: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except _Terminated:
+        # torchrun / accelerate launch stop every process of a job when one of them fails
+        print(f"elrea: {_who()}stopped by SIGTERM; re-run the same command to resume", file=sys.stderr)
+        return 143
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that `finally` blocks run and files close."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _who() -> str:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"process {os.environ.get('RANK', '0')} of {world} " if world > 1 else ""
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,11 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+
+QUANTIZATIONS = ("none", "4bit", "8bit")
+_DEVICE = re.compile(r"^(auto|mps|(cpu|cuda|xpu)(:\d+)?)$")
+EXECUTION_FIELDS = ("model.device", "base.gradient_checkpointing", "experts.gradient_checkpointing",
+                    "features.checkpoint_every")
 
 
 def _f(default, help: str, **kw):
@@ -29,12 +35,20 @@ def _f(default, help: str, **kw):
 @dataclass
 class ModelConfig:
     name: str = _f("smollm2-135m-instruct", "Backbone: a built-in alias, a hub id or a local directory.")
-    dtype: str = _f("float32", "Backbone dtype: float32, bfloat16 or float16.")
+    dtype: str = _f("float32", "Backbone dtype: float32, bfloat16 or float16 (LoRA weights stay float32; "
+                    "training uses bf16/fp16 mixed precision to match).")
+    device: str = _f("auto", "Where every stage runs: auto (cuda if available, else cpu), cpu, cuda, cuda:N, "
+                     "mps. Under accelerate launch each process takes its own GPU. Not part of any "
+                     "stage fingerprint.")
+    quantization: str = _f("none", "Backbone quantization through bitsandbytes (QLoRA): none, 4bit (NF4) "
+                           "or 8bit; needs `pip install elrea[qlora]`.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub (never on by default).")
 
     def validate(self, p="model"):
         _choice(p, "dtype", self.dtype, ["float32", "bfloat16", "float16"])
+        _choice(p, "quantization", self.quantization, QUANTIZATIONS)
         _nonempty(p, "name", self.name)
+        check_device_name(self.device, f"{p}.device")
 
 
 @dataclass
@@ -74,6 +88,8 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     warmup_ratio: float = _f(0.0, "Fraction of steps of linear warm-up.")
     max_steps: int = _f(-1, "If > 0, stop after this many optimizer steps (overrides epochs).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, "
+                                      "about a third more compute. Not part of any stage fingerprint.")
 
     def validate(self, p="train"):
         _positive(p, "lr", self.lr)
@@ -93,14 +109,20 @@ class FeatureConfig:
     sjlt_nnz: int = _f(4, "Non-zeros per input coordinate in the sparse projection.")
     train_preconditioner: str = _f("adam", "Training features: 'adam' (LESS, uses the base optimizer moments) or 'sgd'.")
     test_preconditioner: str = _f("sgd", "Routing features: 'sgd' (plain gradient) or 'adam'.")
-    batch_size: int = _f(16, "Examples per batched backward pass.")
-    checkpoint_every: int = _f(16, "Flush features to disk every this many batches.")
+    batch_size: int = _f(16, "Examples per batched backward pass (at most).")
+    max_tokens_per_batch: int = _f(16384, "Padded tokens per batched backward pass (at most; an example "
+                                   "longer than this runs alone); 0 = no limit. Bounds memory.")
+    checkpoint_every: int = _f(16, "Flush features to disk every this many batches. Not part of any "
+                               "stage fingerprint.")
 
     def validate(self, p="features"):
         _positive(p, "dim", self.dim)
         _positive(p, "sjlt_nnz", self.sjlt_nnz)
         _positive(p, "batch_size", self.batch_size)
         _positive(p, "checkpoint_every", self.checkpoint_every)
+        if not isinstance(self.max_tokens_per_batch, int) or self.max_tokens_per_batch < 0:
+            raise ConfigError(f"{p}.max_tokens_per_batch: must be >= 0 (0 = no limit), "
+                              f"got {self.max_tokens_per_batch!r}")
         from .projection import PROJECTORS
         _choice(p, "projection", self.projection, PROJECTORS)
         _choice(p, "train_preconditioner", self.train_preconditioner, ["adam", "sgd"])
@@ -159,8 +181,16 @@ class GenerationConfig:
         _positive(p, "batch_size", self.batch_size)
 
 
-def _expert_train() -> TrainConfig:
-    return TrainConfig(lr=2e-5)
+@dataclass
+class ExpertsConfig(TrainConfig):
+    lr: float = _f(2e-5, "Peak learning rate (AdamW), decayed linearly to 0.")
+    parallel: str = _f("data", "Under accelerate launch with N processes: 'data' trains each expert "
+                       "data-parallel on all processes in turn; 'experts' trains expert c alone on "
+                       "process c mod N (many small clusters).")
+
+    def validate(self, p="experts"):
+        super().validate(p)
+        _choice(p, "parallel", self.parallel, ["data", "experts"])
 
 
 @dataclass
@@ -170,7 +200,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     base: TrainConfig = field(default_factory=TrainConfig)
-    experts: TrainConfig = field(default_factory=_expert_train)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     clustering: ClusterConfig = field(default_factory=ClusterConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
@@ -189,8 +219,15 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def section_hash(self, *names: str) -> str:
-        """Fingerprint of some sections: a stage re-runs when its inputs' hash changes."""
+        """Fingerprint of some sections: a stage re-runs when its inputs' hash changes.
+
+        Fields that say where or how fast a stage runs, not what it computes (EXECUTION_FIELDS),
+        are left out: moving a run to a GPU or turning on gradient checkpointing resumes it.
+        """
         d = self.to_dict()
+        for dotted in EXECUTION_FIELDS:
+            section, name = dotted.split(".")
+            d[section].pop(name, None)
         blob = json.dumps({n: d[n] for n in names}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -305,6 +342,12 @@ def describe_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, Any, str
 def _positive(p, name, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise ConfigError(f"{p}.{name}: must be > 0, got {value!r}")
+
+
+def check_device_name(name, where: str = "model.device") -> None:
+    """A device string, checked without touching the hardware (configs travel between machines)."""
+    if not isinstance(name, str) or not _DEVICE.match(name):
+        raise ConfigError(f"{where}: unknown device {name!r}; valid: auto, cpu, cuda, cuda:N, mps, xpu")
 
 
 def _nonempty(p, name, value):

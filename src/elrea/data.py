@@ -315,17 +315,20 @@ class PromptFormatter:
 
 
 def collate(batch: list[Encoded], pad_id: int, side: str = "right") -> dict:
-    """Pad a list of examples into tensors: input_ids, attention_mask, labels [n, T]."""
+    """Pad a list of examples into CPU tensors: input_ids, attention_mask, labels [n, T].
+
+    (Trainer moves them to the model's device; so do the feature and decoding paths.)
+    """
     import torch
 
     T = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), T), dtype=torch.long)
-    labels = torch.full((len(batch), T), -100, dtype=torch.long)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(batch), T), dtype=torch.long, device="cpu")
+    labels = torch.full((len(batch), T), -100, dtype=torch.long, device="cpu")
     for i, e in enumerate(batch):
         n = len(e.input_ids)
         sl = slice(T - n, T) if side == "left" else slice(0, n)
-        ids[i, sl] = torch.tensor(e.input_ids)
+        ids[i, sl] = torch.tensor(e.input_ids, dtype=torch.long, device="cpu")
         mask[i, sl] = 1
-        labels[i, sl] = torch.tensor(e.labels)
+        labels[i, sl] = torch.tensor(e.labels, dtype=torch.long, device="cpu")
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -58,26 +58,30 @@ def default_checker(source, prediction: str, record) -> bool:
 
 
 def evaluate(model, records, max_new_tokens: int | None = None, progress: bool = True,
-             checker=default_checker) -> dict:
-    """Accuracy of the ELREA ensemble and of the base adapter alone on `records`."""
-    import torch
-    from tqdm.auto import tqdm
+             checker=default_checker, procs=None) -> dict:
+    """Accuracy of the ELREA ensemble and of the base adapter alone on `records`.
 
-    prompts = [r.messages for r in records]
-    rows = []
-    bs = model.config.generation.batch_size
-    bar = tqdm(total=len(records), desc="evaluating", unit="ex", disable=not progress)
-    for s in range(0, len(records), bs):
-        chunk, recs = prompts[s:s + bs], records[s:s + bs]
+    With `procs` (elrea.distributed.Processes) of N processes, each evaluates its contiguous
+    share of the batches and every process returns the whole result, rows in input order.
+    """
+    import torch
+
+    from .distributed import Processes, map_batches
+
+    procs = procs or Processes(0, 1, model.device)
+
+    def run(recs):
+        chunk = [r.messages for r in recs]
         w = model.route(chunk)
         base_w = torch.zeros_like(w)
         base_w[:, 0] = 1.0
         ens = model.generate(chunk, weights=w, max_new_tokens=max_new_tokens)
         base = model.generate(chunk, weights=base_w, max_new_tokens=max_new_tokens)
-        for r, e, b, wr in zip(recs, ens, base, w):
-            rows.append({"source": r.source, "reference": r.response, "elrea_output": e, "base_output": b,
-                         "elrea": checker(r.source, e, r), "base": checker(r.source, b, r),
-                         "weights": [round(float(x), 4) for x in wr]})
-        bar.update(len(chunk))
-    bar.close()
+        return [{"source": r.source, "reference": r.response, "elrea_output": e, "base_output": b,
+                 "elrea": checker(r.source, e, r), "base": checker(r.source, b, r),
+                 "weights": [round(float(x), 4) for x in wr]}
+                for r, e, b, wr in zip(recs, ens, base, w)]
+
+    rows = map_batches(procs, list(records), model.config.generation.batch_size, run,
+                       desc="evaluating" if progress else None)
     return {"accuracy": accuracy_table(rows, ["elrea", "base"]), "examples": rows}

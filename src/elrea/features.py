@@ -17,11 +17,13 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .models import lora_parameters
+from .models import lora_parameters, model_device
 
 log = logging.getLogger(__name__)
 
@@ -110,9 +112,12 @@ def iter_per_example_gradients(model, batch: dict, adapter: str | None = None):
 
     Offsets are positions in the flattened `model.named_parameters()` order of the trainable
     LoRA parameters (or of adapter `adapter`'s, which must be the active one). Dropout must be
-    off (model.eval()) for gradients to be deterministic.
+    off (model.eval()) for gradients to be deterministic. The batch moves to the model's device;
+    the gradients are float32 on that device.
     """
     caps = _lora_captures(model, adapter)
+    device = model_device(model)
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     with _capturing(caps), _requires_grad(caps), torch.enable_grad():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
@@ -123,9 +128,10 @@ def iter_per_example_gradients(model, batch: dict, adapter: str | None = None):
         for cap, e in zip(caps, grads):
             w = cap.module.weight                                     # (out, in)
             if e is None:
-                g = torch.zeros(cap.inputs.shape[0], w.numel())
+                g = torch.zeros(cap.inputs.shape[0], w.numel(), device=w.device)
             else:
-                # dW_i = sum_t e_{i,t} u_{i,t}^T : (n, T, out) x (n, T, in) -> (n, out, in)
+                # dW_i = sum_t e_{i,t} u_{i,t}^T : (n, T, out) x (n, T, in) -> (n, out, in), in float32
+                # whatever the backbone's dtype
                 g = torch.bmm(e.transpose(1, 2).float(), cap.inputs.float()).reshape(len(e), -1)
             yield cap.name, offset, g
             offset += w.numel()
@@ -140,10 +146,18 @@ def per_example_gradients(model, batch: dict) -> torch.Tensor:
     return torch.cat([g for _, _, g in iter_per_example_gradients(model, batch)], dim=1)
 
 
+class Preconditioner(Protocol):
+    """Maps one parameter's per-example gradients [n, numel] to the vectors that get projected."""
+
+    def __call__(self, name: str, g: torch.Tensor) -> torch.Tensor: ...
+
+
 class AdamPreconditioner:
     """LESS's Adam-preconditioned gradient (docs/method.md, step 2):
 
         m' = b1 m + (1 - b1) g,  v' = b2 v + (1 - b2) g^2,  feature = m' / (sqrt(v') + eps)
+
+    The moments move to the gradients' device on first use (float32).
     """
 
     def __init__(self, moments: dict[str, tuple[torch.Tensor, torch.Tensor]], betas=(0.9, 0.999),
@@ -154,6 +168,9 @@ class AdamPreconditioner:
         if name not in self.moments:
             raise KeyError(f"no Adam moments saved for parameter {name}")
         m, v = self.moments[name]
+        if m.device != g.device:
+            m, v = m.to(g.device, torch.float32), v.to(g.device, torch.float32)
+            self.moments[name] = (m, v)
         b1, b2 = self.betas
         m2 = b1 * m.reshape(1, -1) + (1 - b1) * g
         v2 = b2 * v.reshape(1, -1) + (1 - b2) * g * g
@@ -161,13 +178,39 @@ class AdamPreconditioner:
 
 
 def sgd_preconditioner(name: str, g: torch.Tensor) -> torch.Tensor:
+    """The plain gradient."""
     return g
+
+
+def _adam_from_run(adapter_dir: Path, names: list[str]) -> Preconditioner:
+    from .training import ADAM_BETAS, ADAM_EPS, load_moments
+
+    return AdamPreconditioner(load_moments(adapter_dir, names), betas=ADAM_BETAS, eps=ADAM_EPS)
+
+
+# name -> builder(adapter_dir holding adam_moments.safetensors, LoRA parameter names)
+PRECONDITIONERS: dict[str, Callable[[Path, list[str]], Preconditioner]] = {
+    "adam": _adam_from_run,
+    "sgd": lambda adapter_dir, names: sgd_preconditioner,
+}
+
+
+def make_preconditioner(name: str, adapter_dir: str | Path, names: list[str]) -> Preconditioner:
+    from .errors import unknown_name
+
+    if name not in PRECONDITIONERS:
+        raise unknown_name("preconditioner", name, PRECONDITIONERS)
+    return PRECONDITIONERS[name](Path(adapter_dir), names)
 
 
 def batch_features(model, batch: dict, projector, precondition=sgd_preconditioner,
                    adapter: str | None = None) -> torch.Tensor:
-    """Unit-norm projected features [n, d] of one batch: delta_i = P precond(g_i) / ||.||."""
-    out = torch.zeros(batch["input_ids"].shape[0], projector.dim)
+    """Unit-norm projected features [n, d] of one batch: delta_i = P precond(g_i) / ||.||.
+
+    Computed (float32) on the model's device, and returned there.
+    """
+    n = batch["input_ids"].shape[0]
+    out = torch.zeros(n, projector.dim, dtype=torch.float32, device=model_device(model))
     for name, offset, g in iter_per_example_gradients(model, batch, adapter):
         projector.project_block(precondition(name, g), offset, out)
     return F.normalize(out, dim=1)
@@ -181,25 +224,110 @@ def lora_param_names(model, adapter: str | None = None) -> list[str]:
     return [c.name for c in _lora_captures(model, adapter)]
 
 
-def extract_features(model, examples: list, projector, store, pad_id: int, batch_size: int = 16,
-                     precondition=sgd_preconditioner, adapter: str | None = None,
-                     checkpoint_every: int = 16, desc: str = "gradient features") -> None:
-    """Fill `store` (a FeatureStore) with the features of `examples` (data.Encoded), resuming
-    after its last committed row and committing every `checkpoint_every` batches."""
-    from tqdm.auto import tqdm
+def plan_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> list[tuple[int, int]]:
+    """Consecutive batches (start, end) of at most `batch_size` examples and, if `max_tokens` > 0,
+    at most `max_tokens` padded tokens (examples x longest); a longer example runs alone.
 
-    from .data import collate
+    The plan depends on the data and the settings only, never on the number of processes, so
+    that N processes compute exactly the batches one process would.
+    """
+    plan, start, longest = [], 0, 0
+    for i, n in enumerate(lengths):
+        longest_with = max(longest, n)
+        full = i - start >= batch_size or (max_tokens > 0 and (i - start + 1) * longest_with > max_tokens)
+        if i > start and full:
+            plan.append((start, i))
+            start, longest_with = i, n
+        longest = longest_with
+    if start < len(lengths):
+        plan.append((start, len(lengths)))
+    return plan
 
-    n = len(examples)
-    start = store.done
-    if start:
-        log.info("%s: resuming at example %d of %d", desc, start, n)
-    bar = tqdm(total=n, initial=start, desc=desc, unit="ex", dynamic_ncols=True)
-    for k, s in enumerate(range(start, n, batch_size), start=1):
-        batch = collate(examples[s:s + batch_size], pad_id, side="right")
-        store.write(s, batch_features(model, batch, projector, precondition, adapter).numpy())
-        bar.update(min(batch_size, n - s))
-        if k % checkpoint_every == 0:
-            store.commit(min(s + batch_size, n))
-    bar.close()
-    store.finish()
+
+@dataclass
+class Featurizer:
+    """What a gradient feature needs, in one place (docs/method.md, steps 2 and 5):
+
+        delta_i = P precond(grad_Q L_instr(x_i)) / ||.||
+
+    model: a PEFT model holding `adapter` (active); projector: P (elrea.projection);
+    precondition: `adam` or `sgd` (PRECONDITIONERS); batches of at most `batch_size` examples
+    and `max_tokens` padded tokens. Everything runs on the model's device; `fit` (training
+    features), `ELREA.route` (routing features) and the benchmarks all build it with `for_run`.
+    """
+
+    model: object
+    projector: object
+    precondition: Preconditioner = sgd_preconditioner
+    adapter: str | None = "base"
+    pad_id: int = 0
+    batch_size: int = 16
+    max_tokens: int = 0
+
+    @classmethod
+    def for_run(cls, model, cfg, base_dir: str | Path, pad_id: int, preconditioner: str,
+                adapter: str = "base", batch_size: int | None = None) -> "Featurizer":
+        """The run's featurizer: its projection (seeded from the run seed) and `preconditioner`
+        (`adam` reads base_dir/adam_moments.safetensors)."""
+        from .projection import make_projector
+
+        f = cfg.features
+        projector = make_projector(f.projection, num_lora_params(model, adapter), f.dim,
+                                   cfg.stage_seed("projection"), f.sjlt_nnz)
+        precondition = make_preconditioner(preconditioner, base_dir, lora_param_names(model, adapter))
+        return cls(model, projector, precondition, adapter, pad_id, batch_size or f.batch_size,
+                   f.max_tokens_per_batch)
+
+    @property
+    def device(self) -> torch.device:
+        return model_device(self.model)
+
+    def plan(self, examples: list) -> list[tuple[int, int]]:
+        return plan_batches([len(e.input_ids) for e in examples], self.batch_size, self.max_tokens)
+
+    def batch(self, examples: list) -> torch.Tensor:
+        """Features [n, d] of one batch of data.Encoded examples, on the model's device."""
+        from .data import collate
+
+        batch = collate(examples, self.pad_id, side="right")
+        return batch_features(self.model, batch, self.projector, self.precondition, self.adapter)
+
+    def features(self, examples: list) -> torch.Tensor:
+        """Features [n, d] of any number of examples, batch by batch as planned."""
+        if not examples:
+            return torch.zeros(0, self.projector.dim, device=self.device)
+        return torch.cat([self.batch(examples[s:e]) for s, e in self.plan(examples)])
+
+    def extract(self, examples: list, store, procs=None, checkpoint_every: int = 16,
+                desc: str = "gradient features") -> None:
+        """Write the features of `examples` into `store` (a prepared rundir.FeatureStore).
+
+        This process computes its contiguous share of the batch plan (all of it when alone),
+        resuming after the rows its shard has committed, and commits every `checkpoint_every`
+        batches. Features leave the device only here, to be written.
+        """
+        from tqdm.auto import tqdm
+
+        from .distributed import Processes
+
+        procs = procs or Processes(0, 1, self.device)
+        mine = procs.split(self.plan(examples))
+        if not mine:
+            return
+        shard = store.shard(mine[0][0], mine[-1][1])
+        todo = [(s, e) for s, e in mine if e > shard.done]
+        if shard.done > shard.start:
+            log.info("%s: resuming at example %d of %d", desc, shard.done, len(examples))
+        bar = tqdm(total=shard.end - shard.start, initial=shard.end - shard.start - sum(e - s for s, e in todo),
+                   desc=desc if procs.world == 1 else f"{desc} [{procs.rank + 1}/{procs.world}]",
+                   unit="ex", dynamic_ncols=True, disable=not procs.is_main)
+        try:
+            for k, (s, e) in enumerate(todo, start=1):
+                shard.write(s, self.batch(examples[s:e]).cpu().numpy())
+                bar.update(e - s)
+                if k % checkpoint_every == 0:
+                    shard.commit(e)
+            shard.commit(shard.end)
+        finally:
+            bar.close()
+            shard.close()

@@ -81,10 +81,18 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_backbone(cfg: ModelConfig):
-    """The frozen backbone causal LM, in eval mode."""
+def load_backbone(cfg: ModelConfig, device: torch.device | str | None = None, training: bool = False):
+    """The frozen backbone causal LM on `device` (default: `cfg.device` resolved), in eval mode.
+
+    `cfg.dtype` sets the backbone's dtype; with `cfg.quantization` 4bit/8bit its linear layers are
+    bitsandbytes-quantized (QLoRA), and `training=True` applies PEFT's k-bit preparation (norms
+    in float32, input gradients on) as QLoRA training expects.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .distributed import resolve_device
+
+    device = torch.device(device) if device is not None else resolve_device(cfg.device)
     path = resolve_model_path(cfg.name)
     try:
         hf_cfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -98,15 +106,68 @@ def load_backbone(cfg: ModelConfig):
         raise ModelError(f"model {cfg.name!r} is a {hf_cfg.model_type!r} model ({type(hf_cfg).__name__}), "
                          "not a causal LM that AutoModelForCausalLM can load; pass a decoder LM "
                          "(Llama, Qwen, Mistral, SmolLM2, ...)")
+    quant = quantization_config(cfg, device)
     try:
+        # device_map puts each weight straight onto the device: no full copy in host memory first
         model = AutoModelForCausalLM.from_pretrained(
-            path, config=hf_cfg, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code)
+            path, config=hf_cfg, dtype=getattr(torch, cfg.dtype), trust_remote_code=cfg.trust_remote_code,
+            device_map={"": str(device)}, quantization_config=quant)
     except (ValueError, OSError) as e:
         raise ModelError(f"cannot load the weights of model {cfg.name!r}: {e}") from None
+    if quant is not None:
+        _keep_differentiable(model)
+    if quant is not None and training:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def quantization_config(cfg: ModelConfig, device: torch.device):
+    """transformers' BitsAndBytesConfig for `cfg.quantization`, after checking bitsandbytes runs here."""
+    if cfg.quantization == "none":
+        return None
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ModelError(f"model.quantization={cfg.quantization} needs bitsandbytes: pip install 'elrea[qlora]' "
+                         "(or set model.quantization=none)") from None
+    try:  # a bitsandbytes without a backend for this device fails here, not deep inside loading
+        bnb.functional.quantize_4bit(torch.ones(64, 64, device=device, dtype=torch.bfloat16))
+    except Exception as e:  # noqa: BLE001 - each backend raises its own error types
+        raise ModelError(f"model.quantization={cfg.quantization}: bitsandbytes {bnb.__version__} cannot run on "
+                         f"{device} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); QLoRA "
+                         "needs a CUDA GPU, or bitsandbytes >= 0.46 on the CPU; or set "
+                         "model.quantization=none") from None
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if cfg.dtype == "float32" else getattr(torch, cfg.dtype)
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _keep_differentiable(model) -> None:
+    """Keep bitsandbytes' 4-bit layers on their autograd path.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for fast inference the first
+    time the layer runs in eval mode without gradients (e.g. while decoding), and from then on
+    multiplies through a kernel with no backward. Gradient features backpropagate through
+    every base layer, so routing after decoding would get wrong gradients; the flag below keeps
+    the differentiable path (CUDA never repacks).
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter (where its inputs must go)."""
+    return next(model.parameters()).device
 
 
 def peft_lora_config(cfg: LoraConfig):

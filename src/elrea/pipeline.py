@@ -11,7 +11,7 @@ unchanged fingerprint is skipped, a changed one re-runs with the stages after it
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import logging
 import platform
 import time
@@ -23,27 +23,28 @@ import torch
 from .clustering import cluster_features
 from .config import RunConfig
 from .data import PromptFormatter, load_records
-from .errors import ConfigError, DataError
-from .features import AdamPreconditioner, extract_features, lora_param_names, num_lora_params, \
-    sgd_preconditioner
-from .models import load_backbone, load_tokenizer, peft_lora_config
-from .projection import make_projector
+from .distributed import Processes, alone, processes
+from .errors import ConfigError, DataError, RunDirError
+from .features import Featurizer
+from .models import load_backbone, load_tokenizer, peft_lora_config, resolve_model_path
 from .rundir import STAGES, FeatureStore, Manifest, atomic_path, file_fingerprint, load_features, \
     read_json, write_json
-from .training import load_moments, train_adapter
+from .training import train_adapter, trained_summary
 
 log = logging.getLogger(__name__)
 
 
 class _Context:
-    """What the stages share for one fit: config, paths, records, tokenizer, fingerprints."""
+    """What the stages of one fit share: config, paths, records, tokenizer, fingerprints, this
+    process's place in the job, and the one backbone of this process (with its adapters)."""
 
-    def __init__(self, cfg: RunConfig, data: str, out: Path):
-        self.cfg, self.data, self.out = cfg, data, out
+    def __init__(self, cfg: RunConfig, data: str, out: Path, procs: Processes):
+        self.cfg, self.data, self.out, self.procs = cfg, data, out, procs
         self.records = load_records(data)
         self.tok = load_tokenizer(cfg.model)
         self.fmt = PromptFormatter(self.tok, cfg.data.system_prompt, cfg.data.max_length, cfg.data.truncation)
-        self.backbone = None
+        self.model = None   # the PeftModel of this process, once a stage has made it
+        self.fresh: set[str] = set()  # stages that start over (not resume) in this call
         data_fp = file_fingerprint(data)
         fp = {}
         fp["base"] = _hash(cfg.section_hash("seed", "model", "data", "lora", "base"), data_fp)
@@ -52,11 +53,21 @@ class _Context:
         fp["experts"] = _hash(fp["clusters"], cfg.section_hash("experts"))
         self.fp = fp
 
-    def fresh_backbone(self):
-        """A clean copy of the frozen backbone (PEFT injects LoRA layers in place)."""
-        if self.backbone is None:
-            self.backbone = load_backbone(self.cfg.model)
-        return copy.deepcopy(self.backbone)
+    def backbone(self):
+        """The frozen backbone on this process's device. Loaded once: every stage attaches its
+        adapters to it (PEFT injects LoRA layers in place), so a process holds one copy."""
+        if self.model is not None:
+            raise RuntimeError("the backbone already carries adapters; use base_model()")
+        return load_backbone(self.cfg.model, self.procs.device, training=True)
+
+    def base_model(self):
+        """The PeftModel with the trained base adapter "base" active, in eval mode."""
+        from peft import PeftModel
+
+        if self.model is None:
+            self.model = PeftModel.from_pretrained(self.backbone(), str(self.out / "base"), adapter_name="base")
+        self.model.set_adapter("base")
+        return self.model.eval()
 
     def encode_train(self, idx=None) -> list:
         recs = self.records if idx is None else [self.records[i] for i in idx]
@@ -86,30 +97,34 @@ def stage_base(ctx: _Context) -> dict:
 
     seed = ctx.cfg.stage_seed("base")
     set_seed(seed)
-    model = get_peft_model(ctx.fresh_backbone(), peft_lora_config(ctx.cfg.lora))
-    return train_adapter(model, ctx.encode_train(), ctx.cfg.base, ctx.out / "base", ctx.tok.pad_token_id,
-                         seed=seed, save_moments=True, desc="base adapter")
+    ctx.model = get_peft_model(ctx.backbone(), peft_lora_config(ctx.cfg.lora), adapter_name="base")
+    return train_adapter(ctx.model, ctx.encode_train(), ctx.cfg.base, ctx.out / "base", ctx.tok.pad_token_id,
+                         seed=seed, save_moments=True, desc="base adapter", precision=ctx.cfg.model.dtype,
+                         fingerprint=ctx.fp["base"])
 
 
 def stage_features(ctx: _Context) -> dict:
-    from peft import PeftModel
-
-    cfg = ctx.cfg.features
-    model = PeftModel.from_pretrained(ctx.fresh_backbone(), str(ctx.out / "base"), is_trainable=True)
-    model.eval()  # dropout off: features are deterministic
-    precondition = sgd_preconditioner
-    if cfg.train_preconditioner == "adam":
-        precondition = AdamPreconditioner(load_moments(ctx.out / "base", lora_param_names(model)),
-                                          betas=(0.9, 0.999), eps=1e-8)
-    p = num_lora_params(model)
-    projector = make_projector(cfg.projection, p, cfg.dim, ctx.cfg.stage_seed("projection"), cfg.sjlt_nnz)
+    """Every process computes its contiguous share of the batches into the one feature store."""
+    cfg, procs = ctx.cfg.features, ctx.procs
+    featurizer = Featurizer.for_run(ctx.base_model(), ctx.cfg, ctx.out / "base", ctx.tok.pad_token_id,
+                                    cfg.train_preconditioner)
     enc = [ctx.fmt.encode_instruction(r.messages, r.where) for r in ctx.records]
-    _report_truncation(enc, "instructions")
+    if procs.is_main:
+        _report_truncation(enc, "instructions")
     store = FeatureStore(ctx.out / "features" / "train.npy", len(enc), cfg.dim, ctx.fp["features"])
+    if procs.is_main:
+        if "features" in ctx.fresh:
+            store.reset()
+        store.prepare()
+    procs.barrier("preparing the feature store")
     t0 = time.time()
-    extract_features(model, enc, projector, store, ctx.tok.pad_token_id, cfg.batch_size, precondition,
-                     checkpoint_every=cfg.checkpoint_every)
-    return {"examples": len(enc), "lora_params": p, "dim": cfg.dim, "seconds": round(time.time() - t0, 2)}
+    featurizer.extract(enc, store, procs, checkpoint_every=cfg.checkpoint_every)
+    procs.barrier("computing gradient features")
+    if not store.complete():
+        raise RunDirError(f"{store.path}: rows {store.covered()} of {len(enc)} are complete after every "
+                          "process finished; re-run `elrea fit --from features`")
+    return {"examples": len(enc), "lora_params": featurizer.projector.num_params, "dim": cfg.dim,
+            "processes": procs.world, "seconds": round(time.time() - t0, 2)}
 
 
 def stage_clusters(ctx: _Context) -> dict:
@@ -131,26 +146,52 @@ def stage_clusters(ctx: _Context) -> dict:
 
 
 def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
-    from peft import PeftModel
+    """Expert c continues the base adapter on cluster c. With N processes, `experts.parallel`
+    = data trains each expert on all of them in turn (DDP through Trainer); = experts trains
+    expert c alone on process c mod N. An expert whose folder holds a summary under this
+    stage's fingerprint is finished and kept."""
     from transformers import set_seed
 
+    procs, fp = ctx.procs, ctx.fp["experts"]
     labels = np.array(read_json(ctx.out / "clusters" / "clusters.json")["labels"])
     C = int(labels.max())
-    st = manifest.stage("experts")
-    finished = st.get("finished", {}) if st.get("fingerprint") == ctx.fp["experts"] else {}
+    mode = ctx.cfg.experts.parallel if procs.world > 1 else "data"
+    model = ctx.base_model()
     for c in range(1, C + 1):
         out_dir = ctx.out / "experts" / str(c)
-        if str(c) in finished and (out_dir / "adapter_model.safetensors").exists():
+        if mode == "experts" and c % procs.world != procs.rank:
+            continue
+        if trained_summary(out_dir, fp) is not None:
             log.info("expert %d/%d: already trained, kept", c, C)
             continue
-        idx = np.flatnonzero(labels == c)
         seed = ctx.cfg.stage_seed(f"expert-{c}")
         set_seed(seed)
-        model = PeftModel.from_pretrained(ctx.fresh_backbone(), str(ctx.out / "base"), is_trainable=True)
-        finished[str(c)] = train_adapter(model, ctx.encode_train(idx), ctx.cfg.experts, out_dir,
-                                         ctx.tok.pad_token_id, seed=seed, desc=f"expert {c}/{C}")
-        manifest.mark("experts", "running", ctx.fp["experts"], finished=finished)
-    return {"finished": finished, "num_experts": C}
+        model.load_adapter(str(ctx.out / "base"), adapter_name="expert", is_trainable=True)
+        model.set_adapter("expert")
+        try:
+            with alone() if mode == "experts" else contextlib.nullcontext():
+                train_adapter(model, ctx.encode_train(np.flatnonzero(labels == c)), ctx.cfg.experts, out_dir,
+                              ctx.tok.pad_token_id, seed=seed, desc=f"expert {c}/{C}",
+                              precision=ctx.cfg.model.dtype, fingerprint=fp,
+                              meta={"processes": [procs.rank] if mode == "experts" else list(range(procs.world))})
+        finally:
+            model.set_adapter("base")
+            model.delete_adapter("expert")
+        if procs.is_main:
+            manifest.mark("experts", "running", fp, finished=_finished_experts(ctx.out, C, fp))
+    procs.barrier("training experts")
+    finished = _finished_experts(ctx.out, C, fp)
+    missing = [c for c in range(1, C + 1) if str(c) not in finished]
+    if missing:
+        raise RunDirError(f"{ctx.out / 'experts'}: experts {missing} were not saved after every process "
+                          "finished; re-run the same command to train them")
+    return {"finished": finished, "num_experts": C, "parallel": mode, "processes": procs.world}
+
+
+def _finished_experts(out: Path, C: int, fingerprint: str) -> dict:
+    """{c: training summary} of the experts saved under this fingerprint."""
+    found = {str(c): trained_summary(out / "experts" / str(c), fingerprint) for c in range(1, C + 1)}
+    return {c: {k: v for k, v in s.items() if k != "fingerprint"} for c, s in found.items() if s is not None}
 
 
 def source_mix(labels: np.ndarray, sources: list, C: int) -> dict:
@@ -172,26 +213,32 @@ def source_mix(labels: np.ndarray, sources: list, C: int) -> dict:
 def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | None = None,
         until: str | None = None) -> Path:
     """Run every stage not already done with the same inputs (up to and including `until`);
-    return the run directory."""
+    return the run directory.
+
+    Under `accelerate launch` / `torchrun` every process runs this: base adapter and `data`
+    experts train data-parallel through Trainer, every process computes its share of the
+    features, clustering runs on the main process, and only the main process writes the
+    manifest and the shared files.
+    """
     for flag, value in (("--from", from_stage), ("--until", until)):
         if value is not None and value not in STAGES:
             raise ConfigError(f"{flag}: unknown stage {value!r}; valid: {', '.join(STAGES)}")
+    procs = processes(cfg.model.device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = _Context(cfg, str(data), out)
+    if procs.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        resolve_model_path(cfg.model.name)  # converts the built-in model once, before others read it
+    procs.barrier("preparing the run directory")
+    ctx = _Context(cfg, str(data), out, procs)
     need = max(2, cfg.clustering.num_clusters) * cfg.clustering.min_cluster_size
     if len(ctx.records) < need:
         raise DataError(f"{len(ctx.records)} records cannot form {max(2, cfg.clustering.num_clusters)} "
                         f"clusters of at least clustering.min_cluster_size={cfg.clustering.min_cluster_size};"
                         " use more data or lower those settings", path=str(data))
-    # Under `accelerate launch`, every process trains (Trainer is data-parallel); features and
-    # clustering run on the main process only, and only the main process writes files.
-    from accelerate import PartialState
-
-    state = PartialState()
     manifest = Manifest.load(out, create=True)
-    manifest.writable = state.is_main_process
-    if state.is_main_process:
+    manifest.writable = procs.is_main
+    procs.barrier("reading the manifest")
+    if procs.is_main:
         _write_header(manifest, ctx)
     forced = STAGES.index(from_stage) if from_stage else len(STAGES)
     runners = {"base": stage_base, "features": stage_features, "clusters": stage_clusters,
@@ -204,17 +251,16 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
                 break
             continue
         old = manifest.stage(name)
-        if old.get("status") == "done" and i < forced:
+        if old.get("status") == "done" and i < forced and procs.is_main:
             log.warning("stage %s: its config or data changed since the last run; re-running it "
                         "and the stages after it", name)
         t0 = time.time()
         if old.get("fingerprint") != fp or i >= forced:  # start over, not resume
-            if name == "features":
-                (out / "features" / "train.progress.json").unlink(missing_ok=True)
+            ctx.fresh.add(name)
             manifest.mark(name, "running", fp)
-        main_only = name in ("features", "clusters")
-        info = runners[name](ctx) if state.is_main_process or not main_only else {}
-        state.wait_for_everyone()
+        main_only = name == "clusters"
+        info = runners[name](ctx) if procs.is_main or not main_only else {}
+        procs.barrier(f"stage {name}")
         manifest.mark(name, "done", fp, **{**info, "seconds": round(time.time() - t0, 2)})
         if name == until:
             break

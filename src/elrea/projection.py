@@ -11,13 +11,34 @@ features are streamed, parameter by parameter) gives the same result.
   for a dense matrix, so it is ~1000x cheaper at d = 8192.
 - `RademacherProjector` ("rademacher"): the dense P_ji = +-1/sqrt(d) of LESS/TRAK, generated
   chunk by chunk from the seed. Exact reference; slow for large adapters on a CPU.
+
+P is always generated on the CPU from the seed (torch's CPU generator), then moved to the
+device of the output buffer, so that features computed on a GPU and routing features
+computed on a CPU use the same P. Projection accumulates in float32.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 CHUNK = 1 << 16  # input coordinates per generated chunk of P
+
+
+class Projector(Protocol):
+    """delta = P g for a seeded p x d matrix P that is never materialised whole."""
+
+    num_params: int
+    dim: int
+
+    def project_block(self, g: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
+        """out [n, d] += the projection of coordinates offset..offset+L-1 given as g [n, L]."""
+        ...
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        """P g for g [n, p] -> [n, d] (float32, on g's device)."""
+        ...
 
 
 class SparseProjector:
@@ -25,25 +46,29 @@ class SparseProjector:
 
     def __init__(self, num_params: int, dim: int, seed: int, nnz: int = 4, cache: bool = True):
         self.num_params, self.dim, self.seed, self.nnz = num_params, dim, seed, nnz
-        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = {} if cache else None
+        # (chunk, device) -> (rows, weights): 8 bytes per coordinate and non-zero
+        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] | None = \
+            {} if cache else None
 
-    def _chunk(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rows [nnz, CHUNK] int64, signed weights [nnz, CHUNK]) for input chunk c."""
-        if self._cache is not None and c in self._cache:
-            return self._cache[c]
-        gen = torch.Generator().manual_seed(_chunk_seed(self.seed, c))
-        rows = torch.randint(0, self.dim, (self.nnz, CHUNK), generator=gen)
-        signs = torch.randint(0, 2, (self.nnz, CHUNK), generator=gen, dtype=torch.int8)
+    def _chunk(self, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows [nnz, CHUNK] int32, signed weights [nnz, CHUNK] float32) for input chunk c."""
+        key = (c, torch.device(device))
+        if self._cache is not None and key in self._cache:
+            return self._cache[key]
+        gen = torch.Generator(device="cpu").manual_seed(_chunk_seed(self.seed, c))
+        rows = torch.randint(0, self.dim, (self.nnz, CHUNK), generator=gen, device="cpu")
+        signs = torch.randint(0, 2, (self.nnz, CHUNK), generator=gen, dtype=torch.int8, device="cpu")
         weights = (signs.float() * 2 - 1) / self.nnz ** 0.5
+        rows, weights = rows.to(device, torch.int32), weights.to(device)
         if self._cache is not None:
-            self._cache[c] = (rows, weights)
+            self._cache[key] = (rows, weights)
         return rows, weights
 
     def project_block(self, g: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
         """out += P[offset:offset+L]^T-applied block: g [n, L] are coordinates offset..offset+L-1."""
         g = g.float()
         for start, stop, c, lo in _chunks(offset, g.shape[1]):
-            rows, weights = self._chunk(c)
+            rows, weights = self._chunk(c, out.device)
             part = g[:, start:stop]                                  # (n, m)
             for k in range(self.nnz):
                 out.index_add_(1, rows[k, lo:lo + stop - start], part * weights[k, lo:lo + stop - start])
@@ -51,7 +76,7 @@ class SparseProjector:
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
         """delta = P g for g [n, p] -> [n, d]."""
-        out = torch.zeros(g.shape[0], self.dim, dtype=torch.float32)
+        out = torch.zeros(g.shape[0], self.dim, dtype=torch.float32, device=g.device)
         return self.project_block(g, 0, out)
 
 
@@ -64,23 +89,23 @@ class RademacherProjector:
 
     rows_per_chunk = 1024  # 1024 x 8192 floats = 32 MiB generated at a time
 
-    def _chunk(self, c: int) -> torch.Tensor:
+    def _chunk(self, c: int, device: torch.device) -> torch.Tensor:
         # keep the last chunk: streamed blocks that straddle a chunk boundary reuse it
-        if self._last[0] == c:
+        if self._last[0] == (c, device):
             return self._last[1]
-        gen = torch.Generator().manual_seed(_chunk_seed(self.seed, c))
-        bits = torch.randint(0, 2, (self.rows_per_chunk, self.dim), generator=gen, dtype=torch.int8)
-        self._last = (c, (bits.float() * 2 - 1) / self.dim ** 0.5)   # (rows, d)
+        gen = torch.Generator(device="cpu").manual_seed(_chunk_seed(self.seed, c))
+        bits = torch.randint(0, 2, (self.rows_per_chunk, self.dim), generator=gen, dtype=torch.int8, device="cpu")
+        self._last = ((c, device), ((bits.to(device).float() * 2 - 1) / self.dim ** 0.5))   # (rows, d)
         return self._last[1]
 
     def project_block(self, g: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
         g = g.float()
         for start, stop, c, lo in _chunks(offset, g.shape[1], self.rows_per_chunk):
-            out.addmm_(g[:, start:stop], self._chunk(c)[lo:lo + stop - start])
+            out.addmm_(g[:, start:stop], self._chunk(c, out.device)[lo:lo + stop - start])
         return out
 
     def project(self, g: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(g.shape[0], self.dim, dtype=torch.float32)
+        out = torch.zeros(g.shape[0], self.dim, dtype=torch.float32, device=g.device)
         return self.project_block(g, 0, out)
 
 

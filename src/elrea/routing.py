@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 def gradient_weights(features: torch.Tensor, centroids: torch.Tensor, temperature: float = 1.0,
                      top_k: int = 0) -> torch.Tensor:
-    """Routing weights [n, C+1] from features [n, d] and centroids [C+1, d]."""
-    s = F.normalize(features.float(), dim=1) @ F.normalize(centroids.float(), dim=1).T   # (n, C+1)
+    """Routing weights [n, C+1] from features [n, d] and centroids [C+1, d] (same device)."""
+    s = F.normalize(features.float(), dim=1) @ F.normalize(centroids.float().to(features.device), dim=1).T
     std = s.std(dim=1, unbiased=False, keepdim=True)
     z = torch.where(std > 1e-12, (s - s.mean(1, keepdim=True)) / std.clamp(min=1e-12), torch.zeros_like(s))
     return keep_top_k(torch.softmax(z / temperature, dim=1), top_k)
@@ -27,7 +27,7 @@ def uniform_weights(features: torch.Tensor, centroids: torch.Tensor, temperature
                     top_k: int = 0) -> torch.Tensor:
     """Equal weight on every adapter (a baseline); ignores the features."""
     n, k = features.shape[0], centroids.shape[0]
-    return torch.full((n, k), 1.0 / k)
+    return torch.full((n, k), 1.0 / k, device=features.device)
 
 
 def keep_top_k(w: torch.Tensor, k: int) -> torch.Tensor:

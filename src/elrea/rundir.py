@@ -4,7 +4,7 @@ Layout (docs/method.md, "Run directory"):
     elrea.json                 manifest: backbone, resolved config, versions, stage status
     config.json                the resolved config
     base/                      PEFT adapter folder (+ adam_moments.safetensors)
-    features/train.npy         [N, d] float32, memory-mapped (+ progress.json while running)
+    features/train.npy         [N, d] float32 (+ train.progress/, one record per process's shard)
     clusters/clusters.json     assignments, sizes, source mix; clusters/centroids.safetensors
     experts/<c>/               PEFT adapter folders, c = 1..C
 
@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 import time
 from contextlib import contextmanager
@@ -124,47 +125,113 @@ class Manifest:
 
 
 class FeatureStore:
-    """An [N, d] float32 .npy file filled in order, with a durable count of finished rows.
+    """An [N, d] float32 .npy file filled by one or more processes, each over its own rows.
 
-    Rows are written with positioned writes (no memory map, so resident memory stays at one
-    batch however large the file) and fsync'ed before `progress.json` (written atomically)
-    advances, so after a crash every row below the recorded count is complete.
+    Every process writes its contiguous shard of rows with positioned writes (no memory map, so
+    resident memory stays at one batch however large the file), fsyncs them, and only then
+    advances its shard's progress record in `<name>.progress/` (one small JSON per shard,
+    written atomically). After a crash every row below a record's `done` is complete; a re-run
+    resumes each shard after the rows that any record covers, whatever the number of processes.
+
+        store = FeatureStore(path, n, d, fingerprint)
+        store.prepare()                     # main process, before the others open it
+        shard = store.shard(start, end)     # every process; shard.done = where to resume
+        shard.write(row, rows); shard.commit(done); shard.close()
+        store.complete()                    # every row covered?
     """
 
     def __init__(self, path: str | Path, n: int, dim: int, fingerprint: str):
         self.path = Path(path)
-        self.progress_path = self.path.with_suffix(".progress.json")
+        self.progress_dir = self.path.with_suffix(".progress")
         self.n, self.dim, self.fingerprint = n, dim, fingerprint
-        self.done = 0
-        prog = json.loads(self.progress_path.read_text()) if self.progress_path.exists() else None
-        resumable = prog and prog.get("fingerprint") == fingerprint and prog.get("shape") == [n, dim]
-        if resumable and self.path.exists():
-            self.done = int(prog["done"])
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            header = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(n, dim))
-            del header  # only wanted the .npy header and the (sparse) allocation
-            self._commit()
-        self.offset = FeatureFile(self.path, check_size=False).offset
-        self.fd = os.open(self.path, os.O_RDWR)
+
+    def prepare(self) -> None:
+        """Keep a resumable file, or start a fresh one (dropping stale progress). Main process only."""
+        self.path.with_suffix(".progress.json").unlink(missing_ok=True)  # single-record layout (<= 0.1)
+        if self.path.exists() and self._records():
+            return
+        self.reset()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        header = np.lib.format.open_memmap(self.path, mode="w+", dtype=np.float32, shape=(self.n, self.dim))
+        del header  # only wanted the .npy header and the (sparse) allocation
+        self.progress_dir.mkdir(parents=True, exist_ok=True)
+
+    def reset(self) -> None:
+        """Forget all progress (the next prepare() starts over)."""
+        shutil.rmtree(self.progress_dir, ignore_errors=True)
+        self.path.with_suffix(".progress.json").unlink(missing_ok=True)
+
+    def _records(self) -> list[dict]:
+        """Progress records that belong to this fingerprint and shape."""
+        out = []
+        for f in sorted(self.progress_dir.glob("rows-*.json")) if self.progress_dir.is_dir() else []:
+            try:
+                rec = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+                continue  # a record is written atomically; anything else is not ours
+            if rec.get("fingerprint") == self.fingerprint and rec.get("shape") == [self.n, self.dim]:
+                out.append(rec)
+        return out
+
+    def covered(self) -> list[tuple[int, int]]:
+        """Merged intervals [start, done) of complete rows."""
+        spans = sorted((int(r["start"]), int(r["done"])) for r in self._records() if r["done"] > r["start"])
+        merged: list[tuple[int, int]] = []
+        for s, e in spans:
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        return merged
+
+    def rows_done(self) -> int:
+        return sum(e - s for s, e in self.covered())
+
+    def complete(self) -> bool:
+        return self.covered() == [(0, self.n)] or self.n == 0
+
+    def shard(self, start: int, end: int) -> "FeatureShard":
+        """Open rows [start, end) for writing; its `done` is the first row not yet covered."""
+        if not self.path.exists():
+            raise RunDirError(f"{self.path}: feature store missing; the main process prepares it first")
+        done = start
+        for s, e in self.covered():
+            if s <= done < e:
+                done = min(e, end)
+        return FeatureShard(self, start, end, done)
+
+
+class FeatureShard:
+    """One process's rows [start, end) of a FeatureStore, with its own durable progress record."""
+
+    def __init__(self, store: FeatureStore, start: int, end: int, done: int):
+        self.store, self.start, self.end, self.done = store, start, end, done
+        self.record = store.progress_dir / f"rows-{start:010d}-{end:010d}.json"
+        self.offset = FeatureFile(store.path, check_size=False).offset
+        self.fd = os.open(store.path, os.O_RDWR)
+        self._save()
 
     def write(self, start: int, rows: np.ndarray) -> None:
+        if not (self.start <= start and start + len(rows) <= self.end):
+            raise ValueError(f"rows {start}..{start + len(rows)} are outside shard {self.start}..{self.end}")
         data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
-        os.pwrite(self.fd, data, self.offset + start * self.dim * 4)
+        os.pwrite(self.fd, data, self.offset + start * self.store.dim * 4)
 
     def commit(self, done: int) -> None:
-        """Make rows [0, done) durable, then record the count."""
+        """Make rows [start, done) durable, then record the count."""
         os.fsync(self.fd)
         self.done = done
-        self._commit()
+        self._save()
 
-    def _commit(self):
-        write_json(self.progress_path, {"fingerprint": self.fingerprint, "shape": [self.n, self.dim],
-                                        "done": self.done})
+    def _save(self):
+        write_json(self.record, {"fingerprint": self.store.fingerprint, "shape": [self.store.n, self.store.dim],
+                                 "start": self.start, "end": self.end, "done": self.done,
+                                 "pid": os.getpid(), "host": socket.gethostname()})
 
-    def finish(self) -> None:
-        self.commit(self.n)
-        os.close(self.fd)
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class FeatureFile:

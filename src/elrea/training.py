@@ -1,15 +1,21 @@
 """Training: fit a LoRA adapter with transformers' Trainer (steps 1 and 4 of docs/method.md).
 
 Trainer makes `accelerate launch elrea fit ...` data-parallel across GPUs with no change
-here. The adapter is saved as a standard PEFT folder, written atomically; the base adapter
-also keeps its AdamW moments (exp_avg, exp_avg_sq) in `adam_moments.safetensors`, which the
-Adam-preconditioned gradient features need. Trainer checkpoints (pickles) are never written.
+here (inside `elrea.distributed.alone()` it trains in this process only). It trains on the
+model's device, with bf16/fp16 mixed precision when the backbone is bfloat16/float16 (LoRA
+weights stay float32), and optional gradient checkpointing. The adapter is saved as a
+standard PEFT folder, written atomically, with `training.json` (the summary and the stage
+fingerprint that says it is finished); the base adapter also keeps its AdamW moments
+(exp_avg, exp_avg_sq) in `adam_moments.safetensors`, which the Adam-preconditioned gradient
+features need. Trainer checkpoints (pickles) are never written.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,10 +24,15 @@ import torch
 
 from .config import TrainConfig
 from .data import Encoded, collate
+from .models import model_device
 from .rundir import atomic_path
 
 log = logging.getLogger(__name__)
 MOMENTS_FILE = "adam_moments.safetensors"
+SUMMARY_FILE = "training.json"
+# AdamW's constants, passed to Trainer and used again by the Adam preconditioner (features).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 
 
 class _ListDataset(torch.utils.data.Dataset):
@@ -36,15 +47,20 @@ class _ListDataset(torch.utils.data.Dataset):
 
 
 def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir: str | Path,
-                  pad_id: int, seed: int, save_moments: bool = False, desc: str = "train") -> dict:
+                  pad_id: int, seed: int, save_moments: bool = False, desc: str = "train",
+                  precision: str = "float32", fingerprint: str | None = None, meta: dict | None = None) -> dict:
     """Train the active adapter of `peft_model` on `examples`; save it to `out_dir`.
 
-    Returns a summary: optimizer steps, final training loss, seconds.
+    `precision` is the backbone's dtype: bfloat16 trains under bf16 autocast, float16 under
+    fp16 autocast with loss scaling (CUDA only; elsewhere the fp16 backbone runs as it is).
+    Returns a summary: optimizer steps, final training loss, seconds (also saved, with
+    `fingerprint` and `meta`, as out_dir/training.json).
     """
     from transformers import Trainer, TrainingArguments
 
     out_dir = Path(out_dir)
-    world = max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1)
+    device = model_device(peft_model)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # 1 inside distributed.alone()
     accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
     steps = _steps(len(examples), cfg, accum)
     scratch = tempfile.TemporaryDirectory(prefix="elrea-trainer-")  # Trainer wants one; we save ourselves
@@ -53,23 +69,33 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
         gradient_accumulation_steps=accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, lr_scheduler_type="linear",
         warmup_steps=int(cfg.warmup_ratio * steps),
-        weight_decay=cfg.weight_decay, optim="adamw_torch", save_strategy="no", report_to=[],
+        weight_decay=cfg.weight_decay, optim="adamw_torch", adam_beta1=ADAM_BETAS[0],
+        adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, save_strategy="no", report_to=[],
         logging_steps=max(1, steps // 10), seed=seed, data_seed=seed,
+        use_cpu=device.type == "cpu", bf16=precision == "bfloat16",
+        fp16=precision == "float16" and device.type == "cuda",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        ddp_find_unused_parameters=False,  # every LoRA factor of the active adapter is used
         remove_unused_columns=False, dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=False)
+        dataloader_pin_memory=device.type == "cuda", disable_tqdm=False)
     trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(examples),
                       data_collator=lambda b: collate(b, pad_id, side="right"))
     t0 = time.time()
-    log.info("%s: %d examples, %d optimizer steps of %d sequences", desc, len(examples),
-             steps, cfg.micro_batch_size * accum * world)
+    log.info("%s: %d examples, %d optimizer steps of %d sequences on %s", desc, len(examples),
+             steps, cfg.micro_batch_size * accum * world, device)
     result = trainer.train()
     seconds = time.time() - t0
+    summary = {"steps": int(result.global_step), "train_loss": float(result.training_loss),
+               "seconds": round(seconds, 2), "examples": len(examples)}
     if trainer.is_world_process_zero():
-        save_adapter(peft_model, out_dir, trainer.optimizer if save_moments else None)
+        save_adapter(peft_model, out_dir, trainer.optimizer if save_moments else None,
+                     meta={**summary, **(meta or {}), "fingerprint": fingerprint})
+    if cfg.gradient_checkpointing:
+        peft_model.base_model.model.gradient_checkpointing_disable()
     peft_model.eval()
     scratch.cleanup()
-    return {"steps": int(result.global_step), "train_loss": float(result.training_loss),
-            "seconds": round(seconds, 2), "examples": len(examples)}
+    return summary
 
 
 def _steps(n: int, cfg: TrainConfig, accum: int) -> int:
@@ -78,13 +104,14 @@ def _steps(n: int, cfg: TrainConfig, accum: int) -> int:
     return max(1, math.ceil(math.ceil(n / cfg.micro_batch_size) / accum) * math.ceil(cfg.epochs))
 
 
-def save_adapter(peft_model, out_dir: Path, optimizer=None) -> None:
-    """Save the active adapter as a PEFT folder (safetensors) atomically, with Adam moments."""
+def save_adapter(peft_model, out_dir: Path, optimizer=None, meta: dict | None = None) -> None:
+    """Save the active adapter as a PEFT folder (safetensors) atomically, with Adam moments
+    and `training.json` (meta) when given."""
     from safetensors.torch import save_file
 
+    name = peft_model.active_adapter
     with atomic_path(out_dir, is_dir=True) as tmp:
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
-        name = peft_model.active_adapter
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=[name])
         sub = tmp / name if name != "default" and (tmp / name).is_dir() else tmp
         if sub != tmp:  # PEFT writes non-default adapters into a sub-folder: flatten it
             for f in sub.iterdir():
@@ -92,6 +119,20 @@ def save_adapter(peft_model, out_dir: Path, optimizer=None) -> None:
             sub.rmdir()
         if optimizer is not None:
             save_file(adam_moments(peft_model, optimizer), str(tmp / MOMENTS_FILE))
+        if meta is not None:
+            (tmp / SUMMARY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def trained_summary(adapter_dir: str | Path, fingerprint: str) -> dict | None:
+    """The saved training summary if `adapter_dir` holds an adapter finished under `fingerprint`."""
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_model.safetensors").exists():
+        return None
+    try:
+        meta = json.loads((adapter_dir / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return meta if meta.get("fingerprint") == fingerprint else None
 
 
 def adam_moments(peft_model, optimizer) -> dict[str, torch.Tensor]:

@@ -1,0 +1,357 @@
+"""python benchmarks/gpu.py  -- elrea on a GPU: gradient features, ensembled decoding, routing, memory.
+
+Runs wherever CUDA is available and refuses elsewhere (`--smoke` runs the same code on a tiny
+model on the CPU, for tests; its timings mean nothing). No weights are downloaded: each
+architecture is built from its config with random weights (speed and memory do not depend on
+the weights), a bf16 backbone with float32 LoRA rank 8 on every linear layer, B random so
+every adapter's gradients and logits differ. Inputs are random token sequences shaped like
+instruction data. Side by side, in one run, per architecture:
+
+features (batch 16, instruction-only loss on the last 60% of each sequence):
+- elrea: `Featurizer` (one backward per batch, exact per-example gradients, sparse JL to 8192);
+- the LESS way: one backward per example (autograd), the flattened gradient, then a dense
+  Rademacher projection to 8192 applied blockwise (chunks of P generated on the GPU);
+- a plain training forward+backward on the same batches (the floor);
+- agreement: elrea's per-example gradients through the same dense projection vs the LESS
+  features (cosine, float64), and peak GPU memory of each.
+decoding (base + 4 experts, 128 new tokens, greedy, batch 1, 8, 32):
+- PEFT `generate` with one adapter; the naive ensemble (one forward per adapter per step);
+- elrea's ensemble (one grouped-LoRA forward per step for all adapters);
+- gradient routing cost per prompt (batch 1 and 8) against one decoded token at batch 1.
+end to end (`--e2e-model DIR --e2e-data DIR`): `elrea fit` + `elrea eval` of a real model
+(e.g. SmolLM2-135M-Instruct converted by elrea) on train.jsonl / test.jsonl on the GPU.
+
+Targets on an H100 (a benchmark, not a test): features >= 20x the LESS way and <= 1.3x a
+training forward+backward; ensemble of 5 >= 0.8x a single adapter at batch 1; routing <= 5
+decoded tokens. Writes benchmarks/results/gpu-<device>.json (device, torch, CUDA versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # _common, when imported from elsewhere
+
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+TARGETS = {"features_speedup_vs_less": 20.0, "features_over_fwd_bwd": 1.3, "ensemble_over_single_b1": 0.8,
+           "routing_over_token": 5.0}
+
+# Public configs of the architectures (no weights): shapes are what speed and memory depend on.
+ARCHS = {
+    "llama-3.2-1b": ("llama", dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                                   num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                                   max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True)),
+    "qwen2.5-1.5b": ("qwen2", dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                   num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                   max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True)),
+    "tiny": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
+                           tie_word_embeddings=True)),
+}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--archs", nargs="+", default=["llama-3.2-1b", "qwen2.5-1.5b"], choices=list(ARCHS))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=8192)
+    ap.add_argument("--feature-batch", type=int, default=16)
+    ap.add_argument("--examples", type=int, default=64, help="examples for elrea and plain fwd+bwd")
+    ap.add_argument("--less-examples", type=int, default=16, help="examples for the LESS way and the agreement")
+    ap.add_argument("--min-len", type=int, default=64)
+    ap.add_argument("--max-len", type=int, default=192)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--e2e-model", help="a model directory for the end-to-end fit + eval")
+    ap.add_argument("--e2e-data", help="a directory with train.jsonl and test.jsonl for it")
+    ap.add_argument("--e2e-overrides", nargs="*", default=[], help="config overrides for the e2e fit")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few examples (for tests)")
+    ap.add_argument("--out", help="JSON report (default benchmarks/results/gpu-<device>.json)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.archs, args.device, args.dim, args.examples, args.less_examples = ["tiny"], "cpu", 256, 8, 4
+        args.feature_batch, args.new_tokens, args.batch_sizes, args.repeats = 4, 4, [1, 2], 1
+        args.min_len, args.max_len = 8, 24
+    return args
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def build_model(arch: str, args):
+    """A PEFT model on the device: random-weight backbone of `arch` in args.dtype, adapters
+    base + expert_1..expert_k (float32 LoRA, random B), "base" active, eval mode."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from elrea.config import LoraConfig
+    from elrea.models import peft_lora_config
+
+    kind, shape = ARCHS[arch]
+    cfg = AutoConfig.for_model(kind, **shape)
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):   # initialise on the GPU: seconds, not minutes
+        backbone = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, args.dtype))
+    backbone.eval().requires_grad_(False)
+    n_backbone = sum(p.numel() for p in backbone.parameters())
+    adapters = ["base"] + [f"expert_{c}" for c in range(1, args.experts + 1)]
+    model = get_peft_model(backbone, peft_lora_config(LoraConfig(rank=args.rank)), adapter_name="base")
+    for a in adapters[1:]:
+        model.add_adapter(a, peft_lora_config(LoraConfig(rank=args.rank)))
+    C.randomize_lora_b(model, 0.02, args.seed)
+    model.set_adapter("base")
+    return model.eval(), adapters, {"arch": arch, "config": shape, "backbone_params": n_backbone}
+
+
+def examples(n: int, args, vocab: int, seed: int) -> list:
+    """Random token sequences (lengths in [min_len, max_len]); loss on the last 60%, as an
+    instruction-only loss covers the user turn and the generation prompt."""
+    from elrea.data import Encoded
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    out = []
+    for _ in range(n):
+        T = int(torch.randint(args.min_len, args.max_len + 1, (1,), generator=gen))
+        ids = torch.randint(10, vocab, (T,), generator=gen).tolist()
+        ctx = int(0.4 * T)
+        out.append(Encoded(ids, [-100] * ctx + ids[ctx:]))
+    return out
+
+
+class DenseGpuProjector:
+    """The LESS/TRAK dense Rademacher projection, P_ji = +-1/sqrt(d), generated blockwise on the
+    device from the seed (never whole). Not elrea's RademacherProjector, which generates on the
+    CPU so that P is the same on every device: too slow for a GPU reference."""
+
+    def __init__(self, num_params: int, dim: int, seed: int, device, rows: int = 8192):
+        self.num_params, self.dim, self.seed, self.device, self.rows = num_params, dim, seed, device, rows
+
+    def project(self, g: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(g.shape[0], self.dim, device=self.device)
+        gen = torch.Generator(device=self.device)
+        for k, s in enumerate(range(0, g.shape[1], self.rows)):
+            gen.manual_seed(self.seed * 100003 + k)
+            block = torch.randint(0, 2, (min(self.rows, g.shape[1] - s), self.dim), generator=gen,
+                                  device=self.device, dtype=torch.int8)
+            out.addmm_(g[:, s:s + self.rows].float(), (block.float() * 2 - 1) / self.dim ** 0.5)
+        return out
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def measure(fn, args, warmup=None):
+    """(median seconds, peak GPU memory MiB during one run, result), GPU work synchronised."""
+    dev = torch.device(args.device)
+
+    def run():
+        out = fn()
+        C.sync(dev)
+        return out
+
+    sec, _, out = C.timed(run, args.repeats, warmup)
+    peak = None
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        run()
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20
+    return sec, peak, out
+
+
+def features_phase(model, args, vocab: int) -> dict:
+    from elrea.data import collate
+    from elrea.features import Featurizer, num_lora_params, per_example_gradients
+    from elrea.projection import SparseProjector
+    from speed_features import plain_fwd_bwd, reference_gradients
+
+    ex = examples(args.examples, args, vocab, args.seed)
+    less_ex = ex[:args.less_examples]
+    p = num_lora_params(model, "base")
+    feat = Featurizer(model, SparseProjector(p, args.dim, args.seed), adapter="base", pad_id=0,
+                      batch_size=args.feature_batch)
+    params = [q for n, q in model.named_parameters() if ".base." in n and ".lora_" in n]
+    for q in params:
+        q.requires_grad_(True)
+    dense = DenseGpuProjector(p, args.dim, args.seed, args.device)
+    batches = [collate(ex[s:s + args.feature_batch], 0) for s in range(0, len(ex), args.feature_batch)]
+    R = {}
+    C.log(f"features: elrea on {len(ex)} examples ...")
+    R["elrea"] = measure(lambda: feat.features(ex), args, warmup=lambda: feat.features(ex[:args.feature_batch]))
+    C.log("features: plain training forward+backward ...")
+    R["plain_fwd_bwd"] = measure(lambda: plain_fwd_bwd(model, batches), args,
+                                 warmup=lambda: plain_fwd_bwd(model, batches[:1]))
+    C.log(f"features: the LESS way on {len(less_ex)} examples ...")
+
+    def less():
+        G = reference_gradients(model, params, less_ex)              # (n, p), one backward each
+        return dense.project(G)
+
+    R["less"] = measure(less, args, warmup=lambda: dense.project(reference_gradients(model, params, less_ex[:1])))
+    # agreement: elrea's batched gradients through the same dense projection
+    G = torch.cat([per_example_gradients(model, collate(less_ex[s:s + args.feature_batch], 0))
+                   for s in range(0, len(less_ex), args.feature_batch)])
+    cos = F.cosine_similarity(dense.project(G).double(), R["less"][2].double(), dim=1)
+    model.zero_grad(set_to_none=True)
+    n, n_less = len(ex), len(less_ex)
+    rates = {"elrea": n / R["elrea"][0], "plain_fwd_bwd": n / R["plain_fwd_bwd"][0], "less": n_less / R["less"][0]}
+    return {"examples": n, "less_examples": n_less, "batch": args.feature_batch, "lora_params": p,
+            "examples_per_s": rates, "peak_mib": {k: v[1] for k, v in R.items()},
+            "speedup_vs_less": rates["elrea"] / rates["less"],
+            "over_plain_fwd_bwd": R["elrea"][0] / R["plain_fwd_bwd"][0],
+            "agreement_cosine_min": float(cos.min()), "agreement_cosine_mean": float(cos.mean())}
+
+
+def decoding_phase(model, adapters, args, vocab: int) -> dict:
+    from elrea.features import Featurizer, num_lora_params
+    from elrea.projection import SparseProjector
+    from speed_generate import elrea_generate, naive_generate, one_hot, peft_generate, routing_weights
+
+    n_tok, out = args.new_tokens, {}
+    prompts_all = examples(max(args.batch_sizes), args, vocab, args.seed + 1)
+    W = routing_weights(max(args.batch_sizes), len(adapters), args.seed)
+    feat = Featurizer(model, SparseProjector(num_lora_params(model, "base"), args.dim, args.seed),
+                      adapter="base", pad_id=0, batch_size=16)
+    for B in args.batch_sizes:
+        prompts, w = [e.input_ids for e in prompts_all[:B]], W[:B]
+        methods = {"single_adapter_peft": lambda m: peft_generate(model, prompts, "base", 0, None, m),
+                   "naive_ensemble": lambda m: naive_generate(model, prompts, w, adapters, 0, m),
+                   "elrea": lambda m: elrea_generate(model, prompts, w, adapters, 0, m)}
+        res, toks = {}, {}
+        for name, fn in methods.items():
+            C.log(f"decoding b={B}: {name} ...")
+            sec, peak, toks[name] = measure(lambda: fn(n_tok), args, warmup=lambda: fn(2))
+            res[name] = {"seconds": sec, "tokens_per_s": B * n_tok / sec, "peak_mib": peak}
+        floor = res["single_adapter_peft"]["tokens_per_s"]
+        for r in res.values():
+            r["ratio_to_single"] = r["tokens_per_s"] / floor
+        res["elrea_equals_naive"] = toks["elrea"] == toks["naive_ensemble"]
+        res["one_hot_equals_peft"] = elrea_generate(model, prompts, one_hot(B, len(adapters)), adapters, 0,
+                                                    n_tok) == toks["single_adapter_peft"]
+        sec, _, _ = measure(lambda: feat.batch(prompts_all[:B]), args)
+        res["routing_ms_per_prompt"] = 1000 * sec / B
+        out[str(B)] = res
+    token_ms = 1000 * out[str(args.batch_sizes[0])]["single_adapter_peft"]["seconds"] / n_tok
+    out["decoded_token_ms_b1"] = token_ms
+    out["routing_over_token_b1"] = out[str(args.batch_sizes[0])]["routing_ms_per_prompt"] / token_ms
+    return out
+
+
+def e2e_phase(args) -> dict:
+    """`elrea fit` + `elrea eval` of a real model on the device, as a user would run them."""
+    from elrea import ELREA
+    from elrea.config import load_config
+    from elrea.data import load_records
+    from elrea.evaluation import evaluate
+    from elrea.pipeline import fit
+
+    data, out = Path(args.e2e_data), Path("benchmarks/work/gpu-e2e")
+    cfg = load_config(None, [f"model.name={args.e2e_model}", f"model.device={args.device}", *args.e2e_overrides])
+    t0 = time.time()
+    fit(data / "train.jsonl", out, cfg)
+    t_fit = time.time() - t0
+    m = ELREA.from_pretrained(out, device=args.device)
+    t0 = time.time()
+    result = evaluate(m, load_records(data / "test.jsonl"), progress=False)
+    return {"fit_s": t_fit, "eval_s": time.time() - t0, "accuracy": result["accuracy"],
+            "stage_seconds": {k: v.get("seconds") for k, v in
+                              json.loads((out / "elrea.json").read_text())["stages"].items()}}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def device_info(device: str) -> dict:
+    dev = torch.device(device)
+    info = {"device": str(dev), "torch": torch.__version__, "cuda": torch.version.cuda}
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        info.update(name=props.name, memory_gib=round(props.total_memory / 2 ** 30, 1),
+                    capability=f"{props.major}.{props.minor}")
+    else:
+        info["name"] = "cpu (smoke run: timings mean nothing)"
+    return info
+
+
+def run(args) -> dict:
+    report = {"device": device_info(args.device), "archs": {}}
+    for arch in args.archs:
+        C.log(f"{arch}: building from its config with random weights ...")
+        model, adapters, info = build_model(arch, args)
+        vocab = ARCHS[arch][1]["vocab_size"]
+        report["archs"][arch] = {**info, "features": features_phase(model, args, vocab),
+                                 "decoding": decoding_phase(model, adapters, args, vocab)}
+        del model
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.empty_cache()
+    if args.e2e_model and args.e2e_data:
+        report["e2e"] = e2e_phase(args)
+    report["targets"] = {arch: targets(r, args) for arch, r in report["archs"].items()}
+    return report
+
+
+def targets(r: dict, args) -> dict:
+    f, d = r["features"], r["decoding"]
+    b1 = d[str(args.batch_sizes[0])]
+    return {"features_speedup_ge_20x_less": f["speedup_vs_less"] >= TARGETS["features_speedup_vs_less"],
+            "features_le_1_3x_fwd_bwd": f["over_plain_fwd_bwd"] <= TARGETS["features_over_fwd_bwd"],
+            "agreement_cosine_ge_0_999": f["agreement_cosine_min"] >= 0.999,
+            "ensemble_ge_0_8x_single_b1": b1["elrea"]["ratio_to_single"] >= TARGETS["ensemble_over_single_b1"],
+            "routing_le_5_tokens": d["routing_over_token_b1"] <= TARGETS["routing_over_token"],
+            "elrea_equals_naive": all(d[str(B)]["elrea_equals_naive"] for B in args.batch_sizes)}
+
+
+def show(report: dict, args):
+    for arch, r in report["archs"].items():
+        f, d = r["features"], r["decoding"]
+        C.print_table(
+            f"{arch} ({report['device']['name']}): gradient features, {f['lora_params']:,} LoRA params -> "
+            f"{args.dim}", ["method", "examples/s", "x LESS", "peak MiB"],
+            [["elrea (batched per-example, sparse JL)", f["examples_per_s"]["elrea"], f["speedup_vs_less"],
+              f["peak_mib"]["elrea"]],
+             ["LESS way (backward per example, dense)", f["examples_per_s"]["less"], 1.0, f["peak_mib"]["less"]],
+             ["plain training fwd+bwd", f["examples_per_s"]["plain_fwd_bwd"], None, f["peak_mib"]["plain_fwd_bwd"]]],
+            [f"elrea / plain fwd+bwd: {f['over_plain_fwd_bwd']:.2f} (target <= 1.3); agreement cosine min "
+             f"{f['agreement_cosine_min']:.6f}"])
+        bs = [str(B) for B in args.batch_sizes]
+        rows = [[m] + [x for B in bs for x in (d[B][m]["tokens_per_s"], d[B][m]["ratio_to_single"])]
+                for m in ("single_adapter_peft", "naive_ensemble", "elrea")]
+        rows.append(["routing ms per prompt"] + [x for B in bs for x in (d[B]["routing_ms_per_prompt"], None)])
+        C.print_table(f"{arch}: decoding {args.new_tokens} tokens, {args.experts + 1} adapters",
+                      ["method"] + [h for B in bs for h in (f"tok/s b={B}", f"x single b={B}")], rows,
+                      [f"routing = {d['routing_over_token_b1']:.1f} decoded tokens at batch 1 (target <= 5); "
+                       f"elrea == naive tokens: {[d[B]['elrea_equals_naive'] for B in bs]}",
+                       f"targets: {report['targets'][arch]}"])
+    print(f"command: {report['command']}")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        print("benchmarks/gpu.py needs a CUDA GPU and this machine has none (torch "
+              f"{torch.__version__}). Run it on a GPU machine, or `--smoke` to check the code on the CPU.",
+              file=sys.stderr)
+        raise SystemExit(2)
+    C.setup(argparse.Namespace(threads=None, seed=args.seed))
+    report = {"command": C.command_line(str(Path(__file__)), argv), "machine": C.machine(), **run(args)}
+    show(report, args)
+    slug = re.sub(r"[^a-z0-9]+", "-", report["device"]["name"].lower()).strip("-")
+    out = Path(args.out) if args.out else C.RESULTS / (f"gpu-{slug}.json" if not args.smoke else "gpu_smoke.json")
+    C.write_report(out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
