@@ -182,3 +182,19 @@ def test_gradient_checkpointing_trains_the_same_adapter(tmp_path, tiny_model_dir
                 load_config(None, [f"model.name={tiny_model_dir}", *FAST, "base.max_steps=3",
                                    "base.gradient_checkpointing=true"]), until="base")
     assert json.loads((again / "elrea.json").read_text())["stages"]["base"]["status"] == "done"
+
+
+def test_single_process_trainer_is_pinned_to_the_models_gpu(monkeypatch, tmp_path):
+    """Outside DDP, TrainingArguments would take cuda:0 and every visible GPU (DataParallel)."""
+    from transformers import TrainingArguments
+
+    from elrea.training import pin_to_device
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: current.append(torch.device(d)))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=not torch.cuda.is_available())
+    pin_to_device(args, torch.device("cuda", 1))
+    assert args.device == torch.device("cuda", 1) and args.n_gpu == 1 and current[-1] == torch.device("cuda", 1)
+    cpu_args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    pin_to_device(cpu_args, torch.device("cpu"))
+    assert cpu_args.device == torch.device("cpu")

@@ -200,3 +200,20 @@ def test_not_a_causal_lm_is_a_clear_error(tmp_path):
         load_backbone(ModelConfig(name=str(tmp_path)))
     with pytest.raises(ModelError, match="cannot load model"):
         load_backbone(ModelConfig(name=str(tmp_path / "nope")))
+
+
+@pytest.mark.slow
+def test_from_experts_retrains_every_expert(tmp_path, fitted_run, toy_data, fast_overrides):
+    """--from forces a stage even when its fingerprint and finished experts say it is done."""
+    from elrea.config import load_config
+    from elrea.pipeline import fit
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    before = {c: (run / "experts" / str(c) / "adapter_model.safetensors").stat().st_mtime_ns for c in range(1, 5)}
+    time.sleep(0.01)
+    fit(toy_data / "train.jsonl", run, load_config(None, fast_overrides + ["clustering.num_clusters=4"]),
+        from_stage="experts")
+    for c, mtime in before.items():
+        assert (run / "experts" / str(c) / "adapter_model.safetensors").stat().st_mtime_ns != mtime
+    assert _json(run / "elrea.json")["stages"]["experts"]["status"] == "done"

@@ -31,13 +31,14 @@ def _console():
 
 
 def _table(title: str, columns: list[str], rows: list[list]):
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=title)
     for c in columns:
         t.add_column(c, justify="right" if c not in (columns[0],) else "left")
-    for r in rows:
-        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r])
+    for r in rows:  # escaped: a cell like "elrea[qlora]" is text, not rich markup
+        t.add_row(*[escape(f"{v:.3f}" if isinstance(v, float) else str(v)) for v in r])
     _console().print(t)
 
 

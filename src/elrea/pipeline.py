@@ -148,8 +148,8 @@ def stage_clusters(ctx: _Context) -> dict:
 def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
     """Expert c continues the base adapter on cluster c. With N processes, `experts.parallel`
     = data trains each expert on all of them in turn (DDP through Trainer); = experts trains
-    expert c alone on process c mod N. An expert whose folder holds a summary under this
-    stage's fingerprint is finished and kept."""
+    expert c alone on process c mod N. Resuming (not forced by --from, same fingerprint), an
+    expert whose folder holds a summary under this stage's fingerprint is finished and kept."""
     from transformers import set_seed
 
     procs, fp = ctx.procs, ctx.fp["experts"]
@@ -161,7 +161,7 @@ def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
         out_dir = ctx.out / "experts" / str(c)
         if mode == "experts" and c % procs.world != procs.rank:
             continue
-        if trained_summary(out_dir, fp) is not None:
+        if "experts" not in ctx.fresh and trained_summary(out_dir, fp) is not None:
             log.info("expert %d/%d: already trained, kept", c, C)
             continue
         seed = ctx.cfg.stage_seed(f"expert-{c}")

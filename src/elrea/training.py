@@ -79,6 +79,7 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
         ddp_find_unused_parameters=False,  # every LoRA factor of the active adapter is used
         remove_unused_columns=False, dataloader_num_workers=0,
         dataloader_pin_memory=device.type == "cuda", disable_tqdm=False)
+    pin_to_device(args, device)
     trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(examples),
                       data_collator=lambda b: collate(b, pad_id, side="right"))
     t0 = time.time()
@@ -96,6 +97,24 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     peft_model.eval()
     scratch.cleanup()
     return summary
+
+
+def pin_to_device(args, device: torch.device) -> None:
+    """Keep a single-process Trainer on the model's GPU.
+
+    Outside DDP, transformers' TrainingArguments takes cuda:0 and, with several GPUs visible,
+    wraps the model in nn.DataParallel over all of them: wrong for `--device cuda:1`, and for
+    expert-parallel training, where every process trains alone on its own GPU while all GPUs
+    stay visible. The device is set as the current one and as args.device (a cached property).
+    """
+    from transformers.training_args import ParallelMode
+
+    if device.type != "cuda" or args.parallel_mode == ParallelMode.DISTRIBUTED:
+        return
+    _ = args.device  # transformers' own device set-up first (it sets cuda:0 as current)
+    torch.cuda.set_device(device)
+    args._n_gpu = 1
+    args.__dict__["_setup_devices"] = device
 
 
 def _steps(n: int, cfg: TrainConfig, accum: int) -> int:
