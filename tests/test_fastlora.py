@@ -98,3 +98,16 @@ def test_unsupported_adapters_fall_back_to_peft_mixed_batches(tiny_model_dir):
                     logits = logits + wc * model(input_ids=torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
         assert toks == ids[len(p):]
+
+
+def test_untested_peft_versions_fall_back(monkeypatch):
+    """Grouped LoRA reads PEFT internals: outside the tested range it is not used."""
+    import peft
+
+    from elrea import fastlora
+
+    assert fastlora.peft_tested()  # the installed PEFT is a tested one (CI installs from pyproject)
+    monkeypatch.setattr(peft, "__version__", "0.30.0")
+    assert not fastlora.peft_tested()
+    monkeypatch.setattr(peft, "__version__", "0.20.1")
+    assert not fastlora.peft_tested()

@@ -97,73 +97,174 @@ class ELREA:
     def _messages(self, prompt) -> list[dict]:
         return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
+    def encode(self, prompts, raw: bool = False) -> list:
+        """data.Encoded of each prompt: a string (one user turn) or chat messages through the chat
+        template exactly as in training; with raw=True, strings tokenised as they are (no template).
+        Already-encoded prompts pass through."""
+        from .data import Encoded
+
+        prompts = [prompts] if isinstance(prompts, (str, Encoded)) else list(prompts)
+        out = []
+        for p in prompts:
+            if isinstance(p, Encoded):
+                out.append(p)
+            elif raw:
+                if not isinstance(p, str):
+                    raise ConfigError(f"raw prompts must be strings, got {type(p).__name__}")
+                out.append(self.formatter.encode_raw(p))
+            else:
+                out.append(self.formatter.encode_instruction(self._messages(p)))
+        return out
+
     def prompt_ids(self, prompt) -> list[int]:
-        return self.formatter.encode_instruction(self._messages(prompt)).input_ids
+        return self.encode(prompt)[0].input_ids
 
     def features(self, prompts: list) -> torch.Tensor:
         """Unit routing features [n, d] on the model's device: instruction-only gradients of the
-        base adapter (docs/method.md, step 5)."""
+        base adapter (docs/method.md, step 5). Prompts as for `encode`."""
         self.model.set_adapter("base")
-        enc = [self.formatter.encode_instruction(self._messages(p)) for p in prompts]
-        return self.featurizer.features(enc)
+        return self.featurizer.features(self.encode(prompts))
 
-    def route(self, prompts: list, router: str = "gradient", temperature: float | None = None,
+    def route(self, prompts, router: str = "gradient", temperature: float | None = None,
               top_k: int | None = None) -> torch.Tensor:
         """Routing weights [n, C+1] (column 0 = base adapter), float32 on the CPU; rows sum to 1."""
         from .errors import unknown_name
 
         if router not in ROUTERS:
             raise unknown_name("router", router, ROUTERS)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        enc = self.encode(prompts)
         r = self.config.routing
         t = r.temperature if temperature is None else temperature
         if t <= 0:
             raise ConfigError(f"routing.temperature: must be > 0, got {t!r}")
-        feats = self.features(prompts) if router == "gradient" else \
-            torch.zeros(len(prompts), 1, device=self.device)
+        feats = self.features(enc) if router == "gradient" else torch.zeros(len(enc), 1, device=self.device)
         return ROUTERS[router](feats, self.centroids, t, r.top_k if top_k is None else top_k).cpu()
 
-    def generate(self, prompts: list, weights: torch.Tensor | None = None, max_new_tokens: int | None = None,
-                 temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                 mode: str = "logits") -> list[str]:
-        """Ensembled generation. `weights` [n, C+1] overrides routing."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        g = self.config.generation
-        weights = self.route(prompts) if weights is None else _check_weights(weights, len(prompts),
-                                                                              len(self.adapters))
-        gen = torch.Generator(device=self.device).manual_seed(
-            self.config.stage_seed("generate") if seed is None else seed)
-        texts = []
-        for s in range(0, len(prompts), g.batch_size):
-            ids = [self.prompt_ids(p) for p in prompts[s:s + g.batch_size]]
-            w, names = weights[s:s + g.batch_size], self.adapters
+    def decoding(self, generation_config=None, seed: int | None = None, **kwargs) -> ensemble.Decoding:
+        """How to decode, from the run's `generation` defaults, a transformers GenerationConfig and
+        keyword arguments (elrea.generation.GENERATION_ARGS); unknown names are an error."""
+        from .generation import eos_ids, resolve
+
+        return resolve(self.config.generation, self.tokenizer, eos_ids(self.model, self.tokenizer), self.device,
+                       generation_config, seed=self.config.stage_seed("generate") if seed is None else seed,
+                       **kwargs)
+
+    def generate(self, prompts, weights: torch.Tensor | None = None, generation_config=None, *,
+                 seed: int | None = None, mode: str = "logits", raw: bool = False, streamer=None,
+                 **kwargs) -> list[str]:
+        """Ensembled generation, one text per prompt.
+
+        weights [n, C+1] override routing. Generation arguments as in transformers
+        (max_new_tokens, do_sample, temperature, top_p, top_k, min_p, repetition_penalty,
+        stop_strings, eos_token_id) or a GenerationConfig; `streamer` (a transformers
+        TextStreamer / TextIteratorStreamer, one prompt) receives tokens as they come.
+        mode="weights" mixes the experts inside each layer instead of mixing logits.
+        """
+        enc = self.encode(prompts, raw=raw)
+        decoding = self.decoding(generation_config, seed=seed, **kwargs)
+        weights = self.route(enc) if weights is None else _check_weights(weights, len(enc), len(self.adapters))
+        if streamer is not None and len(enc) != 1:
+            raise ConfigError(f"generate: a streamer takes one prompt at a time, got {len(enc)}")
+        if mode not in ("logits", "weights"):
+            raise ConfigError(f"mode: unknown {mode!r}; valid: logits, weights")
+        bs, texts = self.config.generation.batch_size, []
+        for s in range(0, len(enc), bs):
+            ids = [e.input_ids for e in enc[s:s + bs]]
+            w, names = weights[s:s + bs], self.adapters
             if mode == "weights":
                 names = ensemble.mix_in_layers(self.model, w, self.adapters)
                 w = torch.eye(len(names), device="cpu")
-            elif mode != "logits":
-                raise ConfigError(f"mode: unknown {mode!r}; valid: logits, weights")
             try:
-                toks = ensemble.generate(
-                    self.model, ids, w, names, eos_id=self.tokenizer.eos_token_id,
-                    pad_id=self.tokenizer.pad_token_id,
-                    max_new_tokens=max_new_tokens or g.max_new_tokens,
-                    temperature=g.temperature if temperature is None else temperature,
-                    top_p=g.top_p if top_p is None else top_p, generator=gen)
+                if streamer is not None:
+                    streamer.put(torch.tensor([ids[0]], device="cpu"))
+                toks = self._decode(ids, w, names, decoding, streamer)
             finally:
                 if mode == "weights":
                     for n in names:
                         self.model.delete_adapter(n)
                     self.model.set_adapter("base")
             texts += [self.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
+        if streamer is not None:
+            streamer.end()
         return texts
+
+    def _decode(self, ids, weights, names, decoding, streamer=None) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in ids]
+        steps = ensemble.decode_steps(self.model, ids, weights, names, decoding, self.tokenizer.pad_token_id)
+        for tokens, reasons in steps:
+            for b, tok in enumerate(tokens):
+                if tok is None or (reasons[b] == "stop" and tok in decoding.eos_ids):
+                    continue
+                out[b].append(tok)
+                if streamer is not None:
+                    streamer.put(torch.tensor([tok], device="cpu"))
+        return out
+
+    def stream(self, prompt, weights: torch.Tensor | None = None, generation_config=None, *,
+               seed: int | None = None, raw: bool = False, **kwargs):
+        """Generate for one prompt, yielding text as each token comes (same arguments as generate)."""
+        from .generation import TextStream
+
+        enc = self.encode(prompt, raw=raw)
+        if len(enc) != 1:
+            raise ConfigError(f"stream: one prompt at a time, got {len(enc)}")
+        decoding = self.decoding(generation_config, seed=seed, **kwargs)
+        w = self.route(enc) if weights is None else _check_weights(
+            torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1), 1, len(self.adapters))
+        text = TextStream(self.tokenizer)
+        steps = ensemble.decode_steps(self.model, [enc[0].input_ids], w, self.adapters, decoding,
+                                      self.tokenizer.pad_token_id)
+        for tokens, reasons in steps:
+            tok = tokens[0]
+            if tok is not None and not (reasons[0] == "stop" and tok in decoding.eos_ids):
+                piece = text.push(tok)
+                if piece:
+                    yield piece
 
     def score(self, prompt, continuations: list[str], weights: torch.Tensor | None = None) -> list[float]:
         """Summed log-probability of each continuation after `prompt`, under the ensemble."""
         w = self.route([prompt])[0] if weights is None else _check_weights(
             torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1), 1, len(self.adapters))[0]
         conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
-        return ensemble.score(self.model, self.prompt_ids(prompt), conts, w, self.adapters,
-                              self.tokenizer.pad_token_id)
+        return [lp for lp, _ in ensemble.score(self.model, self.prompt_ids(prompt), conts, w, self.adapters,
+                                               self.tokenizer.pad_token_id, greedy=True)]
+
+    def loglikelihood(self, requests: list[tuple[str, str]], weights: torch.Tensor | None = None,
+                      add_special_tokens: bool = False) -> list[tuple[float, bool]]:
+        """(log p(continuation | context), whether greedy decoding would produce it) for raw
+        (context, continuation) text pairs, as lm-evaluation-harness asks; each context routed
+        on its own tokens (or `weights` [n, C+1]). Contexts shared by several requests are
+        scored together. Tokenisation as lm-eval's HF backend: trailing spaces of the context
+        move to the continuation, and the continuation is what the pair's tokens add."""
+        pairs = [self._split_pair(c, x, add_special_tokens) for c, x in requests]
+        by_context: dict[tuple, list[int]] = {}
+        for i, (ctx, _) in enumerate(pairs):
+            by_context.setdefault(tuple(ctx), []).append(i)
+        contexts = [list(k) for k in by_context]
+        if weights is None:
+            from .data import Encoded
+
+            w = self.route([Encoded(c, [-100] + c[1:]) for c in contexts])
+        else:
+            w = _check_weights(weights, len(requests), len(self.adapters))
+            w = torch.stack([w[idx[0]] for idx in by_context.values()])
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        for k, (ctx, idx) in enumerate(zip(contexts, by_context.values())):
+            res = ensemble.score(self.model, ctx, [pairs[i][1] for i in idx], w[k], self.adapters,
+                                 self.tokenizer.pad_token_id, greedy=True)
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out
+
+    def _split_pair(self, context: str, continuation: str, special: bool) -> tuple[list[int], list[int]]:
+        n_space = len(context) - len(context.rstrip())
+        if n_space:
+            context, continuation = context[:-n_space], context[-n_space:] + continuation
+        whole = self.tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
+        ctx = self.tokenizer(context, add_special_tokens=special)["input_ids"]
+        if not ctx:  # an empty context: condition on the EOS token, as lm-eval does
+            ctx, whole = [self.tokenizer.eos_token_id], [self.tokenizer.eos_token_id] + whole
+        return ctx, whole[len(ctx):]
 
 
 def _check_weights(weights, n: int, k: int) -> torch.Tensor:

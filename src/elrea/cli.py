@@ -6,6 +6,7 @@
     elrea eval runs/demo --data test.jsonl
     accelerate launch -m elrea.cli fit ...   # one process per GPU (see README)
     elrea info runs/demo
+    elrea serve runs/demo --port 8000       # OpenAI-compatible server
     elrea config                       # every config field, its default and help
     elrea data export reasoning-mix --out data/mix
 """
@@ -169,6 +170,19 @@ def cmd_eval(args):
     print(f"wrote {out}")
 
 
+def cmd_serve(args):
+    try:
+        from .serve import serve
+    except ImportError as e:
+        raise ElreaError(f"elrea serve needs FastAPI and uvicorn ({e}): pip install 'elrea[serve]'") from None
+    try:
+        serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ELREA_API_KEY"),
+              device=args.device, served_name=args.served_model_name, max_batch_size=args.max_batch_size)
+    except (_Terminated, KeyboardInterrupt):
+        # uvicorn re-raises the signal it handled: by now in-flight requests have finished
+        log.info("server shut down; in-flight requests finished")
+
+
 def cmd_info(args):
     from .rundir import Manifest, read_json
 
@@ -278,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int)
     _device_arg(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)",
+                       description="Serve a run over the OpenAI API: /v1/models, /v1/completions, "
+                       "/v1/chat/completions (stream: true for server-sent events), /health. Each request "
+                       "is routed by its own gradient unless its \"elrea\" field sets weights, router or top_k.")
+    p.add_argument("run", help="run directory made by `elrea fit`")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (or set ELREA_API_KEY)")
+    p.add_argument("--served-model-name", help="the model id clients send (default: the run directory's name)")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="requests decoded together (default 16; 1 serves one request at a time)")
+    _device_arg(p)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="backbone, stages, cluster sizes and source mix")
     p.add_argument("run")

@@ -305,6 +305,15 @@ class PromptFormatter:
         ids, cut = self._truncate(ids, n_ctx, self.max_length - len(resp), rec.where)
         return Encoded(ids + resp, [-100] * len(ids) + resp, cut)
 
+    def encode_raw(self, text: str, add_special_tokens: bool = True) -> Encoded:
+        """Text as it is (no chat template: a completion prompt, an lm-eval context); every token
+        after the first carries the routing loss. Over-long text keeps its end."""
+        ids = self.tok(text, add_special_tokens=add_special_tokens)["input_ids"] or \
+            ([self.tok.bos_token_id] if self.tok.bos_token_id is not None else [self.tok.eos_token_id])
+        cut = len(ids) > self.max_length
+        ids = ids[-self.max_length:]
+        return Encoded(ids, [-100] + ids[1:], cut)
+
     def encode_instruction(self, messages: list[dict], where: str = "") -> Encoded:
         """The prompt alone (no response); loss on the last user turn + generation prompt."""
         ids, n_ctx = self.prompt_ids(messages)

@@ -18,6 +18,7 @@ apply. With one adapter at weight 1 this is exactly that adapter's own decoding.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
@@ -48,7 +49,29 @@ def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device | str = "c
     return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
 
-def _logits_processors(temperature: float, top_p: float):
+@dataclass
+class Decoding:
+    """How one prompt is decoded: a resolved transformers GenerationConfig.
+
+    processors: transformers logits processors/warpers applied to the mixed logits (their
+    input_ids are the prompt, left-padded, followed by the new tokens); stopping: transformers
+    stopping criteria (e.g. StopStringCriteria) on the same ids; eos_ids: every id that ends
+    the sequence (Llama-3 and Qwen have several). `cancelled` may be set from another thread
+    (a server whose client went away); the row then stops at the next step.
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    processors: object = None            # LogitsProcessorList or None
+    stopping: object = None              # StoppingCriteriaList or None
+    eos_ids: frozenset = frozenset()
+    generator: torch.Generator | None = None
+    cancelled: bool = False
+
+
+def sampling(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,
+             eos_ids=(), generator: torch.Generator | None = None) -> Decoding:
+    """The simple case: greedy when temperature is 0, else temperature + nucleus sampling."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
     procs = LogitsProcessorList()
@@ -56,7 +79,7 @@ def _logits_processors(temperature: float, top_p: float):
         procs.append(TemperatureLogitsWarper(temperature))
         if top_p < 1.0:
             procs.append(TopPLogitsWarper(top_p))
-    return procs
+    return Decoding(max_new_tokens, temperature > 0, procs, None, frozenset(eos_ids), generator)
 
 
 def _row_adapters(model, names: list[str]):
@@ -67,43 +90,94 @@ def _row_adapters(model, names: list[str]):
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], weights: torch.Tensor, adapters: list[str], *,
-             eos_id: int | None, pad_id: int, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, generator: torch.Generator | None = None) -> list[list[int]]:
-    """Ensembled decoding: new token ids for each prompt. weights [B, K] over `adapters`.
+def decode_steps(model, prompts: list[list[int]], weights: torch.Tensor, adapters: list[str],
+                 decodings: Decoding | list[Decoding], pad_id: int):
+    """Ensembled decoding, one step at a time: yields (tokens, reasons) after every step.
 
-    Runs on the model's device (`generator`, when sampling, must be on that device too)."""
+    tokens[b]: the id chosen for prompt b at this step (None once b had finished); reasons[b]:
+    why b finished at this step ("stop": an EOS id or a stopping criterion, "length",
+    "cancelled") or None. weights [B, K] over `adapters`; each prompt its own Decoding (or
+    one for all). Runs on the model's device; stops when every prompt has finished.
+    """
     B = len(prompts)
     device = model_device(model)
+    specs = decodings if isinstance(decodings, list) else [decodings] * B
+    shared = all(d is specs[0] for d in specs)
     prompt_of, names, row_w = _expand(weights, adapters, device)
     ids, mask = left_pad([prompts[b] for b in prompt_of.tolist()], pad_id, device)   # (R, T)
-    procs = _logits_processors(temperature, top_p)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    out_tokens = torch.zeros((B, 0), dtype=torch.long, device=device)
+    history, _ = left_pad(prompts, pad_id, device)                 # (B, T): what processors see
+    done = [False] * B
     cache, step_ids, pos = {}, ids, position_ids_from_mask(mask)
     per_row, kw = _row_adapters(model, names)
     with per_row:
-        for _ in range(max_new_tokens):
+        for t in range(max(d.max_new_tokens for d in specs)):
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=pos, use_cache=True,
                         logits_to_keep=1, **cache, **kw)  # only the last position
             cache = cache_kwargs(out)
             row_logits = out.logits[:, -1, :].float() * row_w[:, None]                # (R, V)
             logits = torch.zeros(B, row_logits.shape[1], device=device).index_add_(0, prompt_of, row_logits)
-            logits = procs(out_tokens, logits)
-            if temperature > 0:
-                nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
-            else:
-                nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out_tokens = torch.cat([out_tokens, nxt[:, None]], dim=1)
-            if eos_id is not None:
-                done |= nxt == eos_id
-            if bool(done.all()):
+            nxt = _choose(logits, history, specs, shared)                              # (B,)
+            nxt = torch.where(torch.tensor(done, device=device), torch.full_like(nxt, pad_id), nxt)
+            history = torch.cat([history, nxt[:, None]], dim=1)
+            tokens, reasons = nxt.tolist(), [None] * B
+            for b, spec in enumerate(specs):
+                if done[b]:
+                    tokens[b] = None
+                    continue
+                if spec.cancelled:
+                    reasons[b] = "cancelled"
+                elif tokens[b] in spec.eos_ids or (spec.stopping is not None and
+                                                   bool(spec.stopping(history[b:b + 1], None).any())):
+                    reasons[b] = "stop"
+                elif t + 1 >= spec.max_new_tokens:
+                    reasons[b] = "length"
+                done[b] = reasons[b] is not None
+            yield tokens, reasons
+            if all(done):
                 break
             step_ids = nxt[prompt_of][:, None]                                         # (R, 1)
             mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
             pos = pos[:, -1:] + 1
-    return [_strip(out_tokens[b].tolist(), eos_id) for b in range(B)]
+
+
+def _choose(logits: torch.Tensor, history: torch.Tensor, specs: list[Decoding], shared: bool) -> torch.Tensor:
+    """Next token of every prompt from its mixed logits [B, V]: its processors, then argmax or a
+    draw from its generator (one draw for the batch when every prompt shares one Decoding)."""
+    if shared:
+        spec = specs[0]
+        if spec.processors:
+            logits = spec.processors(history, logits)
+        if spec.do_sample:
+            return torch.multinomial(torch.softmax(logits, -1), 1, generator=spec.generator).squeeze(1)
+        return logits.argmax(-1)
+    out = []
+    for b, spec in enumerate(specs):
+        row = spec.processors(history[b:b + 1], logits[b:b + 1]) if spec.processors else logits[b:b + 1]
+        if spec.do_sample:
+            out.append(torch.multinomial(torch.softmax(row, -1), 1, generator=spec.generator)[0])
+        else:
+            out.append(row.argmax(-1))
+    return torch.cat(out)
+
+
+def generate(model, prompts: list[list[int]], weights: torch.Tensor, adapters: list[str], *,
+             eos_id: int | None = None, pad_id: int, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, generator: torch.Generator | None = None,
+             decoding: Decoding | list[Decoding] | None = None) -> list[list[int]]:
+    """Ensembled decoding: new token ids for each prompt (an EOS id and what follows removed).
+
+    weights [B, K] over `adapters`. `decoding` (one, or one per prompt) says how; without it,
+    greedy or temperature/top-p sampling with `eos_id`. Runs on the model's device
+    (`generator`, when sampling, must be on that device too)."""
+    if decoding is None:
+        decoding = sampling(temperature, top_p, max_new_tokens, [] if eos_id is None else [eos_id], generator)
+    specs = decoding if isinstance(decoding, list) else [decoding] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
+    for tokens, reasons in decode_steps(model, prompts, weights, adapters, decoding, pad_id):
+        for b, tok in enumerate(tokens):
+            if tok is not None and not (reasons[b] == "stop" and tok in specs[b].eos_ids):
+                out[b].append(tok)
+    return out
 
 
 def cache_kwargs(out) -> dict:
@@ -114,18 +188,14 @@ def cache_kwargs(out) -> dict:
     return {"past_key_values": out["past_key_values"]}
 
 
-def _strip(tokens: list[int], eos_id: int | None) -> list[int]:
-    if eos_id is not None and eos_id in tokens:
-        return tokens[: tokens.index(eos_id)]
-    return tokens
-
-
 @torch.no_grad()
 def score(model, prompt: list[int], continuations: list[list[int]], weights: torch.Tensor,
-          adapters: list[str], pad_id: int) -> list[float]:
-    """Sum over continuation tokens of log softmax(sum_c w_c logits_c): one value per continuation.
+          adapters: list[str], pad_id: int, greedy: bool = False) -> list:
+    """Sum over continuation tokens of log softmax(sum_c w_c logits_c): one value per continuation
+    (with greedy=True, (value, whether every token is the mixed logits' argmax)).
 
-    weights: [K] for this prompt. Runs on the model's device.
+    weights: [K] for this prompt. One forward for all (adapter, continuation) rows, on the
+    model's device; only the positions that predict continuation tokens are mixed.
     """
     device = model_device(model)
     weights = weights.detach().to("cpu")
@@ -133,22 +203,25 @@ def score(model, prompt: list[int], continuations: list[list[int]], weights: tor
     rows = [(j, c) for c in keep for j in range(len(continuations))]       # adapter-major
     ids, mask = left_pad([prompt + continuations[j] for j, _ in rows], pad_id, device)
     per_row, kw = _row_adapters(model, [adapters[c] for _, c in rows])
+    L = max(len(c) for c in continuations)
     with per_row:
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    use_cache=False, **kw)
-    T = ids.shape[1]
-    V = out.logits.shape[-1]
-    combined = torch.zeros(len(continuations), T, V, device=device)
+                    use_cache=False, logits_to_keep=L + 1, **kw)
+    logits = out.logits[:, -(L + 1):-1]                                     # (R, L, V): predict the last L
+    combined = torch.zeros(len(continuations), L, logits.shape[-1], device=device)
     for r, (j, c) in enumerate(rows):
-        combined[j] += float(weights[c]) * out.logits[r].float()
+        combined[j] += float(weights[c]) * logits[r].float()
     logp = torch.log_softmax(combined, dim=-1)
     scores = []
     for j, cont in enumerate(continuations):
         n = len(cont)
+        if n == 0:
+            scores.append((0.0, True) if greedy else 0.0)
+            continue
         target = torch.tensor(cont, dtype=torch.long, device=device)
-        # token t of the continuation sits at T-n+t and is predicted at position T-n+t-1
-        pred = logp[j, T - n - 1:T - 1]
-        scores.append(float(pred.gather(1, target[:, None]).sum()))
+        pred = logp[j, L - n:]                  # token t of the continuation is predicted at L-n+t
+        value = float(pred.gather(1, target[:, None]).sum())
+        scores.append((value, bool((pred.argmax(-1) == target).all())) if greedy else value)
     return scores
 
 

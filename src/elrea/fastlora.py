@@ -35,10 +35,24 @@ def _lora_modules(model):
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+# the PEFT versions whose LoRA layer internals (lora_A/B, scaling, lora_variant, merged,
+# disable_adapters) grouped LoRA is tested against; others fall back to PEFT's mixed batches
+TESTED_PEFT = ((0, 21), (0, 22))
+
+
+def peft_tested() -> bool:
+    import peft
+
+    major_minor = tuple(int(x) for x in peft.__version__.split(".")[:2])
+    return TESTED_PEFT[0] <= major_minor < TESTED_PEFT[1]
+
+
 def supported(model, adapters: list[str]) -> bool:
     """Whether `grouped_lora` reproduces PEFT exactly for these adapters on this model."""
     from peft.tuners.lora.layer import Linear
 
+    if not peft_tested():
+        return False
     mods = _lora_modules(model)
     if not mods:
         return False

@@ -1,0 +1,220 @@
+"""`elrea serve`: an OpenAI-compatible HTTP server over a fitted run (FastAPI + uvicorn).
+
+    GET  /v1/models               the served model
+    POST /v1/completions          raw prompt -> text (stream: server-sent events)
+    POST /v1/chat/completions     messages, through the chat template as in training
+    GET  /health                  liveness and engine counters (no API key needed)
+
+Every request is routed by its own gradient unless its `"elrea"` field gives weights, a router
+or top-k; the response's `"elrea"` field reports the weights used. Requests that arrive
+together are decoded together (elrea.serve.engine). Omitted sampling fields take the run's
+`generation` defaults (greedy unless the run says otherwise), as a server that follows the
+model's generation config does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import asynccontextmanager
+
+from .engine import Engine, Job
+from .protocol import ChatRequest, CompletionRequest, OpenAIError, new_id, now
+
+log = logging.getLogger(__name__)
+
+
+def create_app(model, served_name: str, api_key: str | None = None, max_batch_size: int = 16):
+    """A FastAPI app serving `model` (an elrea.ELREA) as `served_name`."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    engine = Engine(model, max_batch_size=max_batch_size)
+    context = int(getattr(model.model.config, "max_position_embeddings", 0) or 0) or None
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        # uvicorn has let in-flight requests finish; the engine drains what is left
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="elrea", lifespan=lifespan)
+    app.state.engine = engine
+
+    def error(e: OpenAIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request, e: OpenAIError):
+        return error(e)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return error(OpenAIError("We could not parse the JSON body of your request: "
+                                     f"{first.get('msg', 'malformed JSON')}", code="invalid_json"))
+        where = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return error(OpenAIError(f"{where or 'body'}: {first.get('msg', 'invalid value')}", param=where))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, e: HTTPException):
+        return error(OpenAIError(str(e.detail), status=e.status_code, type="invalid_request_error"))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization", "") != f"Bearer {api_key}":
+                return error(OpenAIError("Incorrect API key provided.", status=401, code="invalid_api_key"))
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served_name, **engine.stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served_name, "object": "model", "created": now(),
+                                            "owned_by": "elrea", "adapters": model.adapters}]}
+
+    def job_for(req, enc) -> Job:
+        if req.model != served_name:
+            raise OpenAIError(f"The model '{req.model}' does not exist; this server serves '{served_name}'",
+                              status=404, param="model", code="model_not_found")
+        req.check_supported()
+        n_prompt, param = len(enc.input_ids), "messages" if isinstance(req, ChatRequest) else "prompt"
+        if enc.truncated:  # longer than the run's data.max_length (what routing features see)
+            raise OpenAIError(f"The prompt is longer than this run's maximum of {model.formatter.max_length} "
+                              "tokens (its data.max_length)", param=param, code="context_length_exceeded")
+        if context and n_prompt >= context:
+            raise OpenAIError(f"This model's maximum context length is {context} tokens; the prompt has "
+                              f"{n_prompt}", param=param, code="context_length_exceeded")
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        limit = (context - n_prompt) if context else None
+        if max_tokens is None:
+            max_tokens = min(model.config.generation.max_new_tokens, limit or 10 ** 9)
+        if max_tokens < 1 or (limit and max_tokens > limit):
+            raise OpenAIError(f"max_tokens must be in [1, {limit or 'inf'}] for this prompt of {n_prompt} tokens "
+                              f"(context {context}), got {max_tokens}", param="max_tokens")
+        ext = req.elrea
+        weights = None
+        if ext and ext.weights is not None:
+            weights = ext.weights
+            k = len(model.adapters)
+            if len(weights) != k or any(w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-4:
+                raise OpenAIError(f"elrea.weights: {k} non-negative numbers summing to 1 (base + "
+                                  f"{k - 1} experts), got {weights}", param="elrea.weights")
+        if ext and ext.router is not None:
+            from ..routing import ROUTERS
+
+            if ext.router not in ROUTERS:
+                raise OpenAIError(f"elrea.router: unknown {ext.router!r}; valid: {', '.join(sorted(ROUTERS))}",
+                                  param="elrea.router")
+        sampling = {"max_new_tokens": max_tokens}
+        if req.temperature is not None:
+            sampling["do_sample"] = req.temperature > 0
+            if req.temperature > 0:
+                sampling["temperature"] = req.temperature
+        if req.top_p is not None:
+            sampling["top_p"] = req.top_p
+        decoding = model.decoding(seed=req.seed, **sampling)
+        return Job(enc, decoding, emit=None, weights=weights, router=(ext.router if ext and ext.router else
+                                                                      "gradient"),
+                   tau=ext.temperature if ext else None, top_k=ext.top_k if ext else None, stop=req.stops())
+
+    async def run(job: Job, req, chat: bool):
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job.emit = lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data))
+        engine.submit(job)
+        rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        if req.stream:
+            return StreamingResponse(_sse(job, events, rid, created, chat, req), media_type="text/event-stream")
+        text, weights, done = [], None, None
+        while done is None:
+            kind, data = await events.get()
+            if kind == "start":
+                weights = data["weights"]
+            elif kind == "text":
+                text.append(data)
+            elif kind == "done":
+                done = data
+            else:
+                raise OpenAIError(f"generation failed: {data}", status=500, type="server_error")
+        usage = {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
+                 "total_tokens": done["prompt_tokens"] + done["completion_tokens"]}
+        choice = {"index": 0, "finish_reason": done["finish_reason"], "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": "".join(text)}
+        else:
+            choice["text"] = "".join(text)
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": served_name, "choices": [choice], "usage": usage,
+                "elrea": {"weights": weights, "adapters": model.adapters, "router": job.router if job.weights is None
+                          else "fixed"}}
+
+    async def _sse(job, events, rid, created, chat, req):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta=None, finish=None, extra=None):
+            choice = {"index": 0, "finish_reason": finish}
+            if chat:
+                choice["delta"] = delta if delta is not None else {}
+            else:
+                choice["text"] = (delta or {}).get("content", "")
+                choice["logprobs"] = None
+            body = {"id": rid, "object": obj, "created": created, "model": served_name, "choices": [choice],
+                    **(extra or {})}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        try:
+            while True:
+                kind, data = await events.get()
+                if kind == "start":
+                    ext = {"elrea": {"weights": data["weights"], "adapters": model.adapters}}
+                    yield chunk({"role": "assistant", "content": ""} if chat else {"content": ""}, extra=ext)
+                elif kind == "text":
+                    yield chunk({"content": data})
+                elif kind == "done":
+                    yield chunk(None, data["finish_reason"])
+                    if (req.stream_options or {}).get("include_usage"):  # OpenAI: a last chunk, no choices
+                        usage = {"prompt_tokens": data["prompt_tokens"], "completion_tokens": data["completion_tokens"],
+                                 "total_tokens": data["prompt_tokens"] + data["completion_tokens"]}
+                        body = {"id": rid, "object": obj, "created": created, "model": served_name, "choices": [],
+                                "usage": usage}
+                        yield f"data: {json.dumps(body)}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                else:
+                    yield f"data: {json.dumps(OpenAIError(data, 500, type='server_error').body())}\n\n"
+                    return
+        finally:
+            job.cancel()  # a client that went away frees its row at the next step
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await run(job_for(req, model.encode(req.text(), raw=True)[0]), req, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        return await run(job_for(req, model.encode([req.chat()])[0]), req, chat=True)
+
+    return app
+
+
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          device: str | None = None, served_name: str | None = None, max_batch_size: int = 16) -> None:
+    """Load the run and serve it until SIGINT/SIGTERM (in-flight requests finish first)."""
+    import uvicorn
+
+    from ..api import ELREA
+
+    model = ELREA.from_pretrained(run, device=device)
+    name = served_name or model.run_dir.resolve().name
+    app = create_app(model, name, api_key=api_key, max_batch_size=max_batch_size)
+    log.info("serving %s as %r on http://%s:%d/v1 (%d adapters, batches of up to %d)", run, name, host, port,
+             len(model.adapters), max_batch_size)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=None)
