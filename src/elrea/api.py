@@ -230,12 +230,13 @@ class ELREA:
                                                self.tokenizer.pad_token_id, greedy=True)]
 
     def loglikelihood(self, requests: list[tuple[str, str]], weights: torch.Tensor | None = None,
-                      add_special_tokens: bool = False) -> list[tuple[float, bool]]:
+                      add_special_tokens: bool = False, **route_kwargs) -> list[tuple[float, bool]]:
         """(log p(continuation | context), whether greedy decoding would produce it) for raw
         (context, continuation) text pairs, as lm-evaluation-harness asks; each context routed
         on its own tokens (or `weights` [n, C+1]). Contexts shared by several requests are
         scored together. Tokenisation as lm-eval's HF backend: trailing spaces of the context
-        move to the continuation, and the continuation is what the pair's tokens add."""
+        move to the continuation, and the continuation is what the pair's tokens add.
+        route_kwargs: router, temperature, top_k (as for `route`)."""
         pairs = [self._split_pair(c, x, add_special_tokens) for c, x in requests]
         by_context: dict[tuple, list[int]] = {}
         for i, (ctx, _) in enumerate(pairs):
@@ -244,7 +245,7 @@ class ELREA:
         if weights is None:
             from .data import Encoded
 
-            w = self.route([Encoded(c, [-100] + c[1:]) for c in contexts])
+            w = self.route([Encoded(c, [-100] + c[1:]) for c in contexts], **route_kwargs)
         else:
             w = _check_weights(weights, len(requests), len(self.adapters))
             w = torch.stack([w[idx[0]] for idx in by_context.values()])

@@ -307,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     _device_arg(p)
     p.set_defaults(func=cmd_serve)
 
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the elrea backend (MMLU, BBH, ...)",
+                       description="Runs lm-eval's own command line with --model elrea: e.g. `elrea lm-eval "
+                       "--model_args run=runs/mix,device=cuda --tasks mmlu --batch_size 8`. model_args: run, "
+                       "device, router, top_k, tau, max_length, add_bos_token. Everything after `lm-eval` "
+                       "goes to lm-eval (see `elrea lm-eval run --help`). Needs pip install 'elrea[eval]'.")
+    p.set_defaults(func=lambda a: sys.exit(cmd_lm_eval([])))
+
     p = sub.add_parser("info", help="backbone, stages, cluster sizes and source mix")
     p.add_argument("run")
     p.set_defaults(func=cmd_info)
@@ -337,7 +344,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def cmd_lm_eval(argv: list[str]) -> int:
+    """lm-evaluation-harness's own command line, with the elrea backend registered."""
+    try:
+        from .integrations.lm_eval import main as lm_eval_main
+    except ImportError as e:
+        print(f"elrea: error: elrea lm-eval needs lm-evaluation-harness ({e}): pip install 'elrea[eval]'",
+              file=sys.stderr)
+        return 2
+    try:
+        return lm_eval_main(argv)
+    except ElreaError as e:
+        print(f"elrea: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"] and argv[1:2] not in (["-h"], ["--help"]):  # lm-eval parses its own options
+        return cmd_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     # one voice per job: under accelerate launch / torchrun only the main process logs progress
     level = logging.WARNING if args.quiet or not _is_main() else logging.INFO
