@@ -197,3 +197,19 @@ def test_gpu_benchmark_smoke_and_refusal(tmp_path):
         proc = subprocess.run([sys.executable, str(BENCH / "gpu.py")], capture_output=True, text=True,
                               timeout=120, cwd=BENCH.parent)
         assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_benchmark_quick(tmp_path):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=BENCH.parent,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    for mode in ("batched", "one_at_a_time"):
+        for c in ("1", "4"):
+            x = r["results"][mode][c]
+            assert x["requests"] == 4 and x["tokens_per_s"] > 0 and x["p95_s"] >= x["p50_s"] > 0
+    assert r["results"]["one_at_a_time"]["engine"]["largest_batch"] == 1  # the baseline never batches
+    assert set(r["batched_over_one_at_a_time_tokens_per_s"]) == {"1", "4"}

@@ -133,3 +133,11 @@ def test_loglikelihood_of_raw_pairs(elrea_model):
     flags = ensemble.score(m.model, ctx_ids, [greedy_ids, other], w1[0], m.adapters, m.tokenizer.pad_token_id,
                            greedy=True)
     assert [f for _, f in flags] == [True, False] and flags[0][0] > flags[1][0]
+
+
+def test_one_chat_or_many_prompts(elrea_model):
+    m = elrea_model
+    chat = [{"role": "user", "content": PROMPTS[0]}]
+    assert m.prompt_ids(chat) == m.prompt_ids(PROMPTS[0])
+    assert len(m.encode(chat)) == 1 and len(m.encode([chat, PROMPTS[1]])) == 2
+    assert m.generate(chat, max_new_tokens=4) == m.generate([PROMPTS[0]], max_new_tokens=4)

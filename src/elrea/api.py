@@ -21,7 +21,7 @@ from .errors import ConfigError, RunDirError
 from .features import Featurizer
 from .models import load_backbone, load_tokenizer, model_device
 from .routing import ROUTERS
-from .rundir import Manifest, atomic_path, read_json
+from .rundir import MANIFEST, RUN_CONFIG, Manifest, atomic_path, read_json, run_config_path
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +57,12 @@ class ELREA:
         from peft import PeftModel
         from safetensors.torch import load_file
 
-        run_dir = Path(run_dir)
+        run_dir = _local_run(run_dir)
         manifest = Manifest.load(run_dir)
         for stage in ("base", "clusters", "experts"):
             if manifest.stage(stage).get("status") != "done":
                 raise RunDirError(f"{run_dir}: stage {stage!r} is not finished; run `elrea fit` to complete it")
-        config = _from_dict(RunConfig, read_json(run_dir / "config.json")).validate()
+        config = _from_dict(RunConfig, read_json(run_config_path(run_dir))).validate()
         tokenizer = load_tokenizer(config.model)
         if backbone is None:
             from .distributed import resolve_device
@@ -84,12 +84,18 @@ class ELREA:
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Copy what inference needs (manifest, config, adapters, clusters) to `out_dir`."""
+        from .card import write_model_card
+
         out_dir = Path(out_dir)
         with atomic_path(out_dir, is_dir=True) as tmp:
-            for name in ("elrea.json", "config.json"):
-                shutil.copy2(self.run_dir / name, tmp / name)
+            shutil.copy2(self.run_dir / MANIFEST, tmp / MANIFEST)
+            shutil.copy2(run_config_path(self.run_dir), tmp / RUN_CONFIG)
+            for name in ("eval.json",):
+                if (self.run_dir / name).exists():
+                    shutil.copy2(self.run_dir / name, tmp / name)
             for sub in ("base", "experts", "clusters"):
                 shutil.copytree(self.run_dir / sub, tmp / sub)
+            write_model_card(tmp)
         return out_dir
 
     # ------------------------------------------------------------------ inference
@@ -100,10 +106,12 @@ class ELREA:
     def encode(self, prompts, raw: bool = False) -> list:
         """data.Encoded of each prompt: a string (one user turn) or chat messages through the chat
         template exactly as in training; with raw=True, strings tokenised as they are (no template).
-        Already-encoded prompts pass through."""
+        Already-encoded prompts pass through. One prompt (a string, or one chat: a list of
+        {role, content} dicts) or a list of them."""
         from .data import Encoded
 
-        prompts = [prompts] if isinstance(prompts, (str, Encoded)) else list(prompts)
+        single_chat = isinstance(prompts, list) and prompts and all(isinstance(m, dict) for m in prompts)
+        prompts = [prompts] if isinstance(prompts, (str, Encoded)) or single_chat else list(prompts)
         out = []
         for p in prompts:
             if isinstance(p, Encoded):
@@ -266,6 +274,23 @@ class ELREA:
         if not ctx:  # an empty context: condition on the EOS token, as lm-eval does
             ctx, whole = [self.tokenizer.eos_token_id], [self.tokenizer.eos_token_id] + whole
         return ctx, whole[len(ctx):]
+
+
+def _local_run(run_dir) -> Path:
+    """A run directory, or a hub id (`org/name`, uploaded by `elrea push`) downloaded to the hub cache."""
+    path = Path(run_dir)
+    name = str(run_dir)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.md", "base/*",
+                                                            "experts/*/*", "clusters/*"]))
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{name}: not a local run directory, and the hub repository could not be downloaded "
+                          f"({type(e).__name__}: {first})") from None
 
 
 def _check_weights(weights, n: int, k: int) -> torch.Tensor:

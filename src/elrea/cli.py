@@ -63,7 +63,9 @@ def cmd_fit(args):
     if args.device:
         overrides.insert(0, f"model.device={args.device}")
     cfg = load_config(args.config, overrides)
-    run = fit(args.data, args.out, cfg, from_stage=args.from_stage, until=args.until)
+    options = {"config": args.data_config, "split": args.data_split, "revision": args.data_revision}
+    run = fit(args.data, args.out, cfg, from_stage=args.from_stage, until=args.until,
+              data_options={k: v for k, v in options.items() if v is not None})
     if _is_main():
         cmd_info(argparse.Namespace(run=run))
 
@@ -76,11 +78,11 @@ def _load(args):
     """(ELREA on this process's device, Processes): --device, else the run's model.device."""
     from .api import ELREA
     from .distributed import processes
-    from .rundir import read_json
+    from .rundir import read_json, run_config_path
 
     device = args.device
     if device is None:
-        cfg_path = Path(args.run) / "config.json"
+        cfg_path = run_config_path(args.run)
         device = read_json(cfg_path).get("model", {}).get("device", "auto") if cfg_path.exists() else "auto"
     procs = processes(device)
     return ELREA.from_pretrained(args.run, device=procs.device), procs
@@ -111,8 +113,8 @@ def _write_jsonl(path, rows):
 def cmd_generate(args):
     from .distributed import map_batches
 
+    prompts = _read_prompts(args)  # a bad --input fails before the model loads
     model, procs = _load(args)
-    prompts = _read_prompts(args)
 
     def run(batch):  # route and decode one batch; under N processes each runs its share
         w = model.route(batch, temperature=args.tau, top_k=args.top_k)
@@ -140,8 +142,8 @@ def cmd_generate(args):
 def cmd_route(args):
     from .distributed import map_batches
 
-    model, procs = _load(args)
     prompts = _read_prompts(args)
+    model, procs = _load(args)
     w = map_batches(procs, prompts, model.config.routing.batch_size,
                     lambda batch: model.route(batch, router=args.router, temperature=args.tau,
                                               top_k=args.top_k).tolist(),
@@ -157,8 +159,8 @@ def cmd_eval(args):
     from .evaluation import evaluate
     from .rundir import write_json
 
-    model, procs = _load(args)
     records = load_records(args.data)
+    model, procs = _load(args)
     if args.limit:
         records = records[: args.limit]
     result = evaluate(model, records, max_new_tokens=args.max_new_tokens, procs=procs)
@@ -168,6 +170,10 @@ def cmd_eval(args):
     out = Path(args.output) if args.output else Path(args.run) / "eval.json"
     write_json(out, result)
     print(f"wrote {out}")
+    if out.resolve() == (Path(args.run) / "eval.json").resolve():
+        from .card import write_model_card
+
+        write_model_card(args.run)  # the model card shows the evaluation table
 
 
 def cmd_serve(args):
@@ -181,6 +187,15 @@ def cmd_serve(args):
     except (_Terminated, KeyboardInterrupt):
         # uvicorn re-raises the signal it handled: by now in-flight requests have finished
         log.info("server shut down; in-flight requests finished")
+
+
+def cmd_push(args):
+    from .card import push
+    from .rundir import Manifest
+
+    Manifest.load(args.run)  # a clear error for a directory that is not a run
+    files = push(args.run, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run)
+    _table(f"{'would upload' if args.dry_run else 'uploaded'} to {args.repo_id}", ["file"], [[f] for f in files])
 
 
 def cmd_info(args):
@@ -203,10 +218,26 @@ def cmd_info(args):
 
 
 def cmd_config(args):
-    from .config import describe_fields
+    from .config import describe_fields, starter_yaml
 
-    _table("run config (override with section.field=value)", ["field", "default", "help"],
-           [[n, json.dumps(d), h] for n, d, h in describe_fields()])
+    if args.dump is not None:
+        text = starter_yaml()
+        if args.dump == "-":
+            sys.stdout.write(text)
+        else:
+            from .rundir import atomic_path
+
+            with atomic_path(args.dump) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+            print(f"wrote {args.dump} (use it with `elrea fit --config {args.dump}`)")
+        return
+    sections: dict[str, list] = {}
+    for name, default, help_ in describe_fields():
+        section, _, field = name.rpartition(".")
+        sections.setdefault(section or "run", []).append([field, json.dumps(default), help_])
+    for section, rows in sections.items():
+        _table(f"{section}  (override: {section + '.' if section != 'run' else ''}FIELD=VALUE)",
+               ["field", "default", "meaning"], rows)
 
 
 def cmd_data_export(args):
@@ -237,6 +268,12 @@ def _short(p, n=40) -> str:
 
 # ----------------------------------------------------------------------------- parser
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def _device_arg(p):
     p.add_argument("--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N (default: the "
                    "run's model.device); under `accelerate launch` each process uses its own GPU")
@@ -246,11 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="elrea", description="Ensembles of Low-Rank Expert Adapters: "
                                  "cluster training examples by gradient, train one LoRA expert per "
                                  "cluster, route and mix them at inference.")
-    ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only warnings and results (no progress bars)")
+    ap.add_argument("--version", action="version", version=f"elrea {_version()}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    quiet = argparse.ArgumentParser(add_help=False)  # -q after the command too
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="only warnings and results (no progress bars)")
+    add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: add_parser(*a, parents=[quiet], **k)  # noqa: E731
 
     p = sub.add_parser("fit", help="train base adapter, features, clusters and experts into a run dir")
-    p.add_argument("--data", required=True, help="training data: .jsonl/.json/.csv/.parquet or datasets dir")
+    p.add_argument("--data", required=True,
+                   help="training data: .jsonl/.json/.csv/.parquet, a datasets directory, or a hub id org/name")
+    p.add_argument("--data-config", help="hub data set: its configuration (subset) name")
+    p.add_argument("--data-split", help="hub data set or DatasetDict directory: the split (default train)")
+    p.add_argument("--data-revision", help="hub data set: a branch, tag or commit")
     p.add_argument("--out", required=True, help="run directory (created; re-running resumes)")
     p.add_argument("--model", help="backbone: alias, hub id or directory (default smollm2-135m-instruct)")
     p.add_argument("--config", help="YAML run config (see `elrea config`)")
@@ -314,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "goes to lm-eval (see `elrea lm-eval run --help`). Needs pip install 'elrea[eval]'.")
     p.set_defaults(func=lambda a: sys.exit(cmd_lm_eval([])))
 
+    p = sub.add_parser("push", help="upload a run (adapters, clusters, model card) to the Hugging Face Hub")
+    p.add_argument("run", help="run directory made by `elrea fit`")
+    p.add_argument("repo_id", help="the hub model repository, e.g. you/my-elrea")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token", help="hub token (default: HF_TOKEN or `huggingface-cli login`)")
+    p.add_argument("--dry-run", action="store_true", help="write the model card and list the files, upload nothing")
+    p.set_defaults(func=cmd_push)
+
     p = sub.add_parser("info", help="backbone, stages, cluster sizes and source mix")
     p.add_argument("run")
     p.set_defaults(func=cmd_info)
@@ -326,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("config", help="list every config field with its default and help")
+    p = sub.add_parser("config", help="every config field with its default and meaning; --dump a starter YAML")
+    p.add_argument("--dump", nargs="?", const="-", metavar="PATH",
+                   help="write a starter YAML with every default and its meaning (to PATH, or stdout)")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="built-in data sets")
@@ -365,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_lm_eval(argv[1:])
     args = build_parser().parse_args(argv)
     # one voice per job: under accelerate launch / torchrun only the main process logs progress
-    level = logging.WARNING if args.quiet or not _is_main() else logging.INFO
+    level = logging.WARNING if getattr(args, "quiet", False) or not _is_main() else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "peft", "accelerate", "httpx", "datasets", "bitsandbytes"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

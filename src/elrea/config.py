@@ -22,7 +22,11 @@ from .errors import ConfigError
 QUANTIZATIONS = ("none", "4bit", "8bit")
 _DEVICE = re.compile(r"^(auto|mps|(cpu|cuda|xpu)(:\d+)?)$")
 EXECUTION_FIELDS = ("model.device", "base.gradient_checkpointing", "experts.gradient_checkpointing",
-                    "features.checkpoint_every")
+                    "features.checkpoint_every", "base.report_to", "experts.report_to")
+# TrainingArguments that elrea sets from its own fields (or manages): not accepted in trainer_args
+TRAINER_OWNED = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+                 "num_train_epochs", "max_steps", "seed", "data_seed", "save_strategy", "report_to", "use_cpu",
+                 "bf16", "fp16", "gradient_checkpointing", "remove_unused_columns")
 
 
 def _f(default, help: str, **kw):
@@ -90,6 +94,10 @@ class TrainConfig:
     max_steps: int = _f(-1, "If > 0, stop after this many optimizer steps (overrides epochs).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, "
                                       "about a third more compute. Not part of any stage fingerprint.")
+    report_to: Any = _f([], "Where Trainer also sends its logs: [] (the run directory only), [tensorboard] "
+                        "(into RUN/logs/), [wandb], ... Not part of any stage fingerprint.")
+    trainer_args: Any = _f({}, "Extra transformers TrainingArguments, e.g. {lr_scheduler_type: cosine, "
+                           "logging_steps: 5}; the fields above keep their own names.")
 
     def validate(self, p="train"):
         _positive(p, "lr", self.lr)
@@ -100,6 +108,17 @@ class TrainConfig:
             raise ConfigError(f"{p}.weight_decay: must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"{p}.warmup_ratio: must be in [0, 1), got {self.warmup_ratio!r}")
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
+        if not isinstance(self.report_to, list) or not all(isinstance(x, str) for x in self.report_to):
+            raise ConfigError(f"{p}.report_to: a list of integration names (tensorboard, wandb, ...), "
+                              f"got {self.report_to!r}")
+        if not isinstance(self.trainer_args, dict):
+            raise ConfigError(f"{p}.trainer_args: a mapping of TrainingArguments fields, got {self.trainer_args!r}")
+        owned = sorted(set(self.trainer_args) & set(TRAINER_OWNED))
+        if owned:
+            raise ConfigError(f"{p}.trainer_args: {', '.join(owned)} are set by elrea; use {p}.lr, {p}.epochs, "
+                              f"{p}.batch_size, {p}.micro_batch_size, {p}.max_steps, {p}.report_to or seed instead")
 
 
 @dataclass
@@ -335,6 +354,25 @@ def describe_fields(cls=RunConfig, prefix: str = "") -> list[tuple[str, Any, str
         else:
             rows.append((f"{prefix}{f.name}", value, f.metadata.get("help", "")))
     return rows
+
+
+def starter_yaml() -> str:
+    """Every section and field with its default, and its meaning as a comment (`elrea config --dump`)."""
+    lines = ["# elrea run config: every field with its default. Keep what you change; use it with",
+             "#   elrea fit --config run.yaml --data train.jsonl --out runs/x [section.field=value ...]", ""]
+    obj = RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        value = getattr(obj, f.name)
+        if not dataclasses.is_dataclass(value):
+            lines += [f"# {f.metadata.get('help', '')}", yaml.safe_dump({f.name: value}).strip(), ""]
+            continue
+        lines.append(f"{f.name}:")
+        for g in dataclasses.fields(value):
+            lines.append(f"  # {g.metadata.get('help', '')}")
+            dumped = yaml.safe_dump({g.name: getattr(value, g.name)}, default_flow_style=True, width=10 ** 6).strip()
+            lines.append("  " + (dumped[1:-1] if dumped.startswith("{") else dumped))
+        lines.append("")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- checks

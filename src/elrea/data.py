@@ -47,11 +47,13 @@ class Record:
 
 # ----------------------------------------------------------------------------- reading
 
-def load_records(path: str | Path, require_response: bool = True) -> list[Record]:
-    """Read and validate every record of a data file (or datasets directory / hub id)."""
+def load_records(path: str | Path, require_response: bool = True, config: str | None = None,
+                 split: str = "train", revision: str | None = None) -> list[Record]:
+    """Read and validate every record of a data file, a datasets directory (`split`), or a hub
+    data set id such as `org/name` (`config`, `split`, `revision`; online only)."""
     p = Path(path)
     if p.is_dir():
-        rows = _read_datasets_dir(p)
+        rows = _read_datasets_dir(p, split)
     elif p.exists():
         suffix = p.suffix.lower()
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv,
@@ -61,7 +63,7 @@ def load_records(path: str | Path, require_response: bool = True) -> list[Record
                             f"{', '.join(readers)} or a datasets directory", path=str(p))
         rows = readers[suffix](p)
     elif "/" in str(path) and not str(path).startswith((".", "/")):
-        rows = _read_hub(str(path))
+        rows = _read_hub(str(path), config, split, revision)
     else:
         raise DataError("file not found", path=str(p))
     records, unknown = [], set()
@@ -134,7 +136,7 @@ def _read_parquet(p: Path):
         yield dict(path=str(p), line=f"row {i}"), row
 
 
-def _read_datasets_dir(p: Path):
+def _read_datasets_dir(p: Path, split: str = "train"):
     import datasets
 
     try:
@@ -142,22 +144,24 @@ def _read_datasets_dir(p: Path):
     except Exception as e:  # noqa: BLE001
         raise DataError(f"not a datasets directory saved with save_to_disk ({e})", path=str(p)) from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"DatasetDict without a 'train' split (has {list(ds)})", path=str(p))
-        ds = ds["train"]
+        if split not in ds:
+            raise DataError(f"DatasetDict without a {split!r} split (has {list(ds)}); choose one with "
+                            "--data-split", path=str(p))
+        ds = ds[split]
     _check_columns(p, ds.column_names)
     for i, row in enumerate(ds):
         yield dict(path=str(p), line=f"row {i}"), row
 
 
-def _read_hub(name: str):  # pragma: no cover - needs the network
+def _read_hub(name: str, config: str | None = None, split: str = "train", revision: str | None = None):
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"not a local file, and the hub data set could not be loaded ({e})",
-                        path=name) from None
+        ds = datasets.load_dataset(name, config, split=split, revision=revision)
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, gated, bad config or split
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"not a local file, and the hub data set could not be loaded ({type(e).__name__}: "
+                        f"{first})", path=name) from None
     _check_columns(name, ds.column_names)
     for i, row in enumerate(ds):
         yield dict(path=name, line=f"row {i}"), row
@@ -170,6 +174,18 @@ def _check_columns(p, columns):
     raise DataError(f"no instruction column; found columns {sorted(cols)}, expected one of "
                     f"{list(INSTRUCTION_KEYS)} (plus one of {list(RESPONSE_KEYS)}) or 'messages'",
                     path=str(p))
+
+
+def records_fingerprint(records: list[Record]) -> str:
+    """sha256 of what training reads from the records (turns, response, source): the data part
+    of every stage fingerprint, whatever the records came from (a file, a directory, the hub)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.messages, r.response, r.source], ensure_ascii=False, sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- validation
@@ -321,6 +337,37 @@ class PromptFormatter:
         if cut:
             n_ctx = min(n_ctx, len(ids) - 1)
         return Encoded(ids, [-100] * n_ctx + ids[n_ctx:], cut)
+
+
+def encode_all(fmt: PromptFormatter, records: list[Record], kind: str = "train", num_proc: int | None = None,
+               min_parallel: int = 20_000) -> list[Encoded]:
+    """Encode many records: `train` (prompt + response) or `instruction` (prompt only).
+
+    From `min_parallel` records on, tokenisation runs through `datasets.map` in `num_proc`
+    processes (default: the CPUs, at most 8); the result is the same as encoding one by one.
+    """
+    import os
+
+    if kind not in ("train", "instruction"):
+        raise ValueError(f"kind: 'train' or 'instruction', got {kind!r}")
+
+    def encode(r: Record) -> Encoded:
+        return fmt.encode_train(r) if kind == "train" else fmt.encode_instruction(r.messages, r.where)
+
+    n_proc = min(8, num_proc or os.cpu_count() or 1)
+    if len(records) < min_parallel or n_proc < 2:
+        return [encode(r) for r in records]
+    import datasets
+
+    def batch(rows):
+        enc = [encode(records[i]) for i in rows["i"]]
+        return {"input_ids": [e.input_ids for e in enc], "labels": [e.labels for e in enc],
+                "truncated": [e.truncated for e in enc]}
+
+    ds = datasets.Dataset.from_dict({"i": list(range(len(records)))})
+    out = ds.map(batch, batched=True, batch_size=1000, num_proc=n_proc, remove_columns=["i"],
+                 keep_in_memory=True, desc=f"tokenizing ({kind})")
+    return [Encoded(a, b, c) for a, b, c in zip(out["input_ids"], out["labels"], out["truncated"])]
 
 
 def collate(batch: list[Encoded], pad_id: int, side: str = "right") -> dict:

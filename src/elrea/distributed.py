@@ -145,7 +145,7 @@ def map_batches(procs: Processes, items: list, batch_size: int, fn, desc: str | 
     batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
     mine = procs.split(list(range(len(batches))))
     bar = tqdm(total=sum(len(batches[i]) for i in mine), desc=desc, unit="ex", dynamic_ncols=True,
-               disable=desc is None or not procs.is_main)
+               disable=desc is None or not procs.is_main or not logging.getLogger("elrea").isEnabledFor(logging.INFO))
     out: list = []
     try:
         for i in mine:

@@ -320,7 +320,8 @@ class Featurizer:
             log.info("%s: resuming at example %d of %d", desc, shard.done, len(examples))
         bar = tqdm(total=shard.end - shard.start, initial=shard.end - shard.start - sum(e - s for s, e in todo),
                    desc=desc if procs.world == 1 else f"{desc} [{procs.rank + 1}/{procs.world}]",
-                   unit="ex", dynamic_ncols=True, disable=not procs.is_main)
+                   unit="ex", dynamic_ncols=True,
+                   disable=not procs.is_main or not logging.getLogger("elrea").isEnabledFor(logging.INFO))
         try:
             for k, (s, e) in enumerate(todo, start=1):
                 shard.write(s, self.batch(examples[s:e]).cpu().numpy())

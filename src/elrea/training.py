@@ -12,6 +12,7 @@ features need. Trainer checkpoints (pickles) are never written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -48,13 +49,15 @@ class _ListDataset(torch.utils.data.Dataset):
 
 def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir: str | Path,
                   pad_id: int, seed: int, save_moments: bool = False, desc: str = "train",
-                  precision: str = "float32", fingerprint: str | None = None, meta: dict | None = None) -> dict:
+                  precision: str = "float32", fingerprint: str | None = None, meta: dict | None = None,
+                  logs_dir: str | Path | None = None) -> dict:
     """Train the active adapter of `peft_model` on `examples`; save it to `out_dir`.
 
     `precision` is the backbone's dtype: bfloat16 trains under bf16 autocast, float16 under
     fp16 autocast with loss scaling (CUDA only; elsewhere the fp16 backbone runs as it is).
     Returns a summary: optimizer steps, final training loss, seconds (also saved, with
-    `fingerprint` and `meta`, as out_dir/training.json).
+    `fingerprint`, `meta` and Trainer's loss history, as out_dir/training.json). With
+    cfg.report_to including tensorboard, its event files go to `logs_dir`.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -64,13 +67,14 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
     steps = _steps(len(examples), cfg, accum)
     scratch = tempfile.TemporaryDirectory(prefix="elrea-trainer-")  # Trainer wants one; we save ourselves
-    args = TrainingArguments(
+    settings = dict(
         output_dir=scratch.name, per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, lr_scheduler_type="linear",
         warmup_steps=int(cfg.warmup_ratio * steps),
         weight_decay=cfg.weight_decay, optim="adamw_torch", adam_beta1=ADAM_BETAS[0],
-        adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, save_strategy="no", report_to=[],
+        adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, save_strategy="no", report_to=list(cfg.report_to),
+        run_name=f"{out_dir.parent.name}/{out_dir.name}",
         logging_steps=max(1, steps // 10), seed=seed, data_seed=seed,
         use_cpu=device.type == "cpu", bf16=precision == "bfloat16",
         fp16=precision == "float16" and device.type == "cuda",
@@ -78,25 +82,49 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         ddp_find_unused_parameters=False,  # every LoRA factor of the active adapter is used
         remove_unused_columns=False, dataloader_num_workers=0,
-        dataloader_pin_memory=device.type == "cuda", disable_tqdm=False)
+        dataloader_pin_memory=device.type == "cuda",
+        disable_tqdm=not logging.getLogger("elrea").isEnabledFor(logging.INFO))  # `elrea -q`: no bars
+    settings.update(cfg.trainer_args)
+    try:
+        args = TrainingArguments(**settings)
+    except TypeError as e:
+        from .errors import ConfigError
+
+        raise ConfigError(f"trainer_args: {e} (see transformers.TrainingArguments for the valid fields)") from None
     pin_to_device(args, device)
     trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(examples),
                       data_collator=lambda b: collate(b, pad_id, side="right"))
     t0 = time.time()
     log.info("%s: %d examples, %d optimizer steps of %d sequences on %s", desc, len(examples),
              steps, cfg.micro_batch_size * accum * world, device)
-    result = trainer.train()
+    with _tensorboard_dir(cfg, logs_dir):
+        result = trainer.train()
     seconds = time.time() - t0
     summary = {"steps": int(result.global_step), "train_loss": float(result.training_loss),
                "seconds": round(seconds, 2), "examples": len(examples)}
     if trainer.is_world_process_zero():
+        history = [h for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
         save_adapter(peft_model, out_dir, trainer.optimizer if save_moments else None,
-                     meta={**summary, **(meta or {}), "fingerprint": fingerprint})
+                     meta={**summary, **(meta or {}), "fingerprint": fingerprint, "log_history": history})
     if cfg.gradient_checkpointing:
         peft_model.base_model.model.gradient_checkpointing_disable()
     peft_model.eval()
     scratch.cleanup()
     return summary
+
+
+@contextlib.contextmanager
+def _tensorboard_dir(cfg: TrainConfig, logs_dir):
+    """transformers' TensorBoard callback writes where TENSORBOARD_LOGGING_DIR says (default: under
+    Trainer's output_dir, our scratch folder): point it into the run directory."""
+    if "tensorboard" not in cfg.report_to or logs_dir is None or "TENSORBOARD_LOGGING_DIR" in os.environ:
+        yield
+        return
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(logs_dir)
+    try:
+        yield
+    finally:
+        os.environ.pop("TENSORBOARD_LOGGING_DIR", None)
 
 
 def pin_to_device(args, device: torch.device) -> None:
