@@ -26,6 +26,16 @@ def _run(script: str, out: Path) -> dict:
     return json.loads(out.read_text())
 
 
+def _run_script(script: str, *args, out: Path) -> dict:
+    """A benchmark as its own process with one OpenMP thread; its JSON report."""
+    import os
+
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, cwd=BENCH.parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 def _machine_ok(report: dict, script: str):
     assert script in report["command"] and "--quick" in report["command"]
     assert {"platform", "cpu_count", "torch", "torch_threads"} <= set(report["machine"])
@@ -178,12 +188,7 @@ def test_gpu_benchmark_smoke_and_refusal(tmp_path):
     clear refusal of the real run."""
     import torch
 
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--smoke", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=BENCH.parent,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(out.read_text())
+    r = _run_script("gpu.py", "--smoke", out=tmp_path / "gpu.json")
     assert r["device"]["device"] == "cpu" and r["device"]["torch"] == torch.__version__
     tiny = r["archs"]["tiny"]
     f, d = tiny["features"], tiny["decoding"]
@@ -201,12 +206,7 @@ def test_gpu_benchmark_smoke_and_refusal(tmp_path):
 
 @pytest.mark.slow
 def test_serve_benchmark_quick(tmp_path):
-    out = tmp_path / "serve.json"
-    proc = subprocess.run([sys.executable, str(BENCH / "serve.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, cwd=BENCH.parent,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    r = json.loads(out.read_text())
+    r = _run_script("serve.py", "--quick", out=tmp_path / "serve.json")
     for mode in ("batched", "one_at_a_time"):
         for c in ("1", "4"):
             x = r["results"][mode][c]

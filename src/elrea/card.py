@@ -19,6 +19,15 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def cluster_rows(clusters: dict) -> tuple[list[str], list[list]]:
+    """(sources, rows [adapter, size, count per source]) of clusters/clusters.json, for tables."""
+    mix = clusters.get("source_mix") or {}
+    sources = sorted({s for c in mix.values() for s in c})
+    rows = [[f"expert_{c}", size] + [mix.get(str(c), {}).get(s, 0) for s in sources]
+            for c, size in enumerate(clusters["sizes"], start=1)]
+    return sources, rows
+
+
 def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
     from .models import portable_name
 
@@ -44,10 +53,7 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
     clusters_path = run / "clusters" / "clusters.json"
     if clusters_path.exists():
         cl = read_json(clusters_path)
-        mix = cl.get("source_mix") or {}
-        sources = sorted({s for c in mix.values() for s in c})
-        rows = [[f"expert_{c}", size] + [mix.get(str(c), {}).get(s, 0) for s in sources]
-                for c, size in enumerate(cl["sizes"], start=1)]
+        sources, rows = cluster_rows(cl)
         out += ["## Experts", "", f"{cl['num_clusters']} clusters of the training examples' gradient features "
                 "(examples per cluster, by source where the data names one):", "",
                 _table(["adapter", "examples"] + sources, rows), ""]

@@ -208,11 +208,10 @@ def cmd_info(args):
            [[s, st.get("status", "-"), st.get("seconds", "-")] for s, st in m.data.get("stages", {}).items()])
     cpath = Path(args.run) / "clusters" / "clusters.json"
     if cpath.exists():
+        from .card import cluster_rows
+
         cl = read_json(cpath)
-        mix = cl.get("source_mix") or {}
-        sources = sorted({s for c in mix.values() for s in c})
-        rows = [[f"expert_{c}", size] + [mix.get(str(c), {}).get(s, 0) for s in sources]
-                for c, size in enumerate(cl["sizes"], start=1)]
+        sources, rows = cluster_rows(cl)
         _table(f"clusters (C={cl['num_clusters']}; adapters: base + experts)", ["adapter", "size"] + sources,
                rows)
 
