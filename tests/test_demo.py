@@ -24,3 +24,5 @@ def test_demo_writes_report_with_pictures(tmp_path, tiny_model_dir):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"report/{png}" in report
     assert len(json.loads((out / "eval.json").read_text())["examples"]) == 16
+    card = (out / "README.md").read_text()  # the model card, with the evaluation table
+    assert "## Evaluation" in card and "| elrea |" in card and "## Experts" in card

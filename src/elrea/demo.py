@@ -25,6 +25,7 @@ def run_demo(out: str | Path, train: int = 320, test: int = 128, seed: int = 0,
              overrides: list[str] | None = None) -> dict:
     """Returns the evaluation result; writes data/, the run, eval.json and report.md under `out`."""
     from .api import ELREA
+    from .card import write_model_card
     from .data import load_records
     from .evaluation import evaluate
     from .pipeline import fit
@@ -42,6 +43,7 @@ def run_demo(out: str | Path, train: int = 320, test: int = 128, seed: int = 0,
     test_records = load_records(paths["test"])
     result = evaluate(model, test_records)
     write_json(out / "eval.json", result)
+    write_model_card(out)  # with the evaluation table
     sources = [r.source for r in load_records(paths["train"])]
     extra = (f"Backbone `{cfg.model.name}`, {train} training examples of the built-in reasoning-mix "
              f"({len(set(sources))} sources), {len(test_records)} held-out test examples. "
