@@ -197,16 +197,9 @@ class ELREA:
         return texts
 
     def _decode(self, ids, weights, names, decoding, streamer=None) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in ids]
-        steps = ensemble.decode_steps(self.model, ids, weights, names, decoding, self.tokenizer.pad_token_id)
-        for tokens, reasons in steps:
-            for b, tok in enumerate(tokens):
-                if tok is None or (reasons[b] == "stop" and tok in decoding.eos_ids):
-                    continue
-                out[b].append(tok)
-                if streamer is not None:
-                    streamer.put(torch.tensor([tok], device="cpu"))
-        return out
+        put = None if streamer is None else (lambda b, tok: streamer.put(torch.tensor([tok], device="cpu")))
+        return ensemble.generate(self.model, ids, weights, names, pad_id=self.tokenizer.pad_token_id,
+                                 decoding=decoding, on_token=put)
 
     def stream(self, prompt, weights: torch.Tensor | None = None, generation_config=None, *,
                seed: int | None = None, raw: bool = False, **kwargs):
@@ -224,7 +217,7 @@ class ELREA:
                                       self.tokenizer.pad_token_id)
         for tokens, reasons in steps:
             tok = tokens[0]
-            if tok is not None and not (reasons[0] == "stop" and tok in decoding.eos_ids):
+            if ensemble.is_text(tok, reasons[0], decoding):
                 piece = text.push(tok)
                 if piece:
                     yield piece
@@ -234,8 +227,8 @@ class ELREA:
         w = self.route([prompt])[0] if weights is None else _check_weights(
             torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1), 1, len(self.adapters))[0]
         conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
-        return [lp for lp, _ in ensemble.score(self.model, self.prompt_ids(prompt), conts, w, self.adapters,
-                                               self.tokenizer.pad_token_id, greedy=True)]
+        return ensemble.score(self.model, self.prompt_ids(prompt), conts, w, self.adapters,
+                              self.tokenizer.pad_token_id)
 
     def loglikelihood(self, requests: list[tuple[str, str]], weights: torch.Tensor | None = None,
                       add_special_tokens: bool = False, **route_kwargs) -> list[tuple[float, bool]]:

@@ -117,8 +117,9 @@ def cmd_generate(args):
     model, procs = _load(args)
 
     def run(batch):  # route and decode one batch; under N processes each runs its share
-        w = model.route(batch, temperature=args.tau, top_k=args.top_k)
-        outs = model.generate(batch, weights=w, max_new_tokens=args.max_new_tokens,
+        enc = model.encode(batch)  # once, for routing and decoding
+        w = model.route(enc, temperature=args.tau, top_k=args.top_k)
+        outs = model.generate(enc, weights=w, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode)
         return list(zip(outs, w.tolist()))
 

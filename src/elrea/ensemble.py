@@ -163,21 +163,30 @@ def _choose(logits: torch.Tensor, history: torch.Tensor, specs: list[Decoding], 
 def generate(model, prompts: list[list[int]], weights: torch.Tensor, adapters: list[str], *,
              eos_id: int | None = None, pad_id: int, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, generator: torch.Generator | None = None,
-             decoding: Decoding | list[Decoding] | None = None) -> list[list[int]]:
+             decoding: Decoding | list[Decoding] | None = None, on_token=None) -> list[list[int]]:
     """Ensembled decoding: new token ids for each prompt (an EOS id and what follows removed).
 
     weights [B, K] over `adapters`. `decoding` (one, or one per prompt) says how; without it,
-    greedy or temperature/top-p sampling with `eos_id`. Runs on the model's device
-    (`generator`, when sampling, must be on that device too)."""
+    greedy or temperature/top-p sampling with `eos_id`. `on_token(b, id)` is called for each
+    token as it comes. Runs on the model's device (`generator`, when sampling, must be on that
+    device too)."""
     if decoding is None:
         decoding = sampling(temperature, top_p, max_new_tokens, [] if eos_id is None else [eos_id], generator)
     specs = decoding if isinstance(decoding, list) else [decoding] * len(prompts)
     out: list[list[int]] = [[] for _ in prompts]
     for tokens, reasons in decode_steps(model, prompts, weights, adapters, decoding, pad_id):
         for b, tok in enumerate(tokens):
-            if tok is not None and not (reasons[b] == "stop" and tok in specs[b].eos_ids):
+            if is_text(tok, reasons[b], specs[b]):
                 out[b].append(tok)
+                if on_token is not None:
+                    on_token(b, tok)
     return out
+
+
+def is_text(token: int | None, reason: str | None, decoding: Decoding) -> bool:
+    """Whether a token from decode_steps belongs to the output: not a finished row's, and not
+    the EOS id that ended its row (EOS ids are not text)."""
+    return token is not None and not (reason == "stop" and token in decoding.eos_ids)
 
 
 def cache_kwargs(out) -> dict:

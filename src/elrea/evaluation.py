@@ -71,7 +71,7 @@ def evaluate(model, records, max_new_tokens: int | None = None, progress: bool =
     procs = procs or Processes(0, 1, model.device)
 
     def run(recs):
-        chunk = [r.messages for r in recs]
+        chunk = model.encode([r.messages for r in recs])  # once, for routing and both decodings
         w = model.route(chunk)
         base_w = torch.zeros_like(w)
         base_w[:, 0] = 1.0

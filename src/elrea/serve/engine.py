@@ -134,7 +134,7 @@ class Engine:
             for j, s, tok, reason in zip(jobs, streams, tokens, reasons):
                 if tok is None or s.finished:
                     continue
-                if not (reason == "stop" and tok in j.decoding.eos_ids):
+                if ensemble.is_text(tok, reason, j.decoding):
                     s.push(tok)
                 if s.finished:          # a stop sequence appeared: this row stops next step
                     j.cancel()
