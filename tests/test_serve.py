@@ -144,6 +144,9 @@ def test_weights_override_and_stop_sequences(client, server, elrea_model):
     assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
     again = client.completions.create(model=name, prompt=PROMPTS[4], max_tokens=12, temperature=1.0, seed=3)
     assert again.choices[0].text == text  # seeded sampling is reproducible
+    unseeded = {client.completions.create(model=name, prompt=PROMPTS[4], max_tokens=12, temperature=1.0)
+                .choices[0].text for _ in range(3)}
+    assert len(unseeded) > 1  # without a seed each request samples afresh, as OpenAI's API does
 
 
 def test_concurrent_requests_are_batched_and_equal_sequential(client, server):

@@ -62,8 +62,10 @@ def resolve(run_defaults, tokenizer, default_eos: list[int], device, generation_
     generator = None
     if do_sample:
         generator = torch.Generator(device=device)
-        generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2 ** 62, (1,),
-                                                                                   device="cpu")))
+        if seed is not None:
+            generator.manual_seed(int(seed))
+        else:
+            generator.seed()  # a fresh, non-deterministic seed
     return Decoding(int(args["max_new_tokens"]), do_sample, _processors(args, temperature, do_sample),
                     _stopping(args.get("stop_strings"), tokenizer), eos, generator)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from contextlib import asynccontextmanager
 
 from .engine import Engine, Job
@@ -121,7 +122,9 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
                 sampling["temperature"] = req.temperature
         if req.top_p is not None:
             sampling["top_p"] = req.top_p
-        decoding = model.decoding(seed=req.seed, **sampling)
+        # OpenAI: without a seed every request samples afresh (ELREA's own default seed is fixed)
+        seed = req.seed if req.seed is not None else secrets.randbits(62)
+        decoding = model.decoding(seed=seed, **sampling)
         return Job(enc, decoding, emit=None, weights=weights, router=(ext.router if ext and ext.router else
                                                                       "gradient"),
                    tau=ext.temperature if ext else None, top_k=ext.top_k if ext else None, stop=req.stops())
