@@ -37,7 +37,7 @@ def test_fit_route_generate_eval_info(tmp_path, tiny_model_dir, toy_data):
     # resume: nothing to do, every stage skipped
     r = elrea("fit", "--model", tiny_model_dir, "--data", toy_data / "train.jsonl", "--out", run,
               *FAST, "clustering.num_clusters=0", "clustering.max_clusters=5")
-    assert r.stderr.count("up to date, skipped") == 4
+    assert r.stderr.count("up to date, skipped") == 5  # base, features, clusters, experts, router
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"instruction": "Add 2 and 9."}\n{"instruction": "Reverse the word abc."}\n')

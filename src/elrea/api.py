@@ -20,8 +20,7 @@ from .data import PromptFormatter
 from .errors import ConfigError, RunDirError
 from .features import Featurizer
 from .models import load_backbone, load_tokenizer, model_device
-from .routing import ROUTERS
-from .rundir import MANIFEST, RUN_CONFIG, Manifest, atomic_path, read_json, run_config_path
+from .rundir import INFERENCE_STAGES, MANIFEST, RUN_CONFIG, Manifest, RunDir, atomic_path, read_json, run_config_path
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +32,15 @@ class ELREA:
     back on the CPU (routing weights, token ids, scores).
     """
 
-    def __init__(self, model, tokenizer, config: RunConfig, centroids: torch.Tensor, run_dir: Path):
+    def __init__(self, model, tokenizer, config: RunConfig, centroids: torch.Tensor, run_dir: Path,
+                 feature_mean: torch.Tensor | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = model_device(model)
         self.centroids = centroids.to(self.device, torch.float32)   # (C+1, d)
+        # the mean training feature when the run centred its features (features.center), else None
+        self.feature_mean = None if feature_mean is None else feature_mean.to(self.device, torch.float32)
         self.run_dir = Path(run_dir)
+        self._routers: dict = {}
         self.adapters = ["base"] + [f"expert_{c}" for c in range(1, centroids.shape[0])]
         c = config
         self.formatter = PromptFormatter(tokenizer, c.data.system_prompt, c.data.max_length, "left")
@@ -59,7 +62,7 @@ class ELREA:
 
         run_dir = _local_run(run_dir)
         manifest = Manifest.load(run_dir)
-        for stage in ("base", "clusters", "experts"):
+        for stage in INFERENCE_STAGES:
             if manifest.stage(stage).get("status") != "done":
                 raise RunDirError(f"{run_dir}: stage {stage!r} is not finished; run `elrea fit` to complete it")
         config = _from_dict(RunConfig, read_json(run_config_path(run_dir))).validate()
@@ -70,9 +73,10 @@ class ELREA:
             if not isinstance(device, torch.device):  # a name: resolve it (a torch.device is already placed)
                 device = resolve_device(device or config.model.device)
             backbone = load_backbone(config.model, device)
-        cpath = run_dir / "clusters" / "centroids.safetensors"
+        cpath = RunDir(run_dir).centroids
         try:
-            centroids = load_file(str(cpath))["centroids"]
+            stored = load_file(str(cpath))
+            centroids, mean = stored["centroids"], stored.get("feature_mean")
         except Exception as e:  # noqa: BLE001 - missing or truncated file
             raise RunDirError(f"{cpath}: missing or corrupt ({e}); re-run `elrea fit --from clusters`") from None
         model = _load_adapter(PeftModel.from_pretrained, backbone, run_dir / "base", "base")
@@ -80,7 +84,7 @@ class ELREA:
             _load_adapter(model.load_adapter, None, run_dir / "experts" / str(c), f"expert_{c}")
         model.set_adapter("base")
         model.eval()
-        return cls(model, tokenizer, config, centroids, run_dir)
+        return cls(model, tokenizer, config, centroids, run_dir, feature_mean=mean)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Copy what inference needs (manifest, config, adapters, clusters) to `out_dir`."""
@@ -93,8 +97,9 @@ class ELREA:
             for name in ("eval.json",):
                 if (self.run_dir / name).exists():
                     shutil.copy2(self.run_dir / name, tmp / name)
-            for sub in ("base", "experts", "clusters"):
-                shutil.copytree(self.run_dir / sub, tmp / sub)
+            for sub in ("base", "experts", "clusters", "router"):
+                if (self.run_dir / sub).exists():
+                    shutil.copytree(self.run_dir / sub, tmp / sub)
             write_model_card(tmp)
         return out_dir
 
@@ -133,20 +138,38 @@ class ELREA:
         self.model.set_adapter("base")
         return self.featurizer.features(self.encode(prompts))
 
-    def route(self, prompts, router: str = "gradient", temperature: float | None = None,
-              top_k: int | None = None) -> torch.Tensor:
-        """Routing weights [n, C+1] (column 0 = base adapter), float32 on the CPU; rows sum to 1."""
-        from .errors import unknown_name
+    def router(self, name: str | None = None):
+        """The router called `name` (default: the run's `routing.router`), built once
+        (elrea.routers: gradient, embedding, learned, uniform)."""
+        from .routers import build_router
 
-        if router not in ROUTERS:
-            raise unknown_name("router", router, ROUTERS)
-        enc = self.encode(prompts)
+        name = name or self.config.routing.router
+        if name not in self._routers:
+            self._routers[name] = build_router(name, self)
+        return self._routers[name]
+
+    def route(self, prompts=None, router: str | None = None, temperature: float | None = None,
+              top_k: int | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Routing weights [n, C+1] (column 0 = base adapter), float32 on the CPU; rows sum to 1.
+
+        router: a name of elrea.routers.ROUTERS (default: the run's routing.router); temperature and
+        top_k default to the run's. features: the router's signal, computed before by
+        `self.router(name).signal(...)` (then `prompts` may be None): try many temperatures
+        without recomputing it."""
         r = self.config.routing
         t = r.temperature if temperature is None else temperature
         if t <= 0:
             raise ConfigError(f"routing.temperature: must be > 0, got {t!r}")
-        feats = self.features(enc) if router == "gradient" else torch.zeros(len(enc), 1, device=self.device)
-        return ROUTERS[router](feats, self.centroids, t, r.top_k if top_k is None else top_k).cpu()
+        k = r.top_k if top_k is None else top_k
+        chosen = self.router(router)
+        if features is None:
+            if prompts is None:
+                raise ConfigError("route: give prompts, or features computed by the router's signal()")
+            enc = self.encode(prompts)
+            n, features = len(enc), chosen.signal(enc)
+        else:
+            n = len(features)
+        return chosen.weights(features, n, t, k)
 
     def decoding(self, generation_config=None, seed: int | None = None, **kwargs) -> ensemble.Decoding:
         """How to decode, from the run's `generation` defaults, a transformers GenerationConfig and

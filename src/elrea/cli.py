@@ -53,15 +53,18 @@ def _accuracy_table(title: str, acc: dict):
 
 # ----------------------------------------------------------------------------- commands
 
+def _overrides(args) -> list[str]:
+    """The positional KEY=VALUE overrides, after those that --model and --device stand for."""
+    front = [f"model.device={args.device}"] if args.device else []
+    front += [f"model.name={args.model}"] if args.model else []
+    return front + list(args.overrides)
+
+
 def cmd_fit(args):
     from .config import load_config
     from .pipeline import fit
 
-    overrides = list(args.overrides)
-    if args.model:
-        overrides.insert(0, f"model.name={args.model}")
-    if args.device:
-        overrides.insert(0, f"model.device={args.device}")
+    overrides = _overrides(args)
     cfg = load_config(args.config, overrides)
     options = {"config": args.data_config, "split": args.data_split, "revision": args.data_revision}
     run = fit(args.data, args.out, cfg, from_stage=args.from_stage, until=args.until,
@@ -118,7 +121,7 @@ def cmd_generate(args):
 
     def run(batch):  # route and decode one batch; under N processes each runs its share
         enc = model.encode(batch)  # once, for routing and decoding
-        w = model.route(enc, temperature=args.tau, top_k=args.top_k)
+        w = model.route(enc, router=args.router, temperature=args.tau, top_k=args.top_k)
         outs = model.generate(enc, weights=w, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode)
         return list(zip(outs, w.tolist()))
@@ -155,6 +158,20 @@ def cmd_route(args):
                                 "adapters": model.adapters} for p, row in zip(prompts, w)])
 
 
+def cmd_compare(args):
+    from .compare import CompareOptions, compare
+
+    overrides = _overrides(args)
+    opt = CompareOptions(routers=tuple(args.routers), checker=args.checker, seed=args.seed,
+                         candidates=[[o for o in c.split(",") if o.strip()] for c in args.candidates],
+                         tau_grid=tuple(args.tau_grid),
+                         cluster_settings=[[o for o in c.split(",") if o.strip()] for c in args.cluster_settings])
+    report = compare(args.data, args.test, args.out, config=args.config, overrides=overrides,
+                     validation=args.validation, options=opt)
+    print(f"wrote {Path(args.out) / 'report.md'} and {Path(args.out) / 'compare.json'} "
+          f"(ELREA chosen on validation: {report['elrea']['run']}, router {report['elrea']['router']})")
+
+
 def cmd_eval(args):
     from .data import load_records
     from .evaluation import evaluate
@@ -164,7 +181,10 @@ def cmd_eval(args):
     model, procs = _load(args)
     if args.limit:
         records = records[: args.limit]
-    result = evaluate(model, records, max_new_tokens=args.max_new_tokens, procs=procs)
+    from .tasks import checker
+
+    result = evaluate(model, records, max_new_tokens=args.max_new_tokens, procs=procs,
+                      checker=checker(args.checker), router=args.router)
     if not procs.is_main:
         return
     _accuracy_table(f"accuracy (%) on {args.data} ({len(records)} examples)", result["accuracy"])
@@ -279,7 +299,24 @@ def _device_arg(p):
                    "run's model.device); under `accelerate launch` each process uses its own GPU")
 
 
+def _router_arg(p):
+    from .config import ROUTER_NAMES
+
+    p.add_argument("--router", choices=ROUTER_NAMES,
+                   help="router (default: the run's routing.router; see docs/method.md, step 5)")
+
+
+def _checker_arg(p):
+    from .tasks import CHECKER_NAMES
+
+    p.add_argument("--checker", default="exact", choices=CHECKER_NAMES,
+                   help="answer check: exact match after normalisation (docs/method.md), or a built-in "
+                        "mixture's own checker (default: %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .rundir import STAGES
+
     ap = argparse.ArgumentParser(prog="elrea", description="Ensembles of Low-Rank Expert Adapters: "
                                  "cluster training examples by gradient, train one LoRA expert per "
                                  "cluster, route and mix them at inference.")
@@ -301,10 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (created; re-running resumes)")
     p.add_argument("--model", help="backbone: alias, hub id or directory (default smollm2-135m-instruct)")
     p.add_argument("--config", help="YAML run config (see `elrea config`)")
-    p.add_argument("--from", dest="from_stage", choices=["base", "features", "clusters", "experts"],
-                   help="redo this stage and the ones after it")
-    p.add_argument("--until", choices=["base", "features", "clusters", "experts"],
-                   help="stop after this stage (e.g. --until base trains one LoRA adapter)")
+    p.add_argument("--from", dest="from_stage", choices=STAGES, help="redo this stage and the ones after it")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage (e.g. --until base trains one LoRA adapter)")
     _device_arg(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. lora.rank=16")
     p.set_defaults(func=cmd_fit)
@@ -318,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--output", help="JSONL output (default: stdout)")
         p.add_argument("--tau", type=float, help="routing temperature (default from the run config)")
         p.add_argument("--top-k", type=int, help="keep the k largest routing weights")
+        _router_arg(p)
         _device_arg(p)
         p.set_defaults(func=fn)
         if name == "generate":
@@ -328,14 +364,47 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--mode", default="logits", choices=["logits", "weights"],
                            help="mix expert logits (default) or expert weights inside each layer")
             p.add_argument("--show-weights", action="store_true", help="print the routing weights")
-        else:
-            p.add_argument("--router", default="gradient", choices=["gradient", "uniform"])
+
+    from .config import ROUTER_NAMES
+
+    p = sub.add_parser("compare", help="does ELREA help on my data? ELREA vs one LoRA (same compute) and "
+                       "baselines, settings chosen on validation",
+                       description="Fit and evaluate, resumably, on your own files: one LoRA (config epochs), "
+                       "one LoRA compute-matched to ELREA's optimizer steps, ELREA with each router (full "
+                       "ensemble and top-1), uniform weights, random clusters of the same sizes, and clusters "
+                       "by `source` when the data has it. Temperature, top-1, router and each --candidates "
+                       "setting are chosen on validation, never on test. Writes OUT/report.md (tables, "
+                       "pictures) and OUT/compare.json.")
+    p.add_argument("--data", required=True, help="training records")
+    p.add_argument("--test", required=True, help="test records with responses (and optional source)")
+    p.add_argument("--validation", help="validation records (default: 10%% per source carved from --data)")
+    p.add_argument("--out", required=True, help="output directory (runs/, evals/, report.md; re-running resumes)")
+    p.add_argument("--model", help="backbone (default smollm2-135m-instruct)")
+    p.add_argument("--config", help="YAML run config shared by every fit")
+    p.add_argument("--routers", nargs="+", default=["gradient", "embedding", "learned"],
+                   choices=[r for r in ROUTER_NAMES if r != "uniform"], help="routers to compare")
+    p.add_argument("--candidates", nargs="+", default=["", "features.center=true"], metavar="OVERRIDES",
+                   help="ELREA settings chosen among on validation: comma-separated overrides each, '' = "
+                        "the config itself (default: '' features.center=true)")
+    p.add_argument("--cluster-settings", nargs="*", default=["clustering.signal=full"], metavar="OVERRIDES",
+                   help="settings whose clusters are only reported against sources (features + clusters, no "
+                        "experts): comma-separated overrides each (default: clustering.signal=full)")
+    p.add_argument("--tau-grid", nargs="+", type=float, default=[0.5, 1.0, 2.0],
+                   help="routing temperatures tried on validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the carved validation split and random clusters")
+    _checker_arg(p)
+    _device_arg(p)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides for every fit (put them before the options that take several values)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("eval", help="exact-match accuracy of the ensemble and of the base adapter")
     p.add_argument("run")
     p.add_argument("--data", required=True, help="test records with responses (and optional source)")
     p.add_argument("--output", help="JSON results (default RUN/eval.json)")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    _checker_arg(p)
+    _router_arg(p)
     p.add_argument("--max-new-tokens", type=int)
     _device_arg(p)
     p.set_defaults(func=cmd_eval)

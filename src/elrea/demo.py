@@ -30,7 +30,7 @@ def run_demo(out: str | Path, train: int = 320, test: int = 128, seed: int = 0,
     from .evaluation import evaluate
     from .pipeline import fit
     from .report import write_report
-    from .tasks import export_mixture
+    from .tasks import checker, export_mixture
 
     out = Path(out)
     t0 = time.time()
@@ -41,7 +41,7 @@ def run_demo(out: str | Path, train: int = 320, test: int = 128, seed: int = 0,
     t_fit = time.time() - t0
     model = ELREA.from_pretrained(out)
     test_records = load_records(paths["test"])
-    result = evaluate(model, test_records)
+    result = evaluate(model, test_records, checker=checker("reasoning-mix"))
     write_json(out / "eval.json", result)
     write_model_card(out)  # with the evaluation table
     sources = [r.source for r in load_records(paths["train"])]

@@ -47,18 +47,14 @@ def accuracy_table(rows: list[dict], methods: list[str]) -> dict:
     return out
 
 
-def default_checker(source, prediction: str, record) -> bool:
-    """A built-in mixture's own answer checker for its sources, exact match otherwise."""
-    from .tasks import GYM_SOURCES, TOY_SOURCES, check_answer
-
-    if source in GYM_SOURCES or source in TOY_SOURCES:
-        return check_answer(source, prediction, {"instruction": record.instruction,
-                                                 "response": record.response, "source": source})
+def exact_checker(source, prediction: str, record) -> bool:
+    """The default answer check: exact match against the record's response after normalisation.
+    (Built-in mixtures' own checks: elrea.tasks.checker.)"""
     return exact_match(prediction, record.response)
 
 
 def evaluate(model, records, max_new_tokens: int | None = None, progress: bool = True,
-             checker=default_checker, procs=None) -> dict:
+             checker=exact_checker, procs=None, router: str | None = None) -> dict:
     """Accuracy of the ELREA ensemble and of the base adapter alone on `records`.
 
     With `procs` (elrea.distributed.Processes) of N processes, each evaluates its contiguous
@@ -72,7 +68,7 @@ def evaluate(model, records, max_new_tokens: int | None = None, progress: bool =
 
     def run(recs):
         chunk = model.encode([r.messages for r in recs])  # once, for routing and both decodings
-        w = model.route(chunk)
+        w = model.route(chunk, router=router)
         base_w = torch.zeros_like(w)
         base_w[:, 0] = 1.0
         ens = model.generate(chunk, weights=w, max_new_tokens=max_new_tokens)

@@ -204,16 +204,50 @@ def make_preconditioner(name: str, adapter_dir: str | Path, names: list[str]) ->
 
 
 def batch_features(model, batch: dict, projector, precondition=sgd_preconditioner,
-                   adapter: str | None = None) -> torch.Tensor:
+                   adapter: str | None = None, block_norm: bool = False) -> torch.Tensor:
     """Unit-norm projected features [n, d] of one batch: delta_i = P precond(g_i) / ||.||.
 
+    block_norm: scale each layer's part of precond(g_i) to unit norm before projecting (the
+    projection is linear, so each layer is projected on its own, scaled, and added).
     Computed (float32) on the model's device, and returned there.
     """
     n = batch["input_ids"].shape[0]
-    out = torch.zeros(n, projector.dim, dtype=torch.float32, device=model_device(model))
+    device = model_device(model)
+    out = torch.zeros(n, projector.dim, dtype=torch.float32, device=device)
+    if not block_norm:
+        for name, offset, g in iter_per_example_gradients(model, batch, adapter):
+            projector.project_block(precondition(name, g), offset, out)
+        return F.normalize(out, dim=1)
+    part = torch.zeros_like(out)
+    sq = torch.zeros(n, dtype=torch.float32, device=device)
+    current = None
+
+    def flush():
+        out.add_(part / sq.sqrt().clamp(min=1e-30)[:, None])
+        part.zero_()
+        sq.zero_()
+
     for name, offset, g in iter_per_example_gradients(model, batch, adapter):
-        projector.project_block(precondition(name, g), offset, out)
+        key = layer_of(name)
+        if current is not None and key != current:
+            flush()
+        current = key
+        v = precondition(name, g)
+        sq.add_((v * v).sum(1))
+        projector.project_block(v, offset, part)
+    if current is not None:
+        flush()
     return F.normalize(out, dim=1)
+
+
+def layer_of(param_name: str) -> str:
+    """The layer a parameter belongs to: the text up to its first numeric path part
+    ("...layers.3.self_attn.q_proj.lora_A..." -> "...layers.3"), or the name itself."""
+    parts = param_name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i + 1])
+    return param_name
 
 
 def num_lora_params(model, adapter: str | None = None) -> int:
@@ -263,6 +297,7 @@ class Featurizer:
     pad_id: int = 0
     batch_size: int = 16
     max_tokens: int = 0
+    block_norm: bool = False
 
     @classmethod
     def for_run(cls, model, cfg, base_dir: str | Path, pad_id: int, preconditioner: str,
@@ -276,7 +311,7 @@ class Featurizer:
                                    cfg.stage_seed("projection"), f.sjlt_nnz)
         precondition = make_preconditioner(preconditioner, base_dir, lora_param_names(model, adapter))
         return cls(model, projector, precondition, adapter, pad_id, batch_size or f.batch_size,
-                   f.max_tokens_per_batch)
+                   f.max_tokens_per_batch, f.block_norm)
 
     @property
     def device(self) -> torch.device:
@@ -290,7 +325,8 @@ class Featurizer:
         from .data import collate
 
         batch = collate(examples, self.pad_id, side="right")
-        return batch_features(self.model, batch, self.projector, self.precondition, self.adapter)
+        return batch_features(self.model, batch, self.projector, self.precondition, self.adapter,
+                              self.block_norm)
 
     def features(self, examples: list) -> torch.Tensor:
         """Features [n, d] of any number of examples, batch by batch as planned."""

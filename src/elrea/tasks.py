@@ -21,7 +21,7 @@ training gradients of reasoning-mix's sources do not conflict (benchmarks/confli
 The reasoning-gym question is rewritten into a concise instruction (same meaning) from the
 entry's metadata; the answer is reasoning-gym's (for words_kept and spelled_forward, the
 input words or word themselves). "toy" holds the four rule-conflicting toy
-sources of `elrea.testing.make_toy_records` (add, sub, rev, upper).
+sources of `make_toy_records` (add, sub, rev, upper).
 
 Splits: each instruction belongs to exactly one split, chosen by a hash of (mixture, seed,
 instruction text) with shares train 70% / validation 10% / test 20%, and each split is drawn
@@ -149,7 +149,34 @@ GYM_SOURCES.update({
 # is not the reasoning-gym entry's own, so that dataset's scorer would compare against another rule
 EXACT_ONLY = {"spell_backward", "spelled_backward", "spelled_forward", "words_kept"}
 
-TOY_SOURCES = ["add", "sub", "rev", "upper"]
+# ----------------------------------------------------------------------------- toy mixture
+
+TOY_TASKS = {
+    "add": lambda a, b: (f"Add {a} and {b}.", str(a + b)),
+    "sub": lambda a, b: (f"Subtract {b} from {a}.", str(a - b)),
+    "rev": lambda a, b: (f"Reverse the word {_word(a, b)}.", _word(a, b)[::-1]),
+    "upper": lambda a, b: (f"Uppercase the word {_word(a, b)}.", _word(a, b).upper()),
+}
+
+
+def _word(a: int, b: int) -> str:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return "".join(letters[(a * 7 + b * 3 + i * 5) % 26] for i in range(3 + (a + b) % 3))
+
+
+def make_toy_records(n: int, seed: int = 0, tasks: list[str] | None = None) -> list[dict]:
+    """`n` records from a few simple sources with distinct rules (add, sub, rev, upper)."""
+    rng = random.Random(seed)
+    tasks = tasks or list(TOY_TASKS)
+    rows = []
+    for i in range(n):
+        src = tasks[i % len(tasks)]
+        q, a = TOY_TASKS[src](rng.randint(0, 20), rng.randint(0, 20))
+        rows.append({"instruction": q, "response": a, "source": src})
+    return rows
+
+
+TOY_SOURCES = list(TOY_TASKS)
 
 MIXTURES: dict[str, list[str]] = {
     "reasoning-mix": REASONING_MIX,
@@ -207,7 +234,6 @@ def _gym_stream(source: str, seed: int) -> Iterator[tuple[str, str]]:
 
 
 def _toy_stream(source: str, seed: int) -> Iterator[tuple[str, str]]:
-    from .testing import make_toy_records
 
     for chunk in range(10**9):
         for r in make_toy_records(256, seed=_derive(seed, chunk), tasks=[source]):
@@ -330,3 +356,27 @@ def check_answer(source: str, prediction: str, record: dict) -> bool:
     entry = {"question": record["instruction"], "answer": reference,
              "metadata": GYM_SOURCES[source].metadata(reference)}
     return _scorer(source)(prediction, entry) >= 1.0
+
+
+def mixture_checker(source, prediction: str, record) -> bool:
+    """An `evaluate` checker: the built-in mixtures' own check for their sources (check_answer),
+    exact match (elrea.evaluation.exact_checker) for any other source."""
+    if source in GYM_SOURCES or source in TOY_SOURCES:
+        return check_answer(source, prediction, {"instruction": record.instruction,
+                                                 "response": record.response, "source": source})
+    return exact_match(prediction, record.response)
+
+
+def checker(name: str) -> Callable:
+    """The answer checker called `name`: "exact" (exact match after normalisation), or a built-in
+    mixture's name (reasoning-mix, conflict-mix, toy), whose sources get their own checks."""
+    from .evaluation import exact_checker
+
+    if name == "exact":
+        return exact_checker
+    if name in MIXTURES:
+        return mixture_checker
+    raise unknown_name("answer checker", name, ["exact", *MIXTURES])
+
+
+CHECKER_NAMES = ["exact", "reasoning-mix", "conflict-mix", "toy"]

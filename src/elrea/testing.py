@@ -1,5 +1,7 @@
 """Tiny offline models and data for tests and quick benchmark variants.
 
+The toy mixture (`make_toy_records`) lives with the other mixtures in `elrea.tasks`.
+
 `make_tiny_model` builds a few-layer Llama with a byte-level BPE tokenizer trained on the
 given texts and a ChatML chat template, and saves it as an ordinary transformers directory,
 so that every code path that loads "any causal LM from a directory" is exercised without
@@ -9,8 +11,9 @@ the network.
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
+
+from .tasks import make_toy_records  # noqa: F401 - the tests' and benchmarks' toy data
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -42,31 +45,6 @@ def make_tiny_model(out_dir: str | Path, texts: list[str], hidden: int = 32, lay
                       tie_word_embeddings=True)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return out
-
-
-TASKS = {
-    "add": lambda a, b: (f"Add {a} and {b}.", str(a + b)),
-    "sub": lambda a, b: (f"Subtract {b} from {a}.", str(a - b)),
-    "rev": lambda a, b: (f"Reverse the word {_word(a, b)}.", _word(a, b)[::-1]),
-    "upper": lambda a, b: (f"Uppercase the word {_word(a, b)}.", _word(a, b).upper()),
-}
-
-
-def _word(a: int, b: int) -> str:
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    return "".join(letters[(a * 7 + b * 3 + i * 5) % 26] for i in range(3 + (a + b) % 3))
-
-
-def make_toy_records(n: int, seed: int = 0, tasks: list[str] | None = None) -> list[dict]:
-    """`n` records from a few simple sources with distinct rules (add, sub, rev, upper)."""
-    rng = random.Random(seed)
-    tasks = tasks or list(TASKS)
-    rows = []
-    for i in range(n):
-        src = tasks[i % len(tasks)]
-        q, a = TASKS[src](rng.randint(0, 20), rng.randint(0, 20))
-        rows.append({"instruction": q, "response": a, "source": src})
-    return rows
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:

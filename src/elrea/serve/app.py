@@ -110,7 +110,7 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
                 raise OpenAIError(f"elrea.weights: {k} non-negative numbers summing to 1 (base + "
                                   f"{k - 1} experts), got {weights}", param="elrea.weights")
         if ext and ext.router is not None:
-            from ..routing import ROUTERS
+            from ..routers import ROUTERS
 
             if ext.router not in ROUTERS:
                 raise OpenAIError(f"elrea.router: unknown {ext.router!r}; valid: {', '.join(sorted(ROUTERS))}",
@@ -126,7 +126,7 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
         seed = req.seed if req.seed is not None else secrets.randbits(62)
         decoding = model.decoding(seed=seed, **sampling)
         return Job(enc, decoding, emit=None, weights=weights, router=(ext.router if ext and ext.router else
-                                                                      "gradient"),
+                                                                      model.config.routing.router),
                    tau=ext.temperature if ext else None, top_k=ext.top_k if ext else None, stop=req.stops())
 
     async def run(job: Job, req, chat: bool):

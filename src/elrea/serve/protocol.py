@@ -33,7 +33,7 @@ class Extension(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     weights: list[float] | None = Field(None, description="weights over [base, expert_1, ...]; sum to 1")
-    router: str | None = Field(None, description="a router name (see elrea.routing.ROUTERS)")
+    router: str | None = Field(None, description="a router name (see elrea.routers.ROUTERS)")
     top_k: int | None = Field(None, ge=0, description="keep the k largest routing weights")
     temperature: float | None = Field(None, gt=0, description="routing softmax temperature tau")
 

@@ -1,0 +1,73 @@
+"""Clusters against sources for each feature setting of a fitted run, without training experts.
+
+    python benchmarks/cluster_signals.py RUN [RUN ...]
+
+For each run directory (after its features stage), clusters its stored gradient features with
+the run's clustering settings as they are and centred (features.center), and BIRCH with the same
+settings on the sentence embeddings of the instructions, and prints C, sizes, ARI / NMI against
+the records' sources and the silhouette; JSON to benchmarks/results/cluster_signals.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command_line, machine, print_table  # noqa: E402
+
+from elrea.clustering import CenteredFeatures, cluster_features, feature_mean  # noqa: E402
+from elrea.config import RunConfig, _from_dict  # noqa: E402
+from elrea.data import load_records  # noqa: E402
+from elrea.pipeline import purity  # noqa: E402
+from elrea.routers.embedding import embed  # noqa: E402
+from elrea.rundir import RunDir, atomic_path, load_features, read_json  # noqa: E402
+
+
+def describe(X, labels, sources) -> dict:
+    from sklearn.metrics import silhouette_score
+
+    X = np.asarray(X[:], dtype=np.float32)
+    sil = float(silhouette_score(X, labels, sample_size=min(len(X), 5000), random_state=0)) \
+        if len(set(labels.tolist())) > 1 else None
+    return {"num_clusters": int(labels.max()), "sizes": np.bincount(labels)[1:].tolist(),
+            **purity(labels, sources), "silhouette": sil}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--out", default=str(RESULTS / "cluster_signals.json"))
+    args = ap.parse_args(argv)
+    report = {"command": command_line(__file__, argv), "machine": machine(), "runs": {}}
+    rows = []
+    for run in args.runs:
+        rd = RunDir(run)
+        man = read_json(rd.manifest)
+        cfg = _from_dict(RunConfig, man["config"]).validate()
+        records = load_records(man["data"])
+        sources = [r.source for r in records]
+        X = load_features(rd.features)
+        seed = cfg.stage_seed("clustering")
+        res = {}
+        for name, feats in (("gradient", X), ("gradient, centred", CenteredFeatures(X, feature_mean(X)))):
+            res[name] = describe(feats, cluster_features(feats, cfg.clustering, seed).labels, sources)
+        E = embed([r.instruction for r in records]).numpy()
+        res["sentence embedding"] = describe(E, cluster_features(E, cfg.clustering, seed).labels, sources)
+        report["runs"][run] = res
+        for name, v in res.items():
+            rows.append([run, name, v["num_clusters"], " ".join(map(str, v["sizes"])), v.get("ari_vs_source"),
+                         v.get("nmi_vs_source"), v["silhouette"]])
+    print_table("clusters against sources", ["run", "signal", "C", "sizes", "ARI", "NMI", "silhouette"], rows)
+    out = Path(args.out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

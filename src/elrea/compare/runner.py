@@ -1,0 +1,442 @@
+"""The work of `elrea compare` (see the package docstring)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import load_config
+from ..data import load_records
+from ..errors import ConfigError, ElreaError
+from ..rundir import RunDir, atomic_path, read_json, write_json
+from .stats import accuracy, paired_difference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompareOptions:
+    routers: tuple = ("gradient", "embedding", "learned")
+    candidates: list = field(default_factory=lambda: [[], ["features.center=true"]])
+    tau_grid: tuple = (0.5, 1.0, 2.0)
+    checker: str = "exact"
+    validation_share: float = 0.1
+    seed: int = 0
+    baselines: tuple = ("uniform", "random", "source")
+    # settings whose clusters are reported (against sources) without training experts on them
+    cluster_settings: list = field(default_factory=lambda: [["clustering.signal=full"]])
+
+
+def compare(train: str | Path, test: str | Path, out: str | Path, config: str | None = None,
+            overrides: list[str] | None = None, validation: str | Path | None = None,
+            options: CompareOptions | None = None) -> dict:
+    """Fit and evaluate every method; write OUT/compare.json and OUT/report.md; return the result."""
+    from ..tasks import checker as make_checker
+    from .report import show, write_report
+
+    opt = options or CompareOptions()
+    overrides = list(overrides or [])
+    check = make_checker(opt.checker)
+    load_config(config, overrides)  # a bad config fails before anything is written
+    test_records = load_records(test)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    train, val_path, carved = _validation_split(train, validation, out, opt)
+    val_records = load_records(val_path)
+    work = _Work(out, check)
+    times: dict[str, float] = {}
+
+    # ELREA candidates: the first is the run the others share their base adapter and features with
+    runs = {}
+    for cand in opt.candidates:
+        name = _run_name(cand)
+        rd = RunDir(out / "runs" / name)
+        if runs:
+            first = next(iter(runs.values()))["run"]
+            rd.share(first, ("base", "features"))
+        cfg = load_config(config, overrides + list(cand))
+        t = time.time()
+        _fit(train, rd, cfg)
+        times[f"fit {name}"] = round(time.time() - t, 1)
+        runs[name] = {"run": rd, "overrides": list(cand), "config": cfg}
+
+    # choose on validation: per router, the candidate and temperature (full ensemble) and the
+    # candidate for top-1; the best of all of them is "elrea"
+    trials = []
+    for name, r in runs.items():
+        trials += work.validate(name, r["run"], val_records, opt)
+    chosen = _choose(trials, opt.routers)
+    best = max(chosen.values(), key=lambda t: t["validation"])
+    log.info("chosen on validation: %s", ", ".join(f"{k}: {v['run']} tau={v['tau']} top_k={v['top_k']}"
+                                                    for k, v in chosen.items()))
+
+    # baselines
+    first_name = next(iter(runs))
+    first = runs[first_name]["run"]
+    stages = read_json(first.manifest)["stages"]
+    steps = stages["base"]["steps"] + sum(e["steps"] for e in stages["experts"]["finished"].values())
+    matched = RunDir(out / "runs" / "lora-matched")
+    t = time.time()
+    _fit(train, matched, load_config(config, overrides + [f"base.max_steps={steps}"]), until="base")
+    times["fit lora-matched"] = round(time.time() - t, 1)
+    best_run = runs[best["run"]]
+    extra_runs = {}
+    train_records = load_records(train)
+    labels = best_run["run"].labels()
+    rng = np.random.default_rng(opt.seed)
+    given = {}
+    if "random" in opt.baselines:
+        given["random"] = rng.permutation(labels)
+    if "source" in opt.baselines and all(r.source is not None for r in train_records):
+        given["source"] = np.array([str(r.source) for r in train_records])
+    for name, lab in given.items():
+        rd = RunDir(out / "runs" / name)
+        rd.share(best_run["run"], ("base", "features"))
+        t = time.time()
+        _fit(train, rd, best_run["config"], labels=lab, until="experts")
+        times[f"fit {name}"] = round(time.time() - t, 1)
+        extra_runs[name] = rd
+
+    # clusters of other settings, reported only (features and clusters, no experts)
+    cluster_runs = {}
+    for setting in opt.cluster_settings:
+        rd = RunDir(out / "runs" / ("clusters-" + _run_name(setting)[len("elrea-"):]))
+        rd.share(first, ("base", "features"))
+        t = time.time()
+        _fit(train, rd, load_config(config, overrides + list(setting)), until="clusters")
+        times[f"fit {rd.root.name}"] = round(time.time() - t, 1)
+        cluster_runs[rd.root.name] = rd
+
+    # test
+    results, methods = {}, {}
+    for router, c in chosen.items():
+        full = c if c["top_k"] == 0 else _best(trials, router, top1=False)
+        top1 = _best(trials, router, top1=True)
+        methods[f"elrea-{router}"] = (runs[full["run"]]["run"], {"router": router, "tau": full["tau"], "top_k": 0})
+        methods[f"elrea-{router}-top1"] = (runs[top1["run"]]["run"], {"router": router, "tau": 1.0, "top_k": 1})
+    methods["lora"] = (first, {"onehot": 0})
+    methods["lora-matched"] = (first, {"adapter": matched.base})
+    if "uniform" in opt.baselines:
+        methods["uniform"] = (best_run["run"], {"router": "uniform", "tau": 1.0, "top_k": 0})
+    g = chosen.get("gradient", best)
+    for name, rd in extra_runs.items():
+        methods[name] = (rd, {"router": "gradient", "tau": g["tau"], "top_k": 0})
+    for m, (rd, how) in methods.items():
+        outputs = work.outputs("test", m, rd, test_records, how)
+        results[m] = accuracy(test_records, outputs["correct"])
+        log.info("test %s: mean accuracy %.3f", m, results[m]["mean"])
+    base = results["lora-matched"]["correct"]
+    versus = {m: paired_difference(test_records, r["correct"], base, seed=opt.seed)
+              for m, r in results.items() if m != "lora-matched"}
+
+    report = {
+        "data": {"train": str(train), "validation": str(val_path), "validation_carved": carved,
+                 "test": str(test), "examples": {"train": len(train_records), "validation": len(val_records),
+                                                 "test": len(test_records)}},
+        "checker": opt.checker, "options": _jsonable(dataclasses.asdict(opt)),
+        "compute_matched_steps": steps, "chosen": {k: _clean(v) for k, v in chosen.items()},
+        "elrea": _clean(best), "trials": [_clean(t) for t in trials], "accuracy": results,
+        "versus_lora_matched": versus, "clusterings": _clusterings(runs, {**cluster_runs, **extra_runs}, train_records,
+                                                                 best_run["config"]),
+        "routing_cost": work.routing_cost(runs[best["run"]]["run"], test_records, opt.routers),
+        "stage_seconds": {name: _stage_seconds(rd) for name, rd in
+                          [(n, r["run"]) for n, r in runs.items()] + [("lora-matched", matched)]
+                          + list(extra_runs.items())},
+        "seconds": times,
+    }
+    with atomic_path(out / "compare.json") as tmp:
+        import json
+
+        tmp.write_text(json.dumps(report, indent=2))
+    show(report)
+    write_report(out, report)
+    return report
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def _fit(train, rd: RunDir, cfg, **kw):
+    from ..pipeline import fit
+
+    return fit(train, rd.root, cfg, **kw)
+
+
+def _run_name(overrides: list[str]) -> str:
+    if not overrides:
+        return "elrea"
+    def part(o: str) -> str:
+        key, _, value = o.partition("=")
+        key = key.split(".")[-1]
+        return key if value.strip().lower() == "true" else f"{key}_{value}"
+
+    slug = "-".join(re.sub(r"[^A-Za-z0-9_]+", "_", part(o)).strip("_") for o in overrides)
+    return f"elrea-{slug}"
+
+
+def _validation_split(train, validation, out: Path, opt: CompareOptions):
+    """(train file, validation file, carved?): a seeded share of the training records per source
+    becomes validation when no validation file is given."""
+    if validation is not None:
+        return Path(train), Path(validation), False
+    import json
+
+    records = load_records(train)
+    rng = np.random.default_rng(opt.seed)
+    by_source: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_source.setdefault(str(r.source), []).append(i)
+    val_idx = set()
+    for idx in by_source.values():
+        k = max(1, int(round(opt.validation_share * len(idx))))
+        val_idx.update(rng.choice(idx, size=min(k, len(idx) - 1), replace=False).tolist())
+    if not val_idx:
+        raise ConfigError(f"{train}: too few records to carve a validation split; give --validation")
+    d = out / "data"
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, keep in (("train", lambda i: i not in val_idx), ("validation", lambda i: i in val_idx)):
+        rows = [_record_dict(r) for i, r in enumerate(records) if keep(i)]
+        with atomic_path(d / f"{split}.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in rows), encoding="utf-8")
+        paths[split] = d / f"{split}.jsonl"
+    log.warning("no --validation given: carved %d of %d training records (%.0f%% per source, seed %d) into %s; "
+                "the runs train on the other %d", len(val_idx), len(records), 100 * opt.validation_share, opt.seed,
+                paths["validation"], len(records) - len(val_idx))
+    return paths["train"], paths["validation"], True
+
+
+def _record_dict(r) -> dict:
+    d = {"messages": r.messages} if getattr(r, "messages", None) else {}
+    d = {"instruction": r.instruction, "response": r.response} if not d or r.instruction else d
+    if r.source is not None:
+        d["source"] = r.source
+    return d
+
+
+def _choose(trials: list[dict], routers) -> dict:
+    chosen = {}
+    for router in routers:
+        mine = [t for t in trials if t["router"] == router]
+        if mine:
+            chosen[router] = max(mine, key=lambda t: t["validation"])  # first of ties: earlier candidate, lower tau
+    if not chosen:
+        raise ElreaError("compare: no router could be evaluated on validation")
+    return chosen
+
+
+def _best(trials, router, top1: bool) -> dict:
+    mine = [t for t in trials if t["router"] == router and (t["top_k"] == 1) == top1]
+    return max(mine, key=lambda t: t["validation"])
+
+
+def _clean(t: dict) -> dict:
+    return {k: v for k, v in t.items() if k != "correct"}
+
+
+def _jsonable(d):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def _stage_seconds(rd: RunDir) -> dict:
+    return {k: v.get("seconds") for k, v in read_json(rd.manifest)["stages"].items()}
+
+
+def _clusterings(runs: dict, extra: dict, records, cfg) -> dict:
+    """C, sizes, ARI / NMI against sources, and silhouette of every run's clusters; and, for
+    reference, BIRCH with the same settings on the instructions' sentence embeddings."""
+    from sklearn.metrics import silhouette_score
+
+    from ..pipeline import purity
+
+    from ..clustering import CenteredFeatures
+    from ..rundir import load_features
+
+    out = {}
+    for name, rd in [(n, r["run"]) for n, r in runs.items()] + list(extra.items()):
+        info = read_json(rd.clusters_json)
+        labels = np.asarray(info["labels"])
+        X = load_features(rd.features)
+        mean = _stored_mean(rd)
+        Xs = np.asarray(CenteredFeatures(X, mean)[:] if mean is not None else X[:], dtype=np.float32)
+        sil = float(silhouette_score(Xs, labels, sample_size=min(len(Xs), 5000), random_state=0)) \
+            if len(set(labels.tolist())) > 1 else None
+        p = purity(labels, [r.source for r in records])
+        out[name] = {"num_clusters": info["num_clusters"], "sizes": info["sizes"],
+                     "ari": p.get("ari_vs_source"), "nmi": p.get("nmi_vs_source"), "silhouette": sil,
+                     "centered": info.get("centered", False), "signal": read_json(rd.manifest)["stages"]
+                     ["features"].get("signal", "instruction")}
+    out.update(_embedding_clusters(records, cfg))
+    return out
+
+
+def _embedding_clusters(records, cfg) -> dict:
+    """BIRCH (the run's clustering settings) on unit sentence embeddings of the instructions."""
+    from sklearn.metrics import silhouette_score
+
+    from ..clustering import cluster_features
+    from ..pipeline import purity
+    from ..routers.embedding import available, embed
+
+    if not available(cfg.routing.embedding_model):
+        return {}
+    X = embed([r.instruction for r in records], cfg.routing.embedding_model).numpy()
+    cl = cluster_features(X, cfg.clustering, cfg.stage_seed("clustering"))
+    p = purity(cl.labels, [r.source for r in records])
+    sil = float(silhouette_score(X, cl.labels, sample_size=min(len(X), 5000), random_state=0)) \
+        if cl.num_clusters > 1 else None
+    return {"sentence-embedding clusters": {"num_clusters": cl.num_clusters, "sizes": cl.sizes,
+                                            "ari": p.get("ari_vs_source"), "nmi": p.get("nmi_vs_source"),
+                                            "silhouette": sil, "centered": False, "signal": "embedding"}}
+
+
+def _stored_mean(rd: RunDir):
+    from safetensors.numpy import load_file
+
+    return load_file(str(rd.centroids)).get("feature_mean")
+
+
+class _Work:
+    """Loaded models (one at a time) and the cache of decoded splits under OUT/evals."""
+
+    def __init__(self, out: Path, check):
+        self.out, self.check = out, check
+        self.model, self.loaded = None, None
+
+    def load(self, rd: RunDir):
+        from ..api import ELREA
+
+        if self.loaded != rd.root:
+            self.model = None
+            self.model = ELREA.from_pretrained(rd.root)
+            self.loaded = rd.root
+        return self.model
+
+    def outputs(self, split: str, key: str, rd: RunDir, records, how: dict, signal=None) -> dict:
+        """Decoded outputs and 0/1 results of one method on one split (cached)."""
+        path = self.out / "evals" / f"{split}-{key}.json"
+        if path.exists():
+            cached = read_json(path)
+            if cached.get("run") == str(rd.root) and cached.get("how") == _how_key(how) \
+                    and len(cached.get("outputs", [])) == len(records):
+                return cached
+        model = self.load(rd)
+        enc = model.encode([r.messages for r in records])
+        t = time.time()
+        if "adapter" in how:
+            texts = _single_adapter(model, enc, how["adapter"])
+        else:
+            n = len(enc)
+            if "onehot" in how:
+                w = torch.zeros(n, len(model.adapters))
+                w[:, how["onehot"]] = 1.0
+            else:
+                w = model.route(enc if signal is None else None, router=how["router"], temperature=how["tau"],
+                                top_k=how["top_k"], features=signal)
+            texts = model.generate(enc, weights=w)
+        correct = [int(self.check(r.source, o, r)) for r, o in zip(records, texts)]
+        result = {"run": str(rd.root), "how": _how_key(how), "outputs": texts, "correct": correct,
+                  "seconds": round(time.time() - t, 2)}
+        write_json(path, result)
+        return result
+
+    def validate(self, name: str, rd: RunDir, val, opt: CompareOptions) -> list[dict]:
+        """Validation accuracy of every router x temperature (all experts) and of top-1."""
+        from ..errors import RunDirError
+
+        model = self.load(rd)
+        trials = []
+        signals = {}
+        for router in opt.routers:
+            settings = [(tau, 0) for tau in opt.tau_grid] + [(1.0, 1)]
+            for tau, k in settings:
+                how = {"router": router, "tau": tau, "top_k": k}
+                key = f"{name}-{router}-tau{tau:g}-top{k}"
+                path = self.out / "evals" / f"validation-{key}.json"
+                sig = None
+                if not path.exists():
+                    if router not in signals:
+                        try:
+                            signals[router] = model.router(router).signal(model.encode([r.messages for r in val]))
+                        except (RunDirError, ConfigError) as e:
+                            log.warning("router %s: %s; left out", router, e)
+                            signals[router] = False
+                    if signals[router] is False:
+                        break
+                    sig = signals[router]
+                res = self.outputs("validation", key, rd, val, how, signal=sig)
+                trials.append({"run": name, "router": router, "tau": tau, "top_k": k,
+                               "validation": accuracy(val, res["correct"])["mean"],
+                               "num_clusters": len(model.adapters) - 1})
+                log.info("validation %s: %.3f", key, trials[-1]["validation"])
+        return trials
+
+    def routing_cost(self, rd: RunDir, records, routers, n_single: int = 8) -> dict:
+        """Milliseconds per prompt of each router's signal + weights at the routing batch size and
+        at batch 1, and of one decoded token at batch 1 (one adapter, EOS ignored)."""
+        from ..ensemble import generate
+
+        model = self.load(rd)
+        enc = model.encode([r.messages for r in records])
+        single = enc[:n_single]
+        out = {}
+        for router in routers:
+            try:
+                model.route(single[:1], router=router)            # warm up, and skip an unfitted router
+            except Exception as e:  # noqa: BLE001
+                log.warning("routing cost of %s: %s", router, e)
+                continue
+            t = time.perf_counter()
+            model.route(enc, router=router)
+            batched = (time.perf_counter() - t) / len(enc)
+            t = time.perf_counter()
+            for e in single:
+                model.route([e], router=router)
+            out[router] = {"ms_per_prompt_batched": 1000 * batched,
+                           "ms_per_prompt_batch1": 1000 * (time.perf_counter() - t) / len(single)}
+        pad = model.tokenizer.pad_token_id
+        w1 = torch.ones(1, 1)
+
+        def timed(n_tokens):
+            t = time.perf_counter()
+            for e in single[:4]:
+                generate(model.model, [e.input_ids], w1, ["base"], pad_id=pad, max_new_tokens=n_tokens)
+            return (time.perf_counter() - t) / len(single[:4])
+
+        timed(2)
+        token_ms = 1000 * (timed(17) - timed(1)) / 16
+        for v in out.values():
+            v["ratio_to_one_token"] = v["ms_per_prompt_batch1"] / token_ms
+        return {"routers": out, "ms_per_decoded_token_batch1": token_ms}
+
+
+def _how_key(how: dict) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in how.items()}
+
+
+def _single_adapter(model, enc, adapter_dir: Path) -> list[str]:
+    """Greedy outputs of one LoRA adapter folder on the loaded model's backbone."""
+    from ..ensemble import generate
+
+    name = "lora_single"
+    if name not in model.model.peft_config:
+        model.model.load_adapter(str(adapter_dir), adapter_name=name)
+        model.model.eval()
+    decoding = model.decoding()
+    bs, texts = model.config.generation.batch_size, []
+    try:
+        for s in range(0, len(enc), bs):
+            ids = [e.input_ids for e in enc[s:s + bs]]
+            toks = generate(model.model, ids, torch.ones(len(ids), 1), [name], pad_id=model.tokenizer.pad_token_id,
+                            decoding=decoding)
+            texts += [model.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
+    finally:
+        model.model.set_adapter("base")
+        model.model.delete_adapter(name)
+    return texts

@@ -1,0 +1,80 @@
+"""`elrea compare` end to end on the tiny model: every method, choices on validation, paired
+intervals, report and pictures, resuming, and user mistakes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+FAST = ["base.epochs=2", "experts.epochs=1", "base.lr=2e-3", "experts.lr=2e-3", "features.dim=512",
+        "clustering.min_cluster_size=4", "base.micro_batch_size=8", "experts.micro_batch_size=8",
+        "generation.max_new_tokens=6", "clustering.num_clusters=4"]
+
+
+def _compare(*args, timeout=900):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "elrea.cli", "compare", "-q", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
+    out = tmp_path / "cmp"
+    args = ["--model", tiny_model_dir, "--data", toy_data / "train.jsonl", "--test", toy_data / "test.jsonl",
+            "--out", out, *FAST, "--routers", "gradient", "learned", "--candidates", "", "features.center=true",
+            "--tau-grid", "1", "2", "--cluster-settings", "clustering.signal=full"]
+    r = _compare(*args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "carved" in r.stderr and "vs lora-matched" in r.stdout
+    rep = json.loads((out / "compare.json").read_text())
+    assert rep["data"]["validation_carved"] and rep["data"]["examples"]["train"] + \
+        rep["data"]["examples"]["validation"] == 64
+    assert set(rep["accuracy"]) == {"elrea-gradient", "elrea-gradient-top1", "elrea-learned", "elrea-learned-top1",
+                                    "lora", "lora-matched", "uniform", "random", "source"}
+    # every choice was made on validation: the chosen setting is the best validation trial
+    for router, c in rep["chosen"].items():
+        best = max((t for t in rep["trials"] if t["router"] == router), key=lambda t: t["validation"])
+        assert (c["run"], c["tau"], c["top_k"]) == (best["run"], best["tau"], best["top_k"])
+    assert {t["run"] for t in rep["trials"]} == {"elrea", "elrea-center"}
+    ref = rep["accuracy"]["lora-matched"]
+    for m, v in rep["versus_lora_matched"].items():
+        acc = rep["accuracy"][m]
+        assert len(acc["correct"]) == len(ref["correct"]) == 12
+        assert abs(v["points"] - 100 * (acc["mean"] - ref["mean"])) < 1e-6
+        assert v["ci95"][0] - 1e-9 <= v["points"] <= v["ci95"][1] + 1e-9
+    cl = rep["clusterings"]
+    assert cl["source"]["ari"] == 1.0 and cl["elrea-center"]["centered"] and cl["clusters-signal_full"]["signal"] == "full"
+    assert sum(cl["random"]["sizes"]) == sum(cl["elrea"]["sizes"]) == 56
+    rc = rep["routing_cost"]
+    assert set(rc["routers"]) == {"gradient", "learned"} and rc["ms_per_decoded_token_batch1"] > 0
+    # the compute-matched LoRA trained as many steps as ELREA's base adapter and experts
+    runs = out / "runs"
+    m = json.loads((runs / "elrea" / "elrea.json").read_text())["stages"]
+    steps = m["base"]["steps"] + sum(e["steps"] for e in m["experts"]["finished"].values())
+    assert rep["compute_matched_steps"] == steps
+    assert json.loads((runs / "lora-matched" / "elrea.json").read_text())["stages"]["base"]["steps"] == steps
+    # baselines shared ELREA's base adapter instead of training their own
+    fp = lambda run: json.loads((runs / run / "elrea.json").read_text())["stages"]["base"]["fingerprint"]  # noqa: E731
+    assert fp("random") == fp("source") == fp("elrea-center") == fp("elrea")
+    report = (out / "report.md").read_text()
+    assert "![accuracy](accuracy.png)" in report and (out / "accuracy.png").stat().st_size > 1000
+    assert (out / "per_source.png").exists()
+
+    # resuming: nothing is fitted or decoded again, and the result is the same
+    before = {p: p.stat().st_mtime for p in (out / "evals").iterdir()}
+    r2 = _compare(*args)
+    assert r2.returncode == 0, r2.stderr[-4000:]
+    assert {p: p.stat().st_mtime for p in (out / "evals").iterdir()} == before
+    again = json.loads((out / "compare.json").read_text())
+    assert again["accuracy"] == rep["accuracy"]
+
+
+def test_compare_user_mistakes_are_one_line_errors(tmp_path, toy_data):
+    r = _compare("--data", toy_data / "train.jsonl", "--test", tmp_path / "missing.jsonl", "--out", tmp_path / "o")
+    assert r.returncode != 0 and "missing.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+    r = _compare("--data", toy_data / "train.jsonl", "--test", toy_data / "test.jsonl", "--out", tmp_path / "o",
+                 "routing.router=nearest")
+    assert r.returncode != 0 and "routing.router" in r.stderr and "Traceback" not in r.stderr
