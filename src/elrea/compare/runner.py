@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -152,8 +153,6 @@ def compare(train: str | Path, test: str | Path, out: str | Path, config: str | 
         "seconds": times,
     }
     with atomic_path(out / "compare.json") as tmp:
-        import json
-
         tmp.write_text(json.dumps(report, indent=2))
     show(report)
     write_report(out, report)
@@ -185,8 +184,6 @@ def _validation_split(train, validation, out: Path, opt: CompareOptions):
     becomes validation when no validation file is given."""
     if validation is not None:
         return Path(train), Path(validation), False
-    import json
-
     records = load_records(train)
     rng = np.random.default_rng(opt.seed)
     by_source: dict[str, list[int]] = {}
@@ -213,11 +210,8 @@ def _validation_split(train, validation, out: Path, opt: CompareOptions):
 
 
 def _record_dict(r) -> dict:
-    d = {"messages": r.messages} if getattr(r, "messages", None) else {}
-    d = {"instruction": r.instruction, "response": r.response} if not d or r.instruction else d
-    if r.source is not None:
-        d["source"] = r.source
-    return d
+    d = {"instruction": r.instruction, "response": r.response}
+    return d if r.source is None else {**d, "source": r.source}
 
 
 def _choose(trials: list[dict], routers) -> dict:
