@@ -102,7 +102,7 @@ def test_export_is_deterministic_and_atomic(tmp_path):
         assert len(rows) == {"train": 24, "validation": 8, "test": 8}[split]
     assert (tmp_path / "a" / "README.md").read_text(encoding="utf-8").count("seed 1") == 1
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "README.md", "test.jsonl", "train.jsonl", "validation.jsonl"]
+        "README.md", "mixture.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
 
 
 def test_exported_files_load_as_records(tmp_path):
@@ -162,3 +162,22 @@ def test_conflict_mix_pairs_share_the_input_and_oppose():
     # exact match only where the reasoning-gym scorer would apply the other rule
     assert not check_answer("spelled_forward", by["spelled_forward"][0]["response"][::-1] + "x",
                             by["spelled_forward"][0])
+
+
+def test_checker_auto_applies_a_mixture_check_only_to_exported_files(tmp_path, monkeypatch):
+    """Issue 14: a user's file whose `source` happens to be a built-in name is exact-matched;
+    asking for a mixture's check without its package fails before any work."""
+    from elrea.evaluation import exact_checker
+    from elrea.tasks import checker, mixture_checker
+
+    paths = export_mixture("toy", tmp_path / "toy", train=8, validation=4, test=4)
+    assert checker("auto", paths["test"]) is mixture_checker
+    mine = tmp_path / "mine" / "test.jsonl"
+    mine.parent.mkdir()
+    mine.write_text(json.dumps({"instruction": "Sort: b a", "response": "a b", "source": "word_sorting"}) + "\n")
+    assert checker("auto", mine) is exact_checker
+    assert checker("auto", None) is exact_checker
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)   # not installed
+    with pytest.raises(ElreaError, match="need reasoning-gym"):
+        checker("reasoning-mix")
+    assert checker("toy") is mixture_checker

@@ -20,7 +20,7 @@ from .data import PromptFormatter
 from .errors import ConfigError, RunDirError
 from .features import Featurizer
 from .models import load_backbone, load_tokenizer, model_device
-from .rundir import INFERENCE_STAGES, MANIFEST, RUN_CONFIG, Manifest, RunDir, atomic_path, read_json, run_config_path
+from .rundir import MANIFEST, RUN_CONFIG, Manifest, RunDir, atomic_path, check_readable, read_json, run_config_path
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,8 @@ class ELREA:
 
         run_dir = _local_run(run_dir)
         manifest = Manifest.load(run_dir)
-        for stage in INFERENCE_STAGES:
-            if manifest.stage(stage).get("status") != "done":
-                raise RunDirError(f"{run_dir}: stage {stage!r} is not finished; run `elrea fit` to complete it")
+        check_readable(run_dir, manifest)  # no stage being rewritten or left half-done
+        RunDir(run_dir).check_consistent(manifest)
         config = _from_dict(RunConfig, read_json(run_config_path(run_dir))).validate()
         tokenizer = load_tokenizer(config.model)
         if backbone is None:

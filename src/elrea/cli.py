@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -175,26 +176,33 @@ def cmd_compare(args):
 def cmd_eval(args):
     from .data import load_records
     from .evaluation import evaluate
-    from .rundir import write_json
-
-    records = load_records(args.data)
-    model, procs = _load(args)
-    if args.limit:
-        records = records[: args.limit]
+    from .rundir import RunLock, write_json
     from .tasks import checker
 
-    result = evaluate(model, records, max_new_tokens=args.max_new_tokens, procs=procs,
-                      checker=checker(args.checker), router=args.router)
+    records = load_records(args.data)
+    if args.limit:
+        records = records[: args.limit]
+    check = checker(args.checker, args.data)  # a missing package fails before the model loads
+    out = Path(args.output) if args.output else Path(args.run) / "eval.json"
+    partial = out.with_name(out.name + ".partial")  # finished batches: a re-run continues after them
+    model, procs = _load(args)
+    with RunLock(partial, "elrea eval") if procs.is_main else contextlib.nullcontext():
+        result = evaluate(model, records, max_new_tokens=args.max_new_tokens, procs=procs, checker=check,
+                          router=args.router, resume=partial, resume_key=args.checker)
     if not procs.is_main:
         return
     _accuracy_table(f"accuracy (%) on {args.data} ({len(records)} examples)", result["accuracy"])
-    out = Path(args.output) if args.output else Path(args.run) / "eval.json"
-    write_json(out, result)
-    print(f"wrote {out}")
-    if out.resolve() == (Path(args.run) / "eval.json").resolve():
-        from .card import write_model_card
+    in_run = out.resolve().parent == Path(args.run).resolve()
+    with RunLock(args.run, "elrea eval") if in_run else contextlib.nullcontext():
+        write_json(out, result)
+        if out.resolve() == (Path(args.run) / "eval.json").resolve():
+            from .card import write_model_card
 
-        write_model_card(args.run)  # the model card shows the evaluation table
+            write_model_card(args.run)  # the model card shows the evaluation table
+    import shutil
+
+    shutil.rmtree(partial, ignore_errors=True)
+    print(f"wrote {out}")
 
 
 def cmd_serve(args):
@@ -309,9 +317,10 @@ def _router_arg(p):
 def _checker_arg(p):
     from .tasks import CHECKER_NAMES
 
-    p.add_argument("--checker", default="exact", choices=CHECKER_NAMES,
+    p.add_argument("--checker", default="auto", choices=CHECKER_NAMES,
                    help="answer check: exact match after normalisation (docs/method.md), or a built-in "
-                        "mixture's own checker (default: %(default)s)")
+                        "mixture's own checker; auto (default): the mixture's checker for files written by "
+                        "`elrea data export`, exact match for any other file")
 
 
 def build_parser() -> argparse.ArgumentParser:

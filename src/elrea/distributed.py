@@ -134,14 +134,18 @@ class Processes:
                 f"job stopped or timed out ({first}); re-run the same command to resume") from None
 
 
-def map_batches(procs: Processes, items: list, batch_size: int, fn, desc: str | None = None) -> list:
+def map_batches(procs: Processes, items: list, batch_size: int, fn, desc: str | None = None,
+                done: dict[int, list] | None = None, on_batch=None) -> list:
     """[fn(batch) results, flattened] for consecutive batches of `items`, in order, on every process.
 
     Each process runs `fn` on its contiguous share of the batches (fn returns one result per
-    item of its batch); the batches are the same whatever the number of processes.
+    item of its batch); the batches are the same whatever the number of processes. `done`
+    holds results of batches finished earlier ({batch index: results}, not recomputed);
+    `on_batch(index, results)` is called as each new batch finishes (elrea.rundir.RowLog).
     """
     from tqdm.auto import tqdm
 
+    done = done or {}
     batches = [items[s:s + batch_size] for s in range(0, len(items), batch_size)]
     mine = procs.split(list(range(len(batches))))
     bar = tqdm(total=sum(len(batches[i]) for i in mine), desc=desc, unit="ex", dynamic_ncols=True,
@@ -149,9 +153,14 @@ def map_batches(procs: Processes, items: list, batch_size: int, fn, desc: str | 
     out: list = []
     try:
         for i in mine:
-            results = list(fn(batches[i]))
-            if len(results) != len(batches[i]):
-                raise RuntimeError(f"{fn} returned {len(results)} results for a batch of {len(batches[i])}")
+            if i in done and len(done[i]) == len(batches[i]):
+                results = done[i]
+            else:
+                results = list(fn(batches[i]))
+                if len(results) != len(batches[i]):
+                    raise RuntimeError(f"{fn} returned {len(results)} results for a batch of {len(batches[i])}")
+                if on_batch is not None:
+                    on_batch(i, results)
             out += results
             bar.update(len(batches[i]))
     finally:

@@ -38,6 +38,19 @@ class RunDirError(ElreaError):
     """A run directory that is missing files, truncated, or from another backbone."""
 
 
+class OutOfSpace(RunDirError):
+    """The disk filled up while writing a file; nothing incomplete was committed."""
+
+    def __init__(self, path):
+        super().__init__(f"{path}: no space left on the device; nothing incomplete was kept. Free some "
+                         "space (or write elsewhere) and re-run the same command: it resumes")
+        self.path = path
+
+
+class RunInUse(RunDirError):
+    """Another process is writing the run directory."""
+
+
 class ModelError(ElreaError):
     """A model that cannot be loaded or is not a causal LM."""
 

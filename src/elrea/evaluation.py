@@ -9,9 +9,13 @@ Answer normalisation (docs/method.md, "Evaluation"), applied to prediction and r
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
 import unicodedata
+from pathlib import Path
 
+log = logging.getLogger(__name__)
 _NUMBER = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
 
 
@@ -54,15 +58,20 @@ def exact_checker(source, prediction: str, record) -> bool:
 
 
 def evaluate(model, records, max_new_tokens: int | None = None, progress: bool = True,
-             checker=exact_checker, procs=None, router: str | None = None) -> dict:
+             checker=exact_checker, procs=None, router: str | None = None,
+             resume: str | Path | None = None, resume_key: str = "") -> dict:
     """Accuracy of the ELREA ensemble and of the base adapter alone on `records`.
 
     With `procs` (elrea.distributed.Processes) of N processes, each evaluates its contiguous
     share of the batches and every process returns the whole result, rows in input order.
+    With `resume` (a directory), each finished batch of rows is kept there (elrea.rundir.RowLog)
+    and a re-run with the same model, records and settings (and `resume_key`, e.g. the checker's
+    name) continues after them: the result equals an uninterrupted run's.
     """
     import torch
 
     from .distributed import Processes, map_batches
+    from .rundir import RowLog
 
     procs = procs or Processes(0, 1, model.device)
 
@@ -78,6 +87,30 @@ def evaluate(model, records, max_new_tokens: int | None = None, progress: bool =
                  "weights": [round(float(x), 4) for x in wr]}
                 for r, e, b, wr in zip(recs, ens, base, w)]
 
-    rows = map_batches(procs, list(records), model.config.generation.batch_size, run,
-                       desc="evaluating" if progress else None)
+    batch_size = model.config.generation.batch_size
+    rows_log = None
+    if resume is not None:
+        key = evaluation_key(model, records, router, max_new_tokens, batch_size, resume_key)
+        rows_log = RowLog(resume, key, procs.rank)
+    done = rows_log.done() if rows_log else {}
+    if done and procs.is_main:
+        log.info("evaluation: resuming after %d finished batches of %d examples kept in %s",
+                 len(done), batch_size, resume)
+    rows = map_batches(procs, list(records), batch_size, run, desc="evaluating" if progress else None,
+                       done=done, on_batch=rows_log.add if rows_log else None)
     return {"accuracy": accuracy_table(rows, ["elrea", "base"]), "examples": rows}
+
+
+def evaluation_key(model, records, *settings) -> str:
+    """What a resumed evaluation must share with the interrupted one: the run's stage
+    fingerprints, the records, the generation config and `settings`."""
+    import hashlib
+    import json
+
+    from .data import records_fingerprint
+    from .rundir import Manifest
+
+    stages = Manifest.load(model.run_dir).data.get("stages", {})
+    parts = [{s: st.get("fingerprint") for s, st in stages.items()}, records_fingerprint(records),
+             dataclasses.asdict(model.config.generation), dataclasses.asdict(model.config.routing), list(settings)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

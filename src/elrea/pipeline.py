@@ -29,7 +29,7 @@ from .errors import ConfigError, DataError, RunDirError
 from .features import Featurizer
 from .models import absolute_if_local, load_backbone, load_tokenizer, peft_lora_config, portable_name, \
     resolve_model_path
-from .rundir import LEGACY_RUN_CONFIG, RUN_CONFIG, STAGES, FeatureStore, Manifest, RunDir, atomic_path, \
+from .rundir import LEGACY_RUN_CONFIG, RUN_CONFIG, STAGES, FeatureStore, Manifest, RunDir, RunLock, atomic_path, \
     load_features, write_json
 from .training import train_adapter, trained_summary
 
@@ -175,7 +175,7 @@ def stage_clusters(ctx: _Context) -> dict:
     summary = {"num_clusters": clusters.num_clusters, "sizes": clusters.sizes, "source_mix": mix,
                "info": clusters.info, "centered": bool(ctx.cfg.features.center),
                "given_labels": ctx.labels is not None, **purity(clusters.labels, sources)}
-    write_json(ctx.run.clusters_json, {**summary, "labels": clusters.labels.tolist()})
+    write_json(ctx.run.clusters_json, {**summary, "fingerprint": ctx.fp["clusters"], "labels": clusters.labels.tolist()})
     log.info("clusters: C=%d, sizes %s", clusters.num_clusters, clusters.sizes)
     return summary
 
@@ -315,9 +315,18 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
     out = Path(out)
     if procs.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        resolve_model_path(cfg.model.name)  # converts the built-in model once, before others read it
-    procs.barrier("preparing the run directory")
-    ctx = _Context(cfg, str(data), records, out, procs, None if labels is None else np.asarray(labels))
+    # one writer per run directory: a second `fit` into it refuses at once, naming this one
+    with RunLock(out) if procs.is_main else contextlib.nullcontext():
+        if procs.is_main:
+            resolve_model_path(cfg.model.name)  # converts the built-in model once, before others read it
+        procs.barrier("preparing the run directory")
+        ctx = _Context(cfg, str(data), records, out, procs, None if labels is None else np.asarray(labels))
+        _run_stages(ctx, from_stage, until)
+    return out
+
+
+def _run_stages(ctx: _Context, from_stage: str | None, until: str | None) -> None:
+    procs, out = ctx.procs, ctx.out
     manifest = Manifest.load(out, create=True)
     manifest.writable = procs.is_main
     procs.barrier("reading the manifest")
@@ -340,7 +349,7 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
         t0 = time.time()
         if old.get("fingerprint") != fp or i >= forced:  # start over, not resume
             ctx.fresh.add(name)
-            manifest.mark(name, "running", fp)
+        manifest.mark(name, "running", fp)  # readers refuse the run until it is done again
         main_only = name in ("clusters", "router")
         info = runners[name](ctx) if procs.is_main or not main_only else {}
         procs.barrier(f"stage {name}")
@@ -349,7 +358,6 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
             break
     if procs.is_main and all(manifest.stage(s).get("status") == "done" for s in STAGES):
         write_model_card(out)
-    return out
 
 
 def _write_header(manifest: Manifest, ctx: _Context) -> None:

@@ -12,20 +12,27 @@ Layout (docs/method.md, "Run directory"):
     router/                    learned router (learned.safetensors + learned.json) and the
                                embedding router's cluster means (embedding.safetensors)
     logs/<stage>/              Trainer logs (TensorBoard when report_to asks for it)
+    .elrea.lock, .elrea.lock.json   the writer's OS file lock and who holds it (RunLock)
 
 `RunDir` is this layout as code: every module that reads or writes a run goes through it.
 
 Every file is written to a temporary name and renamed into place, so a killed job leaves
-either the old file or the new one, never half of one. Only JSON, safetensors and .npy
-(loaded with allow_pickle=False) are ever read back.
+either the old file or the new one, never half of one; a full disk is an `OutOfSpace` error
+naming the path, with nothing half-written committed. Only JSON, safetensors and .npy (loaded
+with allow_pickle=False) are ever read back. One process at a time writes a run directory
+(`RunLock`); readers refuse a run whose stages are being rewritten (`check_readable`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import shlex
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -33,13 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import RunDirError
+from .errors import OutOfSpace, RunDirError, RunInUse
 
+log = logging.getLogger(__name__)
 MANIFEST = "elrea.json"
 RUN_CONFIG = "run_config.json"      # not config.json: transformers tooling reads that as a model config
 LEGACY_RUN_CONFIG = "config.json"
 STAGES = ("base", "features", "clusters", "experts", "router")
 INFERENCE_STAGES = ("base", "clusters", "experts")   # what ELREA.from_pretrained needs
+LOCK = ".elrea.lock"
+LOCK_INFO = ".elrea.lock.json"
 
 
 def run_config_path(run_dir: str | Path) -> Path:
@@ -61,7 +71,8 @@ def atomic_path(path: str | Path, is_dir: bool = False):
         os.close(fd)
         tmp = Path(name)
     try:
-        yield tmp
+        with out_of_space(path):
+            yield tmp
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make it private
@@ -75,6 +86,22 @@ def atomic_path(path: str | Path, is_dir: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True) if is_dir else tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def out_of_space(path: str | Path):
+    """Turn a full disk (ENOSPC, EDQUOT, or safetensors' wrapped form of them) while writing
+    `path` into an OutOfSpace error that names it."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OutOfSpace(path) from None
+    except Exception as e:  # safetensors reports I/O errors as SafetensorError("... StorageFull ...")
+        if "StorageFull" not in str(e) and "No space left" not in str(e):
+            raise
+        raise OutOfSpace(path) from None
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -160,6 +187,24 @@ class RunDir:
     STAGE_PATHS = {"base": ("base",), "features": ("features",), "clusters": ("clusters",),
                    "experts": ("experts",), "router": ("router",)}
 
+    def check_consistent(self, manifest: "Manifest") -> None:
+        """Every inference file comes from the fit the manifest records: the adapters' training
+        summaries and clusters.json carry their stage's fingerprint (files from before the
+        fingerprints were written are taken as they are)."""
+        want = {s: manifest.stage(s).get("fingerprint") for s in INFERENCE_STAGES}
+        files = [("base", self.base / "training.json"), ("clusters", self.clusters_json)]
+        if self.clusters_json.exists():
+            C = int(read_json(self.clusters_json).get("num_clusters", 0))
+            files += [("experts", self.expert(c) / "training.json") for c in range(1, C + 1)]
+        for stage, path in files:
+            try:
+                found = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+            except (OSError, ValueError):
+                continue  # missing or damaged files are the loaders' clear errors
+            if found is not None and want[stage] is not None and found != want[stage]:
+                raise RunDirError(f"{path.parent}: written by another fit than the one {MANIFEST} records "
+                                  f"(stage {stage!r}); re-run `elrea fit --from {stage}` to rebuild it")
+
     def labels(self) -> np.ndarray:
         """Cluster labels (1..C) of the training examples."""
         return np.asarray(read_json(self.clusters_json)["labels"], dtype=np.int64)
@@ -220,6 +265,111 @@ class Manifest:
             "status": status, "fingerprint": fingerprint, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             **info}
         self.save()
+
+
+class RunLock:
+    """One writer per directory: an OS file lock (filelock: flock on POSIX, msvcrt on Windows) on
+    DIR/.elrea.lock, and DIR/.elrea.lock.json saying who holds it.
+
+        with RunLock(out, "elrea fit"):
+            ...                       # a second writer refuses at once, naming the holder
+
+    The OS drops the lock when its process dies, however it dies, so a killed writer's lock is
+    free at once; the next writer finds the dead holder's note, says it takes over, and resumes.
+    Only the main process of a distributed job locks (the others write their own shards).
+    """
+
+    def __init__(self, root: str | Path, command: str | None = None, wait_s: float = 1.0):
+        self.root = Path(root)
+        self.command = command or shlex.join([_program(), *sys.argv[1:]])
+        self.wait_s = wait_s  # a reader's brief probe (is_locked) never makes a writer refuse
+        self._lock = None
+
+    @property
+    def info_path(self) -> Path:
+        return self.root / LOCK_INFO
+
+    def holder(self) -> dict | None:
+        try:
+            return json.loads(self.info_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> "RunLock":
+        from filelock import FileLock, Timeout
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.root / LOCK), timeout=self.wait_s)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunInUse(f"{self.root}: in use by {describe_holder(self.holder())}; two writers would "
+                           "mix their files. Wait for it to finish, or stop it (a stopped run resumes "
+                           "where it was)") from None
+        self._lock = lock
+        stale = self.holder()
+        if stale is not None:
+            log.warning("%s: taking over from %s, which stopped without finishing; resuming its work",
+                        self.root, describe_holder(stale))
+        try:
+            write_json(self.info_path, {"pid": os.getpid(), "host": socket.gethostname(),
+                                        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": self.command})
+        except BaseException:
+            lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.info_path.unlink(missing_ok=True)
+        self._lock.release()
+        self._lock = None
+
+
+def _program() -> str:
+    name = Path(sys.argv[0]).name
+    return "elrea" if name in ("elrea", "cli.py", "__main__.py", "-c", "") else name
+
+
+def describe_holder(info: dict | None) -> str:
+    if not info:
+        return "another process"
+    return (f"`{info.get('command', 'elrea')}` (pid {info.get('pid')} on {info.get('host')}, "
+            f"started {info.get('started')})")
+
+
+def is_locked(root: str | Path) -> bool:
+    """Is a writer holding `root`'s lock now? (A non-blocking probe; nothing is kept.)"""
+    from filelock import FileLock, Timeout
+
+    path = Path(root) / LOCK
+    if not path.exists():
+        return False
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:  # a read-only run directory: nobody can be writing it
+        return False
+    lock.release()
+    return False
+
+
+def check_readable(root: str | Path, manifest: Manifest, stages=INFERENCE_STAGES) -> None:
+    """Refuse to load a run whose `stages` are being rewritten or were left half-done (their
+    files could come from two different fits)."""
+    root = Path(root)
+    for stage in stages:
+        status = manifest.stage(stage).get("status")
+        if status == "done":
+            continue
+        if is_locked(root):
+            raise RunInUse(f"{root}: stage {stage!r} is being written by "
+                           f"{describe_holder(RunLock(root).holder())}; wait for it to finish")
+        if status == "running":
+            raise RunDirError(f"{root}: stage {stage!r} was interrupted before it finished; re-run the "
+                              "`elrea fit` that made this run (the same command resumes it)")
+        raise RunDirError(f"{root}: stage {stage!r} is not finished; run `elrea fit` to complete it")
 
 
 class FeatureStore:
@@ -313,11 +463,13 @@ class FeatureShard:
         if not (self.start <= start and start + len(rows) <= self.end):
             raise ValueError(f"rows {start}..{start + len(rows)} are outside shard {self.start}..{self.end}")
         data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
-        os.pwrite(self.fd, data, self.offset + start * self.store.dim * 4)
+        with out_of_space(self.store.path):  # rows past the recorded count are redone on resume
+            os.pwrite(self.fd, data, self.offset + start * self.store.dim * 4)
 
     def commit(self, done: int) -> None:
         """Make rows [start, done) durable, then record the count."""
-        os.fsync(self.fd)
+        with out_of_space(self.store.path):
+            os.fsync(self.fd)
         self.done = done
         self._save()
 
@@ -330,6 +482,60 @@ class FeatureShard:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+class RowLog:
+    """Finished batches of JSON rows that survive interruption: a directory of
+    `batches-<rank>.jsonl` files, one line per batch ({"key", "batch", "rows"}) appended and
+    fsynced as each batch finishes. A kill mid-write leaves at most a torn last line, which is
+    cut off when the file is next opened; lines of another `key` (other model, data or
+    settings) are ignored. Batches are numbered over the whole input, so a re-run resumes
+    whatever the number of processes that wrote them.
+
+        rows = RowLog(path, key, rank)
+        done = rows.done()          # {batch index: rows}
+        rows.add(i, batch_rows)     # durable before it returns
+        rows.clear()                # after the final result is written
+    """
+
+    def __init__(self, directory: str | Path, key: str, rank: int = 0):
+        self.dir, self.key = Path(directory), key
+        self.file = self.dir / f"batches-{rank}.jsonl"
+        self._cut = False  # torn tail of an earlier run removed (once, before the first append)
+
+    def done(self) -> dict[int, list]:
+        out: dict[int, list] = {}
+        for f in sorted(self.dir.glob("batches-*.jsonl")) if self.dir.is_dir() else []:
+            for line in f.read_bytes().split(b"\n"):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line (or an empty one)
+                if isinstance(rec, dict) and rec.get("key") == self.key:
+                    out[int(rec["batch"])] = rec["rows"]
+        return out
+
+    def add(self, batch: int, rows: list) -> None:
+        line = json.dumps({"key": self.key, "batch": batch, "rows": rows}, ensure_ascii=False) + "\n"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with out_of_space(self.file), open(self.file, "ab") as fh:
+            if not self._cut:
+                self._cut_torn_line(fh)
+                self._cut = True
+            fh.write(line.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    @staticmethod
+    def _cut_torn_line(fh) -> None:
+        """Truncate an appended-to file after its last complete line."""
+        with open(fh.name, "rb") as r:
+            data = r.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class FeatureFile:

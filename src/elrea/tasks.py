@@ -178,6 +178,7 @@ def make_toy_records(n: int, seed: int = 0, tasks: list[str] | None = None) -> l
 
 TOY_SOURCES = list(TOY_TASKS)
 
+EXPORT_NOTE = "mixture.json"   # beside exported files: which mixture they are (checker "auto")
 MIXTURES: dict[str, list[str]] = {
     "reasoning-mix": REASONING_MIX,
     "conflict-mix": ["gcd", "lcm", "sort_ascending", "sort_descending", "words_reversed", "words_kept",
@@ -331,6 +332,8 @@ def export_mixture(name: str, out: str | Path, train: int = 2000, validation: in
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         paths[split] = _write_atomic(out / f"{split}.jsonl", text)
     _write_atomic(out / "README.md", _readme(name, seed, splits))
+    _write_atomic(out / EXPORT_NOTE, json.dumps({"mixture": name, "seed": seed,
+                                                 "files": [p.name for p in paths.values()]}, indent=2) + "\n")
     log.info("wrote %s (%s) to %s in %.1fs", name,
              ", ".join(f"{s} {len(r)}" for s, r in splits.items()), out,
              time.perf_counter() - start)
@@ -367,16 +370,36 @@ def mixture_checker(source, prediction: str, record) -> bool:
     return exact_match(prediction, record.response)
 
 
-def checker(name: str) -> Callable:
-    """The answer checker called `name`: "exact" (exact match after normalisation), or a built-in
-    mixture's name (reasoning-mix, conflict-mix, toy), whose sources get their own checks."""
+def checker(name: str, data: str | Path | None = None) -> Callable:
+    """The answer checker called `name`: "exact" (exact match after normalisation), a built-in
+    mixture's name (reasoning-mix, conflict-mix, toy: its sources get their own checks, any other
+    source exact match), or "auto": the mixture's checker when `data` is a file that `elrea data
+    export` wrote (listed in the mixture.json beside it), else exact. A checker whose package is
+    missing fails here, before any work starts."""
     from .evaluation import exact_checker
 
+    if name == "auto":
+        name = exported_mixture(data) or "exact"
     if name == "exact":
         return exact_checker
     if name in MIXTURES:
+        if any(s in GYM_SOURCES for s in MIXTURES[name]):
+            _import_gym()
         return mixture_checker
-    raise unknown_name("answer checker", name, ["exact", *MIXTURES])
+    raise unknown_name("answer checker", name, CHECKER_NAMES)
 
 
-CHECKER_NAMES = ["exact", "reasoning-mix", "conflict-mix", "toy"]
+def exported_mixture(data: str | Path | None) -> str | None:
+    """The built-in mixture that `data` was exported from (`elrea data export`), if any."""
+    if data is None:
+        return None
+    note = Path(data).parent / EXPORT_NOTE
+    try:
+        info = json.loads(note.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = info.get("mixture") if isinstance(info, dict) else None
+    return name if name in MIXTURES and Path(data).name in info.get("files", []) else None
+
+
+CHECKER_NAMES = ["auto", "exact", *MIXTURES]

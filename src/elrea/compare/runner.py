@@ -16,7 +16,7 @@ import torch
 from ..config import load_config
 from ..data import load_records
 from ..errors import ConfigError, ElreaError
-from ..rundir import RunDir, atomic_path, read_json, write_json
+from ..rundir import RowLog, RunDir, RunLock, atomic_path, read_json, write_json
 from .stats import accuracy, paired_difference
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ class CompareOptions:
     routers: tuple = ("gradient", "embedding", "learned")
     candidates: list = field(default_factory=lambda: [[], ["features.center=true"]])
     tau_grid: tuple = (0.5, 1.0, 2.0)
-    checker: str = "exact"
+    checker: str = "auto"
     validation_share: float = 0.1
     seed: int = 0
     baselines: tuple = ("uniform", "random", "source")
@@ -40,15 +40,22 @@ def compare(train: str | Path, test: str | Path, out: str | Path, config: str | 
             options: CompareOptions | None = None) -> dict:
     """Fit and evaluate every method; write OUT/compare.json and OUT/report.md; return the result."""
     from ..tasks import checker as make_checker
-    from .report import show, write_report
 
     opt = options or CompareOptions()
     overrides = list(overrides or [])
-    check = make_checker(opt.checker)
+    check = make_checker(opt.checker, test)  # a missing package fails before any work
     load_config(config, overrides)  # a bad config fails before anything is written
     test_records = load_records(test)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # one compare per directory; its fits lock their own runs
+        return _compare(train, test, out, config, overrides, validation, opt, check, test_records)
+
+
+def _compare(train, test, out: Path, config, overrides: list[str], validation, opt: CompareOptions,
+             check, test_records) -> dict:
+    from .report import show, write_report
+
     train, val_path, carved = _validation_split(train, validation, out, opt)
     val_records = load_records(val_path)
     work = _Work(out, check)
@@ -320,24 +327,39 @@ class _Work:
             if cached.get("run") == str(rd.root) and cached.get("how") == _how_key(how) \
                     and len(cached.get("outputs", [])) == len(records):
                 return cached
+        from ..data import records_fingerprint
+        from ..distributed import Processes, map_batches
+
         model = self.load(rd)
         enc = model.encode([r.messages for r in records])
-        t = time.time()
-        if "adapter" in how:
-            texts = _single_adapter(model, enc, how["adapter"])
-        else:
-            n = len(enc)
-            if "onehot" in how:
-                w = torch.zeros(n, len(model.adapters))
-                w[:, how["onehot"]] = 1.0
+        stages = read_json(rd.manifest).get("stages", {})
+        rows_log = RowLog(path.with_suffix(".partial"), _hash_json(
+            [str(rd.root), _how_key(how), records_fingerprint(records), model.config.generation,
+             {s: st.get("fingerprint") for s, st in stages.items()}]))
+
+        def run(idx: list[int]) -> list[dict]:  # one batch; finished batches survive interruption
+            batch = [enc[i] for i in idx]
+            if "adapter" in how:
+                texts = _single_adapter(model, batch, how["adapter"])
             else:
-                w = model.route(enc if signal is None else None, router=how["router"], temperature=how["tau"],
-                                top_k=how["top_k"], features=signal)
-            texts = model.generate(enc, weights=w)
-        correct = [int(self.check(r.source, o, r)) for r, o in zip(records, texts)]
-        result = {"run": str(rd.root), "how": _how_key(how), "outputs": texts, "correct": correct,
-                  "seconds": round(time.time() - t, 2)}
+                if "onehot" in how:
+                    w = torch.zeros(len(idx), len(model.adapters))
+                    w[:, how["onehot"]] = 1.0
+                else:
+                    w = model.route(batch if signal is None else None, router=how["router"], temperature=how["tau"],
+                                    top_k=how["top_k"], features=None if signal is None else signal[idx])
+                texts = model.generate(batch, weights=w)
+            return [{"output": o, "correct": int(self.check(records[i].source, o, records[i]))}
+                    for i, o in zip(idx, texts)]
+
+        t = time.time()
+        rows = map_batches(Processes(0, 1, model.device), list(range(len(records))),
+                           model.config.generation.batch_size, run, desc=f"{split} {key}",
+                           done=rows_log.done(), on_batch=rows_log.add)
+        result = {"run": str(rd.root), "how": _how_key(how), "outputs": [r["output"] for r in rows],
+                  "correct": [r["correct"] for r in rows], "seconds": round(time.time() - t, 2)}
         write_json(path, result)
+        rows_log.clear()
         return result
 
     def validate(self, name: str, rd: RunDir, val, opt: CompareOptions) -> list[dict]:
@@ -408,6 +430,12 @@ class _Work:
         for v in out.values():
             v["ratio_to_one_token"] = v["ms_per_prompt_batch1"] / token_ms
         return {"routers": out, "ms_per_decoded_token_batch1": token_ms}
+
+
+def _hash_json(obj) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _how_key(how: dict) -> dict:

@@ -1,0 +1,282 @@
+"""Issue 14: one writer per run directory, readers that refuse half-written runs, evaluations
+that resume, Ctrl-C / SIGTERM, a full disk."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import FAST
+from elrea.errors import OutOfSpace, RunDirError, RunInUse
+from elrea.rundir import LOCK_INFO, Manifest, RowLog, RunLock, atomic_path, check_readable
+from elrea.testing import make_toy_records, write_jsonl
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def _fit_cmd(model, data, out, *extra):
+    return [sys.executable, "-m", "elrea.cli", "fit", "--model", str(model), "--data", str(data),
+            "--out", str(out), *FAST, "clustering.num_clusters=3", *extra]
+
+
+def _json(path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _features_done(run):
+    return sum(r.get("done", 0) - r.get("start", 0)
+               for r in map(_json, (run / "features" / "train.progress").glob("rows-*.json")))
+
+
+def _start(cmd):
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def _wait(proc, ready, timeout=300):
+    t0 = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended before the interruption point: {proc.communicate()[1][-2000:]}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            pytest.fail("timed out waiting for the interruption point")
+        time.sleep(0.01)
+
+
+def _stop(proc, sig) -> tuple[int, str]:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def _last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+@pytest.mark.slow
+def test_one_writer_readers_refuse_and_every_interruption_resumes(tmp_path, tiny_model_dir):
+    """A second writer refuses naming the first; a reader refuses the run while it is written;
+    Ctrl-C exits 130 and SIGTERM 143 with one line each; a SIGKILLed writer's lock is taken over;
+    the run then finishes and loads."""
+    from elrea import ELREA
+
+    data = write_jsonl(tmp_path / "train.jsonl", make_toy_records(600, seed=3))
+    run = tmp_path / "run"
+    cmd = _fit_cmd(tiny_model_dir, data, run, "base.max_steps=1", "features.batch_size=1",
+                   "features.checkpoint_every=1", "experts.max_steps=1")
+
+    first = _start(cmd)
+    _wait(first, lambda: _features_done(run) >= 5)
+    with pytest.raises(RunInUse, match=rf"stage 'clusters' is being written by `elrea fit .*pid {first.pid}"):
+        ELREA.from_pretrained(run)
+    second = subprocess.run(_fit_cmd(tiny_model_dir, data, run, "base.lr=1e-3"), capture_output=True,
+                            text=True, env=ENV, timeout=300)
+    assert second.returncode == 2
+    assert f"pid {first.pid}" in second.stderr and "in use by" in second.stderr
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+
+    code, err = _stop(first, signal.SIGINT)
+    assert code == 130, err
+    assert _last_line(err) == "elrea: interrupted; re-run the same command to resume"
+    assert "Traceback" not in err
+    assert not (run / LOCK_INFO).exists()          # released on the way out
+    assert _json(run / "elrea.json")["stages"]["features"]["status"] == "running"
+    with pytest.raises(RunDirError, match="stage 'clusters' is not finished"):
+        ELREA.from_pretrained(run)
+
+    done = _features_done(run)
+    again = _start(cmd)
+    _wait(again, lambda: _features_done(run) >= done + 5)
+    code, err = _stop(again, signal.SIGTERM)
+    assert code == 143, err
+    assert _last_line(err) == "elrea: stopped by SIGTERM; re-run the same command to resume"
+    assert "resuming at example" in err and "Traceback" not in err
+
+    done = _features_done(run)
+    killed = _start(cmd)
+    _wait(killed, lambda: _features_done(run) >= done + 5)
+    killed.kill()
+    killed.communicate()
+    assert _json(run / LOCK_INFO)["pid"] == killed.pid   # a dead writer's note; the OS freed its lock
+
+    last = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert last.returncode == 0, last.stderr
+    assert f"taking over from" in last.stderr and f"pid {killed.pid}" in last.stderr
+    assert not (run / LOCK_INFO).exists()
+    assert all(st["status"] == "done" for st in _json(run / "elrea.json")["stages"].values())
+    assert np.allclose(np.linalg.norm(np.load(run / "features" / "train.npy"), axis=1), 1, atol=1e-5)
+    ELREA.from_pretrained(run)
+
+
+def test_reader_refuses_a_stage_being_rewritten_or_interrupted(tmp_path, fitted_run):
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    m = Manifest.load(run)
+    check_readable(run, m)
+    m.mark("experts", "running", m.stage("experts")["fingerprint"])
+    with RunLock(run, "elrea fit --from experts"):
+        with pytest.raises(RunInUse, match=rf"stage 'experts' is being written by `elrea fit --from experts` "
+                                           rf"\(pid {os.getpid()}"):
+            check_readable(run, Manifest.load(run))
+        with pytest.raises(RunInUse, match="in use by `elrea fit --from experts`"):
+            with RunLock(run):
+                pass
+    with pytest.raises(RunDirError, match="stage 'experts' was interrupted"):
+        check_readable(run, Manifest.load(run))
+
+
+def test_files_from_two_fits_are_refused(tmp_path, fitted_run):
+    from elrea import ELREA
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    summary = run / "experts" / "2" / "training.json"
+    info = json.loads(summary.read_text())
+    summary.write_text(json.dumps({**info, "fingerprint": "0123456789abcdef"}))
+    with pytest.raises(RunDirError, match=r"experts/2: written by another fit .*--from experts"):
+        ELREA.from_pretrained(run)
+
+
+def _eval_cmd(run, data, out):
+    return [sys.executable, "-m", "elrea.cli", "eval", str(run), "--data", str(data), "--output", str(out)]
+
+
+@pytest.mark.slow
+def test_killed_evaluation_resumes_to_the_uninterrupted_table(tmp_path, fitted_run):
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    cfg = json.loads((run / "run_config.json").read_text())
+    cfg["generation"]["batch_size"] = 2    # many small batches to interrupt between
+    (run / "run_config.json").write_text(json.dumps(cfg))
+    data = write_jsonl(tmp_path / "test.jsonl", make_toy_records(24, seed=11))
+
+    whole = tmp_path / "whole.json"
+    r = subprocess.run(_eval_cmd(run, data, whole), capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+
+    out = tmp_path / "resumed.json"
+    batches = out.with_name(out.name + ".partial") / "batches-0.jsonl"
+    proc = _start(_eval_cmd(run, data, out))
+    _wait(proc, lambda: batches.exists() and batches.read_text().count("\n") >= 3)
+    proc.kill()
+    proc.communicate()
+    assert not out.exists()
+    kept = batches.read_text().count("\n")
+    r = subprocess.run(_eval_cmd(run, data, out), capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert f"resuming after {kept} finished batches" in r.stderr or "resuming after" in r.stderr
+    assert json.loads(out.read_text()) == json.loads(whole.read_text())
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+def test_row_log_ignores_a_torn_line_and_other_keys(tmp_path):
+    log = RowLog(tmp_path / "rows", "k1")
+    log.add(0, [{"a": 1}])
+    log.add(2, [{"a": 3}])
+    with open(log.file, "ab") as fh:
+        fh.write(b'{"key": "k1", "batch": 1, "rows": [{"a"')      # killed mid-write
+    RowLog(tmp_path / "rows", "k2", rank=1).add(1, [{"a": "other settings"}])
+    resumed = RowLog(tmp_path / "rows", "k1")
+    assert resumed.done() == {0: [{"a": 1}], 2: [{"a": 3}]}
+    resumed.add(1, [{"a": 2}])
+    assert resumed.done() == {0: [{"a": 1}], 1: [{"a": 2}], 2: [{"a": 3}]}
+    assert all(json.loads(line) for line in log.file.read_text().splitlines())
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root only); yields a function that grows it."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root (the injected-error tests cover the rest)")
+    try:
+        yield mnt, lambda size: subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_during_features_is_a_clear_error_and_resumes(small_disk, tmp_path, tiny_model_dir):
+    from elrea import ELREA
+
+    mnt, grow = small_disk
+    data = write_jsonl(tmp_path / "train.jsonl", make_toy_records(64, seed=5))
+    run = mnt / "run"
+    cmd = _fit_cmd(tiny_model_dir, data, run, "features.dim=16384")    # 64 x 16384 floats = 4 MiB
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 2, r.stderr
+    assert _last_line(r.stderr) == (f"elrea: error: {run / 'features' / 'train.npy'}: no space left on the "
+                                    "device; nothing incomplete was kept. Free some space (or write elsewhere) "
+                                    "and re-run the same command: it resumes")
+    stages = _json(run / "elrea.json")["stages"]
+    assert stages["base"]["status"] == "done" and stages["features"]["status"] == "running"
+    assert not any(p.name.startswith(".") and ".tmp-" in p.name for p in run.rglob("*"))
+    grow("64m")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "stage base: up to date, skipped" in r.stderr
+    ELREA.from_pretrained(run)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError('Error while serializing: IoError(Os { code: 28, kind: '
+                                                'StorageFull, message: "No space left on device" })')],
+                         ids=["oserror", "safetensors"])
+def test_full_disk_while_writing_keeps_the_old_file(tmp_path, error):
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    path.parent.mkdir()
+    path.write_text("old")
+    with pytest.raises(OutOfSpace, match=f"{path}: no space left on the device"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("half")
+            raise error
+    assert path.read_text() == "old" and os.listdir(path.parent) == [path.name]
+
+
+def test_full_disk_injected_into_features_and_results(tmp_path, tiny_model_dir, monkeypatch):
+    """Without root: the same errors injected where features and evaluation rows are written."""
+    from elrea.config import load_config
+    from elrea.pipeline import fit
+    from elrea.rundir import FeatureStore
+
+    data = write_jsonl(tmp_path / "train.jsonl", make_toy_records(48, seed=6))
+    run = tmp_path / "run"
+    cfg = load_config(None, [f"model.name={tiny_model_dir}", *FAST, "clustering.num_clusters=2",
+                             "features.batch_size=8", "features.checkpoint_every=1"])
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr("elrea.rundir.os.pwrite", pwrite)
+    with pytest.raises(OutOfSpace, match="features/train.npy: no space left"):
+        fit(data, run, cfg, until="features")
+    store = FeatureStore(run / "features" / "train.npy", 48, cfg.features.dim, Manifest.load(run).stage("features")["fingerprint"])
+    assert store.rows_done() == 16    # the two written batches, nothing of the failed one
+    monkeypatch.setattr("elrea.rundir.os.pwrite", real_pwrite)
+    fit(data, run, cfg, until="features")
+    assert FeatureStore(run / "features" / "train.npy", 48, cfg.features.dim,
+                        Manifest.load(run).stage("features")["fingerprint"]).complete()
+
+    rows = RowLog(tmp_path / "rows", "k")
+    rows.add(0, [{"ok": True}])
+    monkeypatch.setattr("elrea.rundir.os.fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OutOfSpace, match="batches-0.jsonl: no space left"):
+        rows.add(1, [{"ok": False}])
