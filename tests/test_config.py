@@ -44,3 +44,47 @@ def test_stage_seeds_differ_and_are_stable():
     assert c.stage_seed("base") != c.stage_seed("expert-1")
     assert c.stage_seed("base") == RunConfig().stage_seed("base")
     assert all(h for _, _, h in describe_fields())
+
+
+def test_yaml_with_a_byte_order_mark_loads(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_bytes(b"\xef\xbb\xbflora:\n  rank: 4\n")  # what Windows tools write
+    assert load_config(y).lora.rank == 4
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"lora:\n  rank: 4\n  alpha: \xff\n", r"run.yaml:3: not valid UTF-8 \(byte b'\\xff'\)"),
+    (b"lora:\n  rank: 4\n dropout: 0.1\n", r"run.yaml:3:2: not valid YAML: while parsing a block mapping; expected"),
+    (b"lora:\n  rank: \x00\n", r"run.yaml:2: not valid YAML: special characters are not allowed \(character U\+0000\)"),
+    (b"seed: 2024-13-01\n", r"run.yaml: not valid YAML: month must be in 1..12"),
+    (b"lora: " + b"[" * 5000 + b"]" * 5000 + b"\n", r"run.yaml: not valid YAML: nested too deeply to read"),
+    (b"0\n", r"run.yaml: expected a mapping of sections, got int"),
+    (b'"lo ra":\n  rank: 4\n', r"^'lo ra': unknown field; valid: seed, model"),
+    (b"base:\n  lr: .nan\n", r"^base.lr: expected a finite number, got nan"),
+    (b"base:\n  lr: 1" + b"0" * 400 + b"\n", r"^base.lr: expected a finite number, got 10{400}$"),
+    (b'data:\n  system_prompt: "\\ud800"\n', r"^data.system_prompt: not valid Unicode text, got '\\ud800'"),
+    (b'model:\n  device: "cpu\\n"\n', r"^model.device: unknown device 'cpu\\n'"),
+    (b"lora:\n  target_modules: [q_proj, 2024-01-01]\n",
+     r"^lora.target_modules: expected plain data .* got \['q_proj', datetime.date\(2024, 1, 1\)\]"),
+    (b"lora:\n  target_modules: &a [q_proj, *a]\n", r"^lora.target_modules: expected plain data"),
+    (b"base:\n  trainer_args: {logging_steps: .nan}\n", r"^base.trainer_args: expected plain data"),
+])
+def test_bad_config_files_fail_with_one_line(tmp_path, content, match):
+    y = tmp_path / "run.yaml"
+    y.write_bytes(content)
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(y)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("seed=2024-13-01", r"^seed: expected an integer, got '2024-13-01'"),  # no date: read as a string
+    ("lora.rank=" + "[" * 5000, r"^lora.rank: expected an integer, got '\[\[\["),
+    ("base.lr=inf", r"^base.lr: expected a finite number, got inf"),
+    ("data.system_prompt=caf\udce9", r"^data.system_prompt: not valid Unicode text"),  # argv bytes not UTF-8
+    ("lora\n.rank=4", r"^'lora\\n': unknown field"),
+])
+def test_bad_overrides_fail_with_one_line(override, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        load_config(None, [override])
+    assert "\n" not in str(e.value)

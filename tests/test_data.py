@@ -77,6 +77,67 @@ def test_non_utf8_empty_file_and_bad_columns(tmp_path):
         load_records(tmp_path / "missing.jsonl")
 
 
+BOM = b"\xef\xbb\xbf"  # what Windows tools write at the start of a UTF-8 file
+OK = b'{"instruction": "a", "response": "b"}\n'
+
+
+@pytest.mark.parametrize("name, content", [
+    ("x.jsonl", b'{"instruction": "a", "response": "b"}\r\n{"instruction": "c", "response": "d"}\r\n'),
+    ("x.json", b'[{"instruction": "a", "response": "b"},\r\n {"instruction": "c", "response": "d"}]'),
+    ("x.csv", b"instruction,response\r\na,b\r\nc,d\r\n"),
+])
+def test_a_byte_order_mark_at_the_start_is_read_past(tmp_path, name, content):
+    (tmp_path / name).write_bytes(BOM + content)
+    assert [(r.instruction, r.response) for r in load_records(tmp_path / name)] == [("a", "b"), ("c", "d")]
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("x.jsonl", OK + BOM + OK, r"^\S*x.jsonl:2: a byte-order mark \(U\+FEFF\) starts this line; only the file's first"),
+    ("x.jsonl", b'{"instruction": ' + b"[" * 5000 + b"]" * 5000 + b', "response": "b"}\n',
+     r"x.jsonl:1: JSON nested too deeply to read"),
+    ("x.json", b"[" * 5000 + b"]" * 5000, r"x.json:1: JSON nested too deeply to read"),
+    ("x.jsonl", OK + b'{"instruction": "a", "response": "b", "id": ' + b"9" * 5000 + b"}\n",
+     r"x.jsonl:2: unreadable JSON \(Exceeds the limit \(4300 digits\)"),
+    ("x.jsonl", b'{"instruction": "half \\ud800", "response": "b"}\n',
+     r"x.jsonl:1: field 'instruction': unpaired surrogate '\\ud800' at character 5"),
+    ("x.jsonl", b'{"messages": [{"role": "system", "content": "\\udcff"}, {"role": "user", "content": "a"}, '
+                b'{"role": "assistant", "content": "b"}]}\n', r"x.jsonl:1: field 'messages\[0\].content': unpaired"),
+    ("x.json", BOM + b'[\n{"instruction": "a", "response": "b"},\n{"instruction": "caf\xe9"}]',
+     r"x.json:3: not valid UTF-8 \(byte 21 of the line is b'\\xe9'\)"),
+    ("x.json", b'[\n{"instruction": "a",\n "response": }]',
+     r"x.json:3: malformed JSON \(Expecting value at column 14\)"),
+    ("x.csv", b"instruction,response\na,b\nc,d,e\n", r"x.csv:3: fields on the line: 3, columns in the header: 2"),
+    ("x.csv", b"instruction,response,source\na,b\n", r"x.csv:2: fields on the line: 2, columns in the header: 3"),
+    ("x.csv", b"instruction,response\n" + b"a,b\n" * 5000 + b"\xff,b\n", r"x.csv:5002: not valid UTF-8"),
+], ids=["jsonl BOM on line 2", "jsonl nested deep", "json nested deep", "jsonl long integer", "jsonl surrogate",
+        "jsonl surrogate in a turn", "json not UTF-8", "json malformed", "csv long row", "csv short row",
+        "csv not UTF-8 far in"])
+def test_bad_files_fail_with_one_line_naming_file_and_line(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=match) as e:
+        load_records(tmp_path / name)
+    assert "\n" not in str(e.value)
+
+
+def test_a_corrupt_parquet_file_fails_with_one_line(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame([{"instruction": "a", "response": "b"}]).to_parquet(tmp_path / "x.parquet")
+    raw = (tmp_path / "x.parquet").read_bytes()
+    (tmp_path / "x.parquet").write_bytes(raw.replace(b"response", b"r\xffsponse"))  # a column name not UTF-8
+    with pytest.raises(DataError, match=r"x.parquet: cannot read Parquet: [^\n]*$"):
+        load_records(tmp_path / "x.parquet")
+
+
+def test_csv_fields_of_any_length_and_quoted_across_lines(tmp_path):
+    long = "x" * 200_000  # over the csv module's default limit of 128 KiB per field
+    (tmp_path / "x.csv").write_text(f'instruction,response\n{long},b\n"two\nlines",d\n\n"e",\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"x.csv:6: field 'response': is empty"):
+        load_records(tmp_path / "x.csv")
+    (tmp_path / "x.csv").write_text(f'instruction,response\n{long},b\n"two\nlines",d\n', encoding="utf-8")
+    assert [r.instruction for r in load_records(tmp_path / "x.csv")] == [long, "two\nlines"]
+
+
 def test_unknown_keys_warn_once(tmp_path, caplog):
     p = _write(tmp_path / "x.jsonl", [json.dumps({"instruction": "a", "response": "b", "meta": i}) + "\n"
                                       for i in range(3)])
@@ -84,6 +145,13 @@ def test_unknown_keys_warn_once(tmp_path, caplog):
         recs = load_records(p)
     assert len(recs) == 3 and recs[0].extra == {"meta": 0}
     assert sum("unknown record keys: meta" in m for m in caplog.messages) == 1
+
+
+def test_an_unknown_key_with_a_newline_keeps_the_warning_on_one_line(tmp_path, caplog):
+    p = _write(tmp_path / "x.jsonl", [json.dumps({"instruction": "a", "response": "b", "x\ny": 1}) + "\n"])
+    with caplog.at_level(logging.WARNING):
+        load_records(p)
+    assert caplog.messages == [f"{p}: ignoring unknown record keys: 'x\\ny'"]
 
 
 def test_training_labels_cover_response_only(tiny_model_dir, tmp_path):

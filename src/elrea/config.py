@@ -7,9 +7,11 @@ Every field's `help` metadata is the documentation shown by `elrea config`.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ import yaml
 from .errors import ConfigError
 
 QUANTIZATIONS = ("none", "4bit", "8bit")
-_DEVICE = re.compile(r"^(auto|mps|(cpu|cuda|xpu)(:\d+)?)$")
+_DEVICE = re.compile(r"auto|mps|(cpu|cuda|xpu)(:[0-9]+)?")  # matched whole: no trailing newline
 EXECUTION_FIELDS = ("model.device", "base.gradient_checkpointing", "experts.gradient_checkpointing",
                     "features.checkpoint_every", "base.report_to", "experts.report_to")
 # Fields added after runs existed: they enter a fingerprint only when set to something else than
@@ -80,6 +82,10 @@ class DataConfig:
     def validate(self, p="data"):
         _positive(p, "max_length", self.max_length)
         _choice(p, "truncation", self.truncation, ["left", "strict"])
+        try:  # the tokenizer takes text; a model directory's name may keep undecodable bytes, a prompt not
+            (self.system_prompt or "").encode("utf-8")
+        except UnicodeEncodeError:  # a YAML "\ud800" escape, or command-line bytes that are not UTF-8
+            raise ConfigError(f"{p}.system_prompt: not valid Unicode text, got {self.system_prompt!r}") from None
 
 
 @dataclass
@@ -319,32 +325,51 @@ class RunConfig:
 # ----------------------------------------------------------------------------- loading
 
 def _coerce(name: str, value, default, annotation: str):
-    """Check a value against its field's type; ints are accepted for floats."""
-    if annotation == "Any" or (annotation.endswith("| None") and value is None):
+    """Check a value against its field's type; ints (and YAML 1.1's "1e-3" strings) are accepted
+    for floats."""
+    if annotation.endswith("| None") and value is None:
         return value
+    if annotation == "Any":
+        return _plain(name, value)
     kinds = {"bool": bool, "int": int, "float": float, "str": str, "str | None": str}
     expected = kinds.get(annotation, type(default))
-    ok = isinstance(value, expected) and not (expected is not bool and isinstance(value, bool))
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+    if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
-            return float(value)
-        except ValueError:
+            value = float(value)
+        except ValueError:  # not a number: reported below
             pass
-    if not ok:
+        except OverflowError:  # an integer beyond the range of floats
+            raise ConfigError(f"{name}: expected a finite number, got {value!r}") from None
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
         label = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[expected]
         raise ConfigError(f"{name}: expected {label}, got {value!r}")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    return value
+
+
+def _plain(name: str, value):
+    """A free-form value (module names, TrainingArguments): the run directory keeps it as JSON, so
+    it must read back the same; YAML can also give dates, bytes, NaN or self-referencing lists."""
+    try:
+        same = json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError):  # not JSON data; NaN or infinity; a circular reference
+        same = False
+    if not same:
+        raise ConfigError(f"{name}: expected plain data (text, numbers, true/false, null, and lists and "
+                          f"mappings with text keys of them), got {value!r}")
     return value
 
 
 def _from_dict(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     obj = cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in data.items():
         name = f"{prefix}{key}"
+        if not re.fullmatch(r"[\w.]+", name):  # a key with spaces, newlines, quotes: show it quoted
+            name = repr(name)
         if key not in fields:
             raise ConfigError(f"{name}: unknown field; valid: {', '.join(fields)}")
         current = getattr(obj, key)
@@ -364,7 +389,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+        except (yaml.YAMLError, ValueError, RecursionError):  # not YAML (ValueError: a date such as 2024-13-01)
             value = raw
         node = data
         parts = key.strip().split(".")
@@ -381,18 +406,43 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Resolve a RunConfig from (base dict) <- YAML file <- overrides, then validate."""
     data: dict = json.loads(json.dumps(base)) if base else {}
     if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-            loaded = yaml.safe_load(text) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        loaded = _read_yaml(Path(path))
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         _deep_update(data, loaded)
     apply_overrides(data, overrides or [])
     return _from_dict(RunConfig, data).validate()
+
+
+def _read_yaml(path: Path):
+    """The YAML document in `path` ({} when empty); UTF-8 with or without a byte-order mark. Every
+    failure is a one-line ConfigError naming the file (and line:column where there is one)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte {raw[e.start:e.start + 1]!r}); re-save the "
+                          "file as UTF-8") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        what = "; ".join(str(x).strip() for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {what}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow, e.g. NUL
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError(f"{path}:{line}: not valid YAML: {e.reason} (character U+{e.character:04X})") from None
+    except ValueError as e:  # PyYAML builds dates such as 2024-13-01 with datetime, which refuses them
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply to read") from None
+    return {} if loaded is None else loaded
 
 
 def _deep_update(dst: dict, src: dict):
@@ -444,7 +494,7 @@ def _positive(p, name, value):
 
 def check_device_name(name, where: str = "model.device") -> None:
     """A device string, checked without touching the hardware (configs travel between machines)."""
-    if not isinstance(name, str) or not _DEVICE.match(name):
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
         raise ConfigError(f"{where}: unknown device {name!r}; valid: auto, cpu, cuda, cuda:N, mps, xpu")
 
 

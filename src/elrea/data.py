@@ -8,15 +8,19 @@ Accepted records (docs/method.md, "Data"):
    "input": str (optional, appended to the instruction), "source": str (optional)}
   {"messages": [{"role": ..., "content": ...}, ...]}  (the last assistant turn is the response)
 
-A bad record raises `DataError` naming the file, the line (or row) and the field; nothing is
-dropped silently. Unknown keys are kept and ignored with one warning.
+Text files are UTF-8, with or without the byte-order mark that Windows tools write. A bad file
+or record raises `DataError`, one line naming the file, the line (or row) and the field; nothing
+is dropped silently. Unknown keys are kept and ignored with one warning.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import logging
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,9 @@ INSTRUCTION_KEYS = ("instruction", "prompt")
 RESPONSE_KEYS = ("response", "completion", "output")
 KNOWN_KEYS = set(INSTRUCTION_KEYS + RESPONSE_KEYS + ("input", "source", "messages", "id"))
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
+# Values quoted in error messages: bounded in length and depth, whatever the record holds
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother = 3, 60, 60
 
 
 @dataclass
@@ -74,35 +81,57 @@ def load_records(path: str | Path, require_response: bool = True, config: str | 
     if not records:
         raise DataError("no records: the file is empty", path=str(path))
     if unknown:
-        log.warning("%s: ignoring unknown record keys: %s", path, ", ".join(sorted(unknown)))
+        shown = (k if k.isprintable() else repr(k) for k in sorted(unknown))  # a key may hold a newline
+        log.warning("%s: ignoring unknown record keys: %s", path, ", ".join(shown))
     return records
+
+
+def _decode(p: Path, raw: bytes, line: int = 1) -> str:
+    """UTF-8 text of `raw`, the bytes of file `p` from the start of `line` on. A byte-order mark
+    is dropped at the start of the file only (Windows tools write one)."""
+    if line == 1:
+        raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        column = e.start - raw.rfind(b"\n", 0, e.start)  # 1-based byte of its line
+        raise DataError(f"not valid UTF-8 (byte {column} of the line is {raw[e.start:e.start + 1]!r}); re-save "
+                        "the file as UTF-8", path=str(p), line=line + raw.count(b"\n", 0, e.start)) from None
+
+
+def _parse_json(p: Path, text: str, line: int = 1, expected: str = ""):
+    """json.loads, with every failure a DataError naming the line (`text` starts at `line`)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e.msg} at column {e.colno}){expected}", path=str(p),
+                        line=line + e.lineno - 1) from None
+    except RecursionError:
+        raise DataError("JSON nested too deeply to read", path=str(p), line=line) from None
+    except ValueError as e:  # an integer of more digits than Python converts (4300 by default)
+        raise DataError(f"unreadable JSON ({_first_line(e)})", path=str(p), line=line) from None
+
+
+def _first_line(e: Exception) -> str:
+    """An exception's message as one line (library messages may span several)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _read_jsonl(p: Path):
     with open(p, "rb") as fh:
         for i, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                                "re-save the file as UTF-8", path=str(p), line=i) from None
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON ({e.msg} at column {e.colno}); each line must be "
-                                "one JSON object", path=str(p), line=i) from None
-            yield dict(path=str(p), line=i), row
+            text = _decode(p, raw, line=i)
+            if text.startswith("\ufeff"):  # e.g. files written on Windows, then concatenated
+                raise DataError("a byte-order mark (U+FEFF) starts this line; only the file's first line may "
+                                "have one", path=str(p), line=i)
+            if text.strip():  # (without its newline, JSON's errors at the end of the line name this line)
+                yield dict(path=str(p), line=i), _parse_json(p, text.rstrip("\n"), i,
+                                                             "; each line must be one JSON object")
 
 
 def _read_json(p: Path):
-    try:
-        data = json.loads(p.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 (byte offset {e.start})", path=str(p)) from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"malformed JSON ({e.msg})", path=str(p), line=e.lineno) from None
+    data = _parse_json(p, _decode(p, p.read_bytes()))
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -112,27 +141,31 @@ def _read_json(p: Path):
 
 
 def _read_csv(p: Path):
-    try:
-        with open(p, newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            _check_columns(p, reader.fieldnames or [])
-            for i, row in enumerate(reader, start=2):  # line 1 is the header
-                yield dict(path=str(p), line=i), {k: v for k, v in row.items() if v not in (None, "") or k in
-                                   INSTRUCTION_KEYS + RESPONSE_KEYS}
-    except UnicodeDecodeError as e:
-        raise DataError(f"not valid UTF-8 (byte offset {e.start}); re-save the file as UTF-8",
-                        path=str(p)) from None
+    text = _decode(p, p.read_bytes())
+    # the csv module refuses fields over 128 KiB by default; no field is longer than its file
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
+    _check_columns(p, header)
+    for cells in reader:
+        if not cells:  # a blank line
+            continue
+        loc = dict(path=str(p), line=reader.line_num)  # the record's last line (quoted fields span lines)
+        if len(cells) != len(header):
+            raise DataError(f"fields on the line: {len(cells)}, columns in the header: {len(header)}", **loc)
+        yield loc, {k: v for k, v in zip(header, cells) if v != "" or k in INSTRUCTION_KEYS + RESPONSE_KEYS}
 
 
 def _read_parquet(p: Path):
     import pyarrow.parquet as pq
 
-    try:
+    try:  # a corrupt file can also fail late, on a column name or a value that is not UTF-8
         table = pq.read_table(p)
+        columns, rows = table.column_names, table.to_pylist()
     except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a bad file
-        raise DataError(f"cannot read Parquet: {e}", path=str(p)) from None
-    _check_columns(p, table.column_names)
-    for i, row in enumerate(table.to_pylist()):
+        raise DataError(f"cannot read Parquet: {_first_line(e)}", path=str(p)) from None
+    _check_columns(p, columns)
+    for i, row in enumerate(rows):
         yield dict(path=str(p), line=f"row {i}"), row
 
 
@@ -142,7 +175,8 @@ def _read_datasets_dir(p: Path, split: str = "train"):
     try:
         ds = datasets.load_from_disk(str(p))
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"not a datasets directory saved with save_to_disk ({e})", path=str(p)) from None
+        raise DataError(f"not a datasets directory saved with save_to_disk ({_first_line(e)})",
+                        path=str(p)) from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"DatasetDict without a {split!r} split (has {list(ds)}); choose one with "
@@ -159,9 +193,8 @@ def _read_hub(name: str, config: str | None = None, split: str = "train", revisi
     try:
         ds = datasets.load_dataset(name, config, split=split, revision=revision)
     except Exception as e:  # noqa: BLE001 - offline, unknown id, gated, bad config or split
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"not a local file, and the hub data set could not be loaded ({type(e).__name__}: "
-                        f"{first})", path=name) from None
+                        f"{_first_line(e)})", path=name) from None
     _check_columns(name, ds.column_names)
     for i, row in enumerate(ds):
         yield dict(path=name, line=f"row {i}"), row
@@ -200,15 +233,15 @@ def parse_record(row, loc: dict, require_response: bool = True) -> Record:
         raise DataError(f"expected a JSON object, got {type(row).__name__}", **loc)
     extra = {k: v for k, v in row.items() if k not in KNOWN_KEYS}
     source = row.get("source")
-    if source is not None and not isinstance(source, str):
-        raise DataError(f"expected a string, got {type(source).__name__} {source!r}", field="source", **loc)
+    if source is not None:
+        _string(source, "source", loc)
     if "messages" in row:
         messages, response = _parse_messages(row["messages"], loc, require_response)
     else:
         key = next((k for k in INSTRUCTION_KEYS if k in row), None)
         if key is None:
             raise DataError(f"missing instruction: expected one of {list(INSTRUCTION_KEYS)} or "
-                            f"'messages'; keys present: {sorted(row)}", **loc)
+                            f"'messages'; keys present: {_SHOW.repr(sorted(row))}", **loc)
         instruction = _text(row[key], key, loc)
         extra_input = row.get("input")
         if extra_input not in (None, ""):
@@ -220,14 +253,24 @@ def parse_record(row, loc: dict, require_response: bool = True) -> Record:
             response = _text(row[rkey], rkey, loc)
         elif require_response:
             raise DataError(f"missing response: expected one of {list(RESPONSE_KEYS)}; "
-                            f"keys present: {sorted(row)}", **loc)
+                            f"keys present: {_SHOW.repr(sorted(row))}", **loc)
     return Record(messages=messages, response=response, source=source, where=where, extra=extra)
 
 
-def _text(value, key, loc) -> str:
+def _string(value, key, loc) -> str:
+    """A string that UTF-8 can encode, as every tokenizer and file writer needs."""
     if not isinstance(value, str):
-        raise DataError(f"expected a string, got {type(value).__name__} {value!r:.60}", field=key, **loc)
-    if not value.strip():
+        raise DataError(f"expected a string, got {type(value).__name__} {_SHOW.repr(value)}", field=key, **loc)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800-style escapes can encode half a character
+        raise DataError(f"unpaired surrogate {value[e.start]!r} at character {e.start} (a \\uD800-\\uDFFF "
+                        "escape without its other half)", field=key, **loc) from None
+    return value
+
+
+def _text(value, key, loc) -> str:
+    if not _string(value, key, loc).strip():
         raise DataError("is empty", field=key, **loc)
     return value
 
@@ -238,8 +281,10 @@ def _parse_messages(messages, loc, require_response):
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
                 not isinstance(m.get("content"), str):
-            raise DataError(f"turn {j} must be an object with string 'role' and 'content', got {m!r:.80}",
-                            field="messages", **loc)
+            raise DataError(f"turn {j} must be an object with string 'role' and 'content', got "
+                            f"{_SHOW.repr(m)}", field="messages", **loc)
+        _string(m["role"], f"messages[{j}].role", loc)
+        _string(m["content"], f"messages[{j}].content", loc)
     response = None
     if messages[-1]["role"] == "assistant":
         response = _text(messages[-1]["content"], "messages[-1].content", loc)
