@@ -3,13 +3,14 @@
     GET  /v1/models               the served model
     POST /v1/completions          raw prompt -> text (stream: server-sent events)
     POST /v1/chat/completions     messages, through the chat template as in training
-    GET  /health                  liveness and engine counters (no API key needed)
+    GET  /health                  liveness, engine counters and occupancy (no API key needed)
 
 Every request is routed by its own gradient unless its `"elrea"` field gives weights, a router
 or top-k; the response's `"elrea"` field reports the weights used. Requests that arrive
 together are decoded together (elrea.serve.engine). Omitted sampling fields take the run's
 `generation` defaults (greedy unless the run says otherwise), as a server that follows the
-model's generation config does.
+model's generation config does. A client that closes its connection before its answer is
+complete (streaming or not) has its request cancelled: its batch row stops at the next step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ import logging
 import secrets
 from contextlib import asynccontextmanager
 
+# at module level: FastAPI reads the endpoints' (string) annotations, `Request` included, from here
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
 from .engine import Engine, Job
 from .protocol import ChatRequest, CompletionRequest, OpenAIError, new_id, now
 
@@ -28,11 +35,6 @@ log = logging.getLogger(__name__)
 
 def create_app(model, served_name: str, api_key: str | None = None, max_batch_size: int = 16):
     """A FastAPI app serving `model` (an elrea.ELREA) as `served_name`."""
-    from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-
     engine = Engine(model, max_batch_size=max_batch_size)
     context = int(getattr(model.model.config, "max_position_embeddings", 0) or 0) or None
 
@@ -75,6 +77,8 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
 
     @app.get("/health")
     async def health():
+        """`active`: requests decoding now; `queued`: waiting for the next batch; the rest count
+        since start (`cancelled`: requests whose client went away before their answer was complete)."""
         return {"status": "ok", "model": served_name, **engine.stats}
 
     @app.get("/v1/models")
@@ -94,10 +98,10 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
         if context and n_prompt >= context:
             raise OpenAIError(f"This model's maximum context length is {context} tokens; the prompt has "
                               f"{n_prompt}", param=param, code="context_length_exceeded")
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens
         limit = (context - n_prompt) if context else None
-        if max_tokens is None:
-            max_tokens = min(model.config.generation.max_new_tokens, limit or 10 ** 9)
+        # chat's max_completion_tokens supersedes max_tokens; without either, the run's default
+        given = [m for m in (getattr(req, "max_completion_tokens", None), req.max_tokens) if m is not None]
+        max_tokens = given[0] if given else min(model.config.generation.max_new_tokens, limit or 10 ** 9)
         if max_tokens < 1 or (limit and max_tokens > limit):
             raise OpenAIError(f"max_tokens must be in [1, {limit or 'inf'}] for this prompt of {n_prompt} tokens "
                               f"(context {context}), got {max_tokens}", param="max_tokens")
@@ -129,10 +133,29 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
                                                                       model.config.routing.router),
                    tau=ext.temperature if ext else None, top_k=ext.top_k if ext else None, stop=req.stops())
 
-    async def run(job: Job, req, chat: bool):
+    watchers: set[asyncio.Task] = set()   # asyncio holds only weak references to running tasks
+
+    def cancel_on_disconnect(request: Request, job: Job, events: asyncio.Queue) -> None:
+        """Cancel `job` when its client closes the connection, and wake its handler with ("gone", None).
+
+        The request body has been read, so `receive()` only returns once the client has gone or
+        the response is complete; in the second case the job has finished and cancelling it does
+        nothing."""
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancel()
+            events.put_nowait(("gone", None))
+
+        task = asyncio.create_task(watch())
+        watchers.add(task)
+        task.add_done_callback(watchers.discard)
+
+    async def run(job: Job, req, chat: bool, request: Request):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job.emit = lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data))
         engine.submit(job)
+        cancel_on_disconnect(request, job, events)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         if req.stream:
             return StreamingResponse(_sse(job, events, rid, created, chat, req), media_type="text/event-stream")
@@ -145,6 +168,8 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
                 text.append(data)
             elif kind == "done":
                 done = data
+            elif kind == "gone":   # nobody will read this answer (499: nginx's "client closed request")
+                raise OpenAIError("the client closed the connection", status=499, code="client_closed_request")
             else:
                 raise OpenAIError(f"generation failed: {data}", status=500, type="server_error")
         usage = {"prompt_tokens": done["prompt_tokens"], "completion_tokens": done["completion_tokens"],
@@ -191,19 +216,21 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
                         yield f"data: {json.dumps(body)}\n\n"
                     yield "data: [DONE]\n\n"
                     return
+                elif kind == "gone":
+                    return
                 else:
                     yield f"data: {json.dumps(OpenAIError(data, 500, type='server_error').body())}\n\n"
                     return
         finally:
-            job.cancel()  # a client that went away frees its row at the next step
+            job.cancel()  # ended early (the client went away): free the row at the next step
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return await run(job_for(req, model.encode(req.text(), raw=True)[0]), req, chat=False)
+    async def completions(req: CompletionRequest, request: Request):
+        return await run(job_for(req, model.encode(req.text(), raw=True)[0]), req, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest):
-        return await run(job_for(req, model.encode([req.chat()])[0]), req, chat=True)
+    async def chat_completions(req: ChatRequest, request: Request):
+        return await run(job_for(req, model.encode([req.chat()])[0]), req, chat=True, request=request)
 
     return app
 

@@ -11,7 +11,10 @@ decodes form the next batch. With max_batch_size=1 the engine serves one request
 
 Events, in order: ("start", {"weights": [...]}) once routed, ("text", str) as text is final
 (text that may begin a stop sequence is held back), then ("done", {"finish_reason",
-"prompt_tokens", "completion_tokens"}) or ("error", message).
+"prompt_tokens", "completion_tokens"}) or ("error", message). A job cancelled by its client
+(`Job.cancel`, when the client went away) gets no further events: its row stops at the next
+decoding step and is counted in `stats["cancelled"]`. The batch is static, so a row that stops
+early is idle until the batch ends; a batch ends as soon as every row has stopped.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Job:
     stop: list[str] = field(default_factory=list)  # OpenAI stop sequences (not part of the text)
 
     def cancel(self) -> None:
-        """The client went away: the row stops at the next decoding step."""
+        """Stop decoding this job at the next step (its client went away, or a stop sequence came)."""
         self.decoding.cancelled = True
 
 
@@ -55,7 +58,16 @@ class Engine:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.stats = {"requests": 0, "batches": 0, "largest_batch": 0}
+        self._counts = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0}
+        self._queued_lock = threading.Lock()
+        self._queued = 0   # submitted, not yet taken into a batch
+        self._active = 0   # rows of the running batch still decoding (written by the engine thread only)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since start (requests decoded, batches, largest batch, requests cancelled by
+        their client) and the occupancy now: `active` rows decoding, `queued` jobs waiting."""
+        return {**self._counts, "active": self._active, "queued": self._queued}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -75,13 +87,23 @@ class Engine:
         if self._stopping.is_set():
             job.emit("error", "the server is shutting down")
             return
+        with self._queued_lock:
+            self._queued += 1
         self._queue.put(job)
+
+    def _take(self, timeout: float | None = None) -> Job | None:
+        """The next queued job, or None for the stop signal; queue.Empty after `timeout`."""
+        job = self._queue.get(timeout=timeout)
+        if job is not None:
+            with self._queued_lock:
+                self._queued -= 1
+        return job
 
     # ------------------------------------------------------------------ the loop
 
     def _loop(self) -> None:
         while True:
-            first = self._queue.get()
+            first = self._take()
             if first is None:
                 if self._queue.empty():
                     return
@@ -90,25 +112,30 @@ class Engine:
             deadline = time.monotonic() + self.batch_window_s
             while len(jobs) < self.max_batch_size:
                 try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    nxt = self._take(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if nxt is None:
                     self._queue.put(None)  # keep the stop signal for after this batch
                     break
                 jobs.append(nxt)
-            jobs = [j for j in jobs if not j.decoding.cancelled]
+            live = [j for j in jobs if not j.decoding.cancelled]   # clients that left while queued
+            self._counts["cancelled"] += len(jobs) - len(live)
+            jobs = live
             if not jobs:
                 continue
-            self.stats["requests"] += len(jobs)
-            self.stats["batches"] += 1
-            self.stats["largest_batch"] = max(self.stats["largest_batch"], len(jobs))
+            self._counts["requests"] += len(jobs)
+            self._counts["batches"] += 1
+            self._counts["largest_batch"] = max(self._counts["largest_batch"], len(jobs))
+            self._active = len(jobs)
             try:
                 self._run(jobs)
             except Exception as e:  # noqa: BLE001 - one bad batch must not stop the server
                 log.exception("batch of %d requests failed", len(jobs))
                 for j in jobs:
                     j.emit("error", f"{type(e).__name__}: {e}")
+            finally:
+                self._active = 0
 
     def _route(self, jobs: list[Job]) -> torch.Tensor:
         """Weights [B, C+1]: fixed ones as given, the rest routed in one batch per router setting."""
@@ -132,7 +159,14 @@ class Engine:
                                       [j.decoding for j in jobs], self.model.tokenizer.pad_token_id)
         for tokens, reasons in steps:
             for j, s, tok, reason in zip(jobs, streams, tokens, reasons):
-                if tok is None or s.finished:
+                if tok is None:
+                    continue
+                if reason is not None:
+                    self._active -= 1
+                if s.finished:
+                    continue
+                if reason == "cancelled":   # by its client: nobody is listening any more
+                    self._counts["cancelled"] += 1
                     continue
                 if ensemble.is_text(tok, reason, j.decoding):
                     s.push(tok)

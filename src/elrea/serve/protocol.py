@@ -1,7 +1,8 @@
 """The OpenAI API shapes the server accepts and returns, and its errors.
 
 Requests are pydantic models that ignore fields they do not know (clients send many), refuse
-values elrea cannot honour (n > 1, best_of, echo, logprobs), and carry elrea's extension
+values elrea cannot honour (n > 1, best_of, echo, logprobs) and numbers that are not finite
+(JSON parsers accept NaN and Infinity), and carry elrea's extension
 field `"elrea": {"weights": [...], "router": "gradient" | "uniform", "top_k": k,
 "temperature": tau}`. Errors are OpenAI's JSON `{"error": {"message", "type", "param",
 "code"}}` with a 4xx status.
@@ -31,7 +32,7 @@ class OpenAIError(Exception):
 class Extension(BaseModel):
     """`"elrea": {...}`: override the routing of this request."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weights: list[float] | None = Field(None, description="weights over [base, expert_1, ...]; sum to 1")
     router: str | None = Field(None, description="a router name (see elrea.routers.ROUTERS)")
     top_k: int | None = Field(None, ge=0, description="keep the k largest routing weights")
@@ -39,7 +40,7 @@ class Extension(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str
     max_tokens: int | None = None
     temperature: float | None = Field(None, ge=0, le=2)
@@ -50,6 +51,11 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     elrea: Extension | None = None
+    # accepted so that they can be refused unless they ask for nothing (unknown fields are dropped)
+    best_of: int | None = None
+    logprobs: bool | int | None = None     # an int for completions, a bool for chat
+    top_logprobs: int | None = None
+    echo: bool | None = None
 
     def stops(self) -> list[str]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -60,10 +66,9 @@ class _Sampling(BaseModel):
     def check_supported(self) -> None:
         if self.n != 1:
             raise OpenAIError(f"n: only 1 choice per request is supported, got {self.n}", param="n")
-        extra = self.model_extra or {}
         for name, default in (("best_of", (None, 1)), ("logprobs", (None, False, 0)), ("echo", (None, False)),
                               ("top_logprobs", (None, 0))):
-            if extra.get(name) not in default:
+            if getattr(self, name) not in default:
                 raise OpenAIError(f"{name}: not supported by elrea serve", param=name)
 
 
@@ -87,8 +92,9 @@ class Message(BaseModel):
         if isinstance(self.content, str):
             return self.content
         parts = [p.get("text") for p in self.content if p.get("type") == "text"]
-        if len(parts) != len(self.content):
-            raise OpenAIError("messages: only text content parts are supported", param="messages")
+        if len(parts) != len(self.content) or not all(isinstance(t, str) for t in parts):
+            raise OpenAIError('messages: only text content parts ({"type": "text", "text": "..."}) are supported',
+                              param="messages")
         return "".join(parts)
 
 
