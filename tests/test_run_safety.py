@@ -14,28 +14,12 @@ import numpy as np
 import pytest
 
 from conftest import FAST
+from test_reliability import _features_done, _fit_cmd, _json
 from elrea.errors import OutOfSpace, RunDirError, RunInUse
 from elrea.rundir import LOCK_INFO, Manifest, RowLog, RunLock, atomic_path, check_readable
 from elrea.testing import make_toy_records, write_jsonl
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
-
-
-def _fit_cmd(model, data, out, *extra):
-    return [sys.executable, "-m", "elrea.cli", "fit", "--model", str(model), "--data", str(data),
-            "--out", str(out), *FAST, "clustering.num_clusters=3", *extra]
-
-
-def _json(path):
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def _features_done(run):
-    return sum(r.get("done", 0) - r.get("start", 0)
-               for r in map(_json, (run / "features" / "train.progress").glob("rows-*.json")))
 
 
 def _start(cmd):
@@ -111,7 +95,7 @@ def test_one_writer_readers_refuse_and_every_interruption_resumes(tmp_path, tiny
 
     last = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert last.returncode == 0, last.stderr
-    assert f"taking over from" in last.stderr and f"pid {killed.pid}" in last.stderr
+    assert "taking over from" in last.stderr and f"pid {killed.pid}" in last.stderr
     assert not (run / LOCK_INFO).exists()
     assert all(st["status"] == "done" for st in _json(run / "elrea.json")["stages"].values())
     assert np.allclose(np.linalg.norm(np.load(run / "features" / "train.npy"), axis=1), 1, atol=1e-5)
@@ -174,7 +158,7 @@ def test_killed_evaluation_resumes_to_the_uninterrupted_table(tmp_path, fitted_r
     kept = batches.read_text().count("\n")
     r = subprocess.run(_eval_cmd(run, data, out), capture_output=True, text=True, env=ENV, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert f"resuming after {kept} finished batches" in r.stderr or "resuming after" in r.stderr
+    assert f"resuming after {kept} finished batches" in r.stderr
     assert json.loads(out.read_text()) == json.loads(whole.read_text())
     assert not out.with_name(out.name + ".partial").exists()
 
