@@ -517,13 +517,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"elrea: error: {_who()}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("elrea: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
     except _Terminated:
         # torchrun / accelerate launch stop every process of a job when one of them fails
+        _close_progress_bars()
         print(f"elrea: {_who()}stopped by SIGTERM; re-run the same command to resume", file=sys.stderr)
         return 143
     return 0
+
+
+def _close_progress_bars() -> None:
+    """Close the bars an interrupted loop left open (Trainer's among them), so that they are not
+    redrawn at exit after the last message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 class _Terminated(BaseException):
