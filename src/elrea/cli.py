@@ -220,9 +220,9 @@ def cmd_serve(args):
 
 def cmd_push(args):
     from .card import push
-    from .rundir import Manifest
+    from .rundir import Manifest, check_readable
 
-    Manifest.load(args.run)  # a clear error for a directory that is not a run
+    check_readable(args.run, Manifest.load(args.run))  # not a run, or one being written: a clear error
     files = push(args.run, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run)
     _table(f"{'would upload' if args.dry_run else 'uploaded'} to {args.repo_id}", ["file"], [[f] for f in files])
 
