@@ -49,7 +49,9 @@ def test_inference_follows_the_model_device(elrea_model, monkeypatch, grouped):
         got = _outputs(m)
         feats = m.features(PROMPTS)
     assert feats.device == m.device and feats.dtype == torch.float32
-    assert torch.equal(got[0], expected[0]) and got[0].device.type == "cpu"
+    # on a GPU the model is on CUDA, whose backward reductions are not bitwise repeatable
+    # (measured on an H200: routing weights equal to 4 decimals, not bit for bit)
+    assert torch.allclose(got[0], expected[0], atol=1e-5) and got[0].device.type == "cpu"
     assert got[1] == expected[1] and got[2] == expected[2]
     assert np.allclose(got[3], expected[3]) and torch.equal(got[4], expected[4])
 

@@ -26,7 +26,7 @@ def test_config_names_match_the_registries():
     assert set(CLUSTERERS) == set(C.CLUSTER_METHODS)
     assert set(PROJECTORS) == set(C.PROJECTIONS)
     assert set(PRECONDITIONERS) == set(C.PRECONDITIONER_NAMES)
-    assert set(CHECKER_NAMES) == {"exact", *MIXTURES}
+    assert set(CHECKER_NAMES) == {"auto", "exact", *MIXTURES}
 
 
 def test_no_import_circles():
