@@ -172,6 +172,16 @@ def test_conflict_source_sums_match_autograd(tiny_model_dir, toy_rows):
     assert projected.shape == (10, 64) and projected.norm(dim=1).min() > 0
 
 
+def test_learned_routing_quick(tmp_path):
+    """benchmarks/learned_routing.py: the router's signal with adapters off both ways, equal."""
+    r = _run("learned_routing.py", tmp_path / "lr.json")
+    _machine_ok(r, "learned_routing.py")
+    assert set(r["batches"]) == {"1", "16"} and r["n"] == 32
+    for res in r["batches"].values():
+        assert res["equal"] and res["elrea"]["ms_per_prompt"] > 0 and res["peft_disable_adapter"]["x_one_token"] > 0
+    assert r["ms_per_decoded_token_batch1"] > 0
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_and_refusal(tmp_path):
     """benchmarks/gpu.py: its code path on a tiny model on the CPU (--smoke), and without CUDA a
@@ -186,6 +196,7 @@ def test_gpu_benchmark_smoke_and_refusal(tmp_path):
     assert all(v > 0 for v in f["examples_per_s"].values()) and f["speedup_vs_less"] > 0
     for B in ("1", "2"):
         assert d[B]["elrea_equals_naive"] and d[B]["one_hot_equals_peft"], d[B]
+        assert d[B]["elrea_naive_common_prefix"] == d[B]["one_hot_peft_common_prefix"] == 1.0
         assert d[B]["routing_ms_per_prompt"] > 0
     assert set(r["targets"]["tiny"]) >= {"features_speedup_ge_20x_less", "ensemble_ge_0_8x_single_b1"}
     if not torch.cuda.is_available():

@@ -111,3 +111,33 @@ def test_untested_peft_versions_fall_back(monkeypatch):
     assert not fastlora.peft_tested()
     monkeypatch.setattr(peft, "__version__", "0.20.1")
     assert not fastlora.peft_tested()
+
+
+def test_adapters_off_is_peft_disable_adapter_without_its_cost(three_adapters, monkeypatch):
+    """The backbone's forward with adapters off (the learned router's signal): the same logits as
+    PEFT's disable_adapter(), which is not called; adapters are back after it, after an error too,
+    and a merged model takes PEFT's way (flipping the flag would leave merged weights in)."""
+    model, _ = three_adapters
+    ids = torch.tensor([[5, 9, 11, 3, 7, 2]])
+    with torch.no_grad():
+        on = model(input_ids=ids).logits
+        with model.disable_adapter():
+            reference = model(input_ids=ids).logits
+        assert not torch.allclose(on, reference, atol=1e-3)        # the adapters do change the output
+        calls = []
+        real = type(model).disable_adapter
+        monkeypatch.setattr(type(model), "disable_adapter", lambda self: calls.append(1) or real(self))
+        with fastlora.adapters_off(model):
+            off = model(input_ids=ids).logits
+        assert torch.equal(off, reference) and not calls
+        with pytest.raises(RuntimeError), fastlora.adapters_off(model):
+            raise RuntimeError("stopped early, as the learned router's hook does")
+        assert torch.equal(model(input_ids=ids).logits, on)
+        model.merge_adapter()
+        try:
+            with fastlora.adapters_off(model):
+                merged_off = model(input_ids=ids).logits
+        finally:
+            model.unmerge_adapter()
+        assert calls and torch.allclose(merged_off, reference, atol=1e-5)
+        assert torch.allclose(model(input_ids=ids).logits, on, atol=1e-5)
