@@ -87,6 +87,9 @@ def machine() -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
     }
+    if torch.cuda.is_available():  # a run on a GPU names it, with the CUDA version
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), cuda=torch.version.cuda)
     if hasattr(os, "sched_getaffinity"):
         info["usable_cpus"] = len(os.sched_getaffinity(0))
     if hasattr(os, "getloadavg"):  # a busy machine makes every number here wrong: record it
