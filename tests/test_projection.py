@@ -67,7 +67,7 @@ def test_rademacher_never_builds_whole_matrix(monkeypatch):
     def spy(c, device):
         m = orig(c, device)
         biggest.append(m.numel())
-        assert set(m.unique().tolist()) == {-1 / 64, 1 / 64}   # +-1/sqrt(d)
+        assert bool((m.abs() == 1 / 64).all() and (m > 0).any() and (m < 0).any())   # +-1/sqrt(d)
         return m
     monkeypatch.setattr(proj, "_chunk", spy)
     proj.project(torch.randn(1, P))
