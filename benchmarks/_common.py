@@ -88,13 +88,20 @@ def machine() -> dict:
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
     }
     if torch.cuda.is_available():  # a run on a GPU names it, with the CUDA version
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1), cuda=torch.version.cuda)
+        g = gpu_info(torch.device("cuda", 0))
+        info.update(gpu=g["name"], gpu_memory_gib=g["memory_gib"], cuda=torch.version.cuda)
     if hasattr(os, "sched_getaffinity"):
         info["usable_cpus"] = len(os.sched_getaffinity(0))
     if hasattr(os, "getloadavg"):  # a busy machine makes every number here wrong: record it
         info["loadavg_at_start"] = list(os.getloadavg())
     return info
+
+
+def gpu_info(dev: torch.device) -> dict:
+    """Name, memory (GiB) and compute capability of a CUDA device."""
+    props = torch.cuda.get_device_properties(dev)
+    return {"name": props.name, "memory_gib": round(props.total_memory / 2 ** 30, 1),
+            "capability": f"{props.major}.{props.minor}"}
 
 
 def command_line(script: str, argv=None) -> str:

@@ -290,9 +290,7 @@ def device_info(device: str) -> dict:
     dev = torch.device(device)
     info = {"device": str(dev), "torch": torch.__version__, "cuda": torch.version.cuda}
     if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        info.update(name=props.name, memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    capability=f"{props.major}.{props.minor}")
+        info.update(C.gpu_info(dev))
     else:
         info["name"] = "cpu (smoke run: timings mean nothing)"
     return info

@@ -18,6 +18,8 @@ Writes benchmarks/results/learned_routing.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
 from pathlib import Path
 
@@ -40,9 +42,9 @@ def parse_args(argv=None):
 def run(args) -> dict:
     from peft import get_peft_model
 
+    from elrea.compare.runner import decoded_token_ms
     from elrea.config import LoraConfig
     from elrea.data import Encoded
-    from elrea.ensemble import generate
     from elrea.models import peft_lora_config
     from elrea.routers.learned import hidden_states, resolve_layer
 
@@ -61,40 +63,30 @@ def run(args) -> dict:
     layer, pad = resolve_layer(model, -1), tok.pad_token_id
     dev = torch.device(args.device)
 
-    def elrea_way(batch):
-        return [hidden_states(model, enc[s:s + batch], layer, "mean", pad, batch) for s in range(0, len(enc), batch)]
-
-    def peft_way(batch):                     # PEFT's toggle around each call, as the router made it
+    def signal(batch, context):              # one router call per batch, as `ELREA.route` makes it
         out = []
         for s in range(0, len(enc), batch):
-            with model.disable_adapter():
+            with context():
                 out.append(hidden_states(model, enc[s:s + batch], layer, "mean", pad, batch))
         return out
 
+    ways = {"elrea": contextlib.nullcontext,    # hidden_states switches adapters off itself
+            "peft_disable_adapter": model.disable_adapter}
     out = {"model": name, "prompts": origin, "n": len(enc), "layer": layer,
            "mean_prompt_tokens": sum(len(e.input_ids) for e in enc) / len(enc), "batches": {}}
     for batch in (1, args.batch):
         res = {}
-        for way, fn in (("elrea", elrea_way), ("peft_disable_adapter", peft_way)):
+        for way, context in ways.items():
             C.log(f"batch {batch}: {way} ...")
-            sec, _, H = C.timed(lambda: (fn(batch), C.sync(dev))[0], args.repeats, warmup=lambda: fn(batch))
+            sec, _, H = C.timed(lambda: (signal(batch, context), C.sync(dev))[0], args.repeats)
             res[way] = {"ms_per_prompt": 1000 * sec / len(enc), "H": torch.cat(H)}
         res["equal"] = torch.equal(res["elrea"].pop("H"), res["peft_disable_adapter"].pop("H"))
         res["speedup"] = res["peft_disable_adapter"]["ms_per_prompt"] / res["elrea"]["ms_per_prompt"]
         out["batches"][str(batch)] = res
     model.set_adapter("base")
-    w = torch.ones(1, 1)
-
-    def decode(n):
-        for e in enc[:8]:
-            generate(model, [e.input_ids], w, ["base"], pad_id=pad, max_new_tokens=n)
-        C.sync(dev)
-
     C.log("one decoded token at batch 1 ...")
-    decode(2)
-    t17, _, _ = C.timed(lambda: decode(17), args.repeats)
-    t1, _, _ = C.timed(lambda: decode(1), args.repeats)
-    out["ms_per_decoded_token_batch1"] = 1000 * (t17 - t1) / 16 / 8
+    out["ms_per_decoded_token_batch1"] = statistics.median(
+        decoded_token_ms(model, enc[:8], pad) for _ in range(max(1, args.repeats)))
     for res in out["batches"].values():
         for way in ("elrea", "peft_disable_adapter"):
             res[way]["x_one_token"] = res[way]["ms_per_prompt"] / out["ms_per_decoded_token_batch1"]

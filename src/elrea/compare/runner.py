@@ -396,7 +396,6 @@ class _Work:
     def routing_cost(self, rd: RunDir, records, routers, n_single: int = 8) -> dict:
         """Milliseconds per prompt of each router's signal + weights at the routing batch size and
         at batch 1, and of one decoded token at batch 1 (one adapter, EOS ignored)."""
-        from ..ensemble import generate
 
         model = self.load(rd)
         enc = model.encode([r.messages for r in records])
@@ -416,20 +415,27 @@ class _Work:
                 model.route([e], router=router)
             out[router] = {"ms_per_prompt_batched": 1000 * batched,
                            "ms_per_prompt_batch1": 1000 * (time.perf_counter() - t) / len(single)}
-        pad = model.tokenizer.pad_token_id
-        w1 = torch.ones(1, 1)
-
-        def timed(n_tokens):
-            t = time.perf_counter()
-            for e in single[:4]:
-                generate(model.model, [e.input_ids], w1, ["base"], pad_id=pad, max_new_tokens=n_tokens)
-            return (time.perf_counter() - t) / len(single[:4])
-
-        timed(2)
-        token_ms = 1000 * (timed(17) - timed(1)) / 16
+        token_ms = decoded_token_ms(model.model, single[:4], model.tokenizer.pad_token_id)
         for v in out.values():
             v["ratio_to_one_token"] = v["ms_per_prompt_batch1"] / token_ms
         return {"routers": out, "ms_per_decoded_token_batch1": token_ms}
+
+
+def decoded_token_ms(model, encoded: list, pad_id: int) -> float:
+    """Milliseconds of one decoded token at batch 1 with the "base" adapter, EOS ignored:
+    (t(17 tokens) - t(1 token)) / 16 per prompt of `encoded` (data.Encoded), after a warm-up."""
+    from ..ensemble import generate
+
+    w1 = torch.ones(1, 1)
+
+    def timed(n_tokens):
+        t = time.perf_counter()
+        for e in encoded:
+            generate(model, [e.input_ids], w1, ["base"], pad_id=pad_id, max_new_tokens=n_tokens)
+        return (time.perf_counter() - t) / len(encoded)
+
+    timed(2)
+    return 1000 * (timed(17) - timed(1)) / 16
 
 
 def _hash_json(obj) -> str:

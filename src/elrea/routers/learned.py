@@ -77,24 +77,24 @@ def hidden_states(model, examples: list, layer: int, pooling: str, pad_id: int, 
     out = []
     handle = target.register_forward_hook(hook)
     try:
-        for s in range(0, len(examples), batch_size):
-            b = collate(examples[s:s + batch_size], pad_id, side="right")
-            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-            try:
-                with adapters_off(model):
+        with adapters_off(model):
+            for s in range(0, len(examples), batch_size):
+                b = collate(examples[s:s + batch_size], pad_id, side="right")
+                ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+                try:
                     model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
                           use_cache=False)
-            except _Reached:
-                pass
-            h = seen.pop("h").float()                                      # (n, T, hidden)
-            keep = (b["labels"] != -100).to(device) & mask.bool()
-            keep = torch.where(keep.any(1, keepdim=True), keep, mask.bool())   # no loss tokens: all
-            if pooling == "last":
-                last = (keep.long() * torch.arange(keep.shape[1], device=device)).argmax(1)
-                out.append(h[torch.arange(len(h), device=device), last])
-            else:
-                k = keep[..., None].float()
-                out.append((h * k).sum(1) / k.sum(1))
+                except _Reached:
+                    pass
+                h = seen.pop("h").float()                                  # (n, T, hidden)
+                keep = (b["labels"] != -100).to(device) & mask.bool()
+                keep = torch.where(keep.any(1, keepdim=True), keep, mask.bool())   # no loss tokens: all
+                if pooling == "last":
+                    last = (keep.long() * torch.arange(keep.shape[1], device=device)).argmax(1)
+                    out.append(h[torch.arange(len(h), device=device), last])
+                else:
+                    k = keep[..., None].float()
+                    out.append((h * k).sum(1) / k.sum(1))
     finally:
         handle.remove()
     return torch.cat(out) if out else torch.zeros(0, base.config.hidden_size, device=device)
