@@ -42,9 +42,9 @@ def parse_args(argv=None):
 def run(args) -> dict:
     from peft import get_peft_model
 
-    from elrea.compare.runner import decoded_token_ms
     from elrea.config import LoraConfig
     from elrea.data import Encoded
+    from elrea.engine import Ensemble
     from elrea.models import peft_lora_config
     from elrea.routers.learned import hidden_states, resolve_layer
 
@@ -85,8 +85,9 @@ def run(args) -> dict:
         out["batches"][str(batch)] = res
     model.set_adapter("base")
     C.log("one decoded token at batch 1 ...")
+    engine = Ensemble(model, ["base"] + [f"expert_{c}" for c in range(1, args.experts + 1)], pad)
     out["ms_per_decoded_token_batch1"] = statistics.median(
-        decoded_token_ms(model, enc[:8], pad) for _ in range(max(1, args.repeats)))
+        engine.decoded_token_ms([e.input_ids for e in enc[:8]]) for _ in range(max(1, args.repeats)))
     for res in out["batches"].values():
         for way in ("elrea", "peft_disable_adapter"):
             res[way]["x_one_token"] = res[way]["ms_per_prompt"] / out["ms_per_decoded_token_batch1"]

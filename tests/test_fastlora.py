@@ -1,10 +1,10 @@
-"""Grouped LoRA (elrea.fastlora) against PEFT: single-adapter outputs and mixed-adapter batches."""
+"""Stacked LoRA (elrea.fastlora) against PEFT: single-adapter outputs and mixed-adapter batches."""
 
 import pytest
 import torch
 
 from elrea import fastlora
-from elrea.ensemble import generate, left_pad
+from elrea.ensemble import left_pad
 from elrea.features import position_ids_from_mask
 
 from conftest import lora_model
@@ -44,27 +44,53 @@ def _single(model, adapter, batch, rows):
     return out
 
 
-@pytest.mark.parametrize("layout", [["default"] * 2 + ["b"] * 2 + ["c"] * 2,   # equal groups: bmm path
-                                    ["default"] * 1 + ["b"] * 3 + ["c"] * 2])  # unequal: per-group path
-def test_grouped_rows_equal_single_adapter_peft(three_adapters, layout):
+@pytest.mark.parametrize("layout", [["default"] * 2 + ["b"] * 2 + ["c"] * 2,      # adapter-major
+                                    ["b", "default", "c", "b", "c", "default", "b"]])  # any order
+def test_stacked_rows_equal_single_adapter_peft(three_adapters, layout):
     model, adapters = three_adapters
     assert fastlora.supported(model, adapters)
     batch = _batch(len(layout))
-    with fastlora.grouped_lora(model, layout), torch.no_grad():
-        got = model(**batch).logits
-    for a in adapters:
-        rows = [i for i, x in enumerate(layout) if x == a]
-        assert torch.allclose(got[rows], _single(model, a, batch, rows), atol=1e-5, rtol=1e-5)
-    with torch.no_grad():   # PEFT's own mixed batch agrees too, and the patch is gone afterwards
-        peft_mixed = model(**batch, adapter_names=layout).logits
-    assert torch.allclose(got, peft_mixed, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        before = model(**batch).logits
+    stack = fastlora.Stacked(model, adapters)
+    try:
+        sel = stack.select(torch.tensor([adapters.index(a) for a in layout]))
+        assert sel.shape == (len(layout), len(adapters) * 8)          # ranks 8, 8, 4: padded to 8
+        with stack.rows(sel), torch.no_grad():
+            got = model(**batch).logits
+        for a in adapters:
+            rows = [i for i, x in enumerate(layout) if x == a]
+            assert torch.allclose(got[rows], _single(model, a, batch, rows), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():   # PEFT's own mixed batch agrees; outside rows() PEFT's forward runs
+            peft_mixed = model(**batch, adapter_names=layout).logits
+            assert torch.equal(model(**batch).logits, before)
+        assert torch.allclose(got, peft_mixed, atol=1e-5, rtol=1e-5)
+    finally:
+        stack.close()
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-def test_rows_must_be_adapter_major():
-    with pytest.raises(ValueError, match="adapter-major"):
-        fastlora.row_groups(["a", "b", "a"])
-    assert fastlora.row_groups(["a", "a", "b"]) == [("a", 0, 2), ("b", 2, 3)]
+def test_stacked_mix_equals_peft_weighted_adapter(three_adapters):
+    """A mixing selector is delta W = sum_k w_k s_k B_k A_k: PEFT's add_weighted_adapter (cat)."""
+    from elrea.ensemble import mix_in_layers
+
+    model, adapters = three_adapters
+    w = torch.tensor([[0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
+    batch = _batch(2, seed=3)
+    names = mix_in_layers(model, w, adapters)
+    try:
+        ref = torch.cat([_single(model, n, batch, [i]) for i, n in enumerate(names)])
+    finally:
+        for n in names:
+            model.delete_adapter(n)
+        model.set_adapter("default")
+    stack = fastlora.Stacked(model, adapters)
+    try:
+        with stack.rows(stack.mix(w)), torch.no_grad():
+            got = model(**batch).logits
+    finally:
+        stack.close()
+    assert torch.allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_adapters_fall_back_to_peft_mixed_batches(tiny_model_dir):
@@ -87,7 +113,11 @@ def test_unsupported_adapters_fall_back_to_peft_mixed_batches(tiny_model_dir):
     assert not fastlora.supported(model, ["x", "y"])
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     w = torch.tensor([[0.25, 0.75], [0.6, 0.4]])
-    got = generate(model, prompts, w, ["x", "y"], eos_id=None, pad_id=0, max_new_tokens=5)
+    from elrea.engine import Ensemble
+
+    engine = Ensemble(model, ["x", "y"], pad_id=0)
+    got = engine.generate(prompts, w, max_new_tokens=5)
+    assert engine.stack is None
     for p, row, toks in zip(prompts, w, got):
         ids = list(p)
         for _ in range(5):
@@ -101,7 +131,7 @@ def test_unsupported_adapters_fall_back_to_peft_mixed_batches(tiny_model_dir):
 
 
 def test_untested_peft_versions_fall_back(monkeypatch):
-    """Grouped LoRA reads PEFT internals: outside the tested range it is not used."""
+    """Stacked LoRA reads PEFT internals: outside the tested range it is not used."""
     import peft
 
     from elrea import fastlora

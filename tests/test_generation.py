@@ -61,8 +61,8 @@ def _varied_sample(m, w):
     not seen before that decodes to plain letters (the tiny model's greedy output repeats one)."""
     for seed in range(50):
         gen = dict(weights=w, max_new_tokens=12, do_sample=True, temperature=1.0, seed=seed)
-        ids = m._decode([m.prompt_ids(PROMPTS[0])], w, m.adapters,
-                        m.decoding(max_new_tokens=12, do_sample=True, temperature=1.0, seed=seed))[0]
+        ids = m.engine.generate([m.prompt_ids(PROMPTS[0])], w,
+                                m.decoding(max_new_tokens=12, do_sample=True, temperature=1.0, seed=seed))[0]
         for k in range(1, len(ids) - 1):
             piece = m.tokenizer.decode(ids[k:k + 1])
             if ids[k] not in ids[:k] and piece.strip().isalpha() and piece.isascii() \
@@ -112,8 +112,6 @@ def test_stream_and_streamer_give_the_generated_text(elrea_model):
 def test_loglikelihood_of_raw_pairs(elrea_model):
     """lm-eval's request shape: raw text, routed on the context; equals the ensemble's score of
     the same tokens, and 'greedy' says whether decoding would produce the continuation."""
-    from elrea import ensemble
-
     m = elrea_model
     context = "Add 3 and 4. The answer is "
     greedy_cont = m.generate([context], raw=True, max_new_tokens=3, weights=_one_hot(1, len(m.adapters)))[0]
@@ -124,14 +122,13 @@ def test_loglikelihood_of_raw_pairs(elrea_model):
     ctx_ids = m.tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"]
     whole = m.tokenizer(context + "7", add_special_tokens=False)["input_ids"]
     w = m.route([m.formatter.encode_raw(context.rstrip(), add_special_tokens=False)])[0]
-    ref = ensemble.score(m.model, ctx_ids, [whole[len(ctx_ids):]], w, m.adapters, m.tokenizer.pad_token_id)[0]
+    ref = m.engine.score(ctx_ids, [whole[len(ctx_ids):]], w)[0]
     assert abs(got[0][0] - ref) < 1e-5
     # 'greedy': true exactly when every continuation token is the mixed logits' argmax
     w1 = _one_hot(1, len(m.adapters))
-    greedy_ids = m._decode([ctx_ids], w1, m.adapters, m.decoding(max_new_tokens=4))[0]
+    greedy_ids = m.engine.generate([ctx_ids], w1, m.decoding(max_new_tokens=4))[0]
     other = greedy_ids[:-1] + [(greedy_ids[-1] + 1) % len(m.tokenizer)]
-    flags = ensemble.score(m.model, ctx_ids, [greedy_ids, other], w1[0], m.adapters, m.tokenizer.pad_token_id,
-                           greedy=True)
+    flags = m.engine.score(ctx_ids, [greedy_ids, other], w1[0], greedy=True)
     assert [f for _, f in flags] == [True, False] and flags[0][0] > flags[1][0]
 
 

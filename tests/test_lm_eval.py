@@ -48,7 +48,6 @@ def test_simple_evaluate_with_an_elrealm_and_rolling_loglikelihood(fitted_run, e
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from elrea import ensemble
     from elrea.integrations.lm_eval import ELREALM
 
     monkeypatch.chdir(REPO)
@@ -60,7 +59,7 @@ def test_simple_evaluate_with_an_elrealm_and_rolling_loglikelihood(fitted_run, e
     ids = lm.tok(doc, add_special_tokens=False)["input_ids"]
     one_window = lm.loglikelihood_rolling([SimpleNamespace(args=(doc,))], disable_tqdm=True)[0]
     w = elrea_model.route([elrea_model.formatter.encode_raw(doc, add_special_tokens=False)])[0]
-    direct = ensemble.score(lm.model.model, [lm.tok.eos_token_id], [ids], w, lm.model.adapters, lm.tok.pad_token_id)[0]
+    direct = lm.model.engine.score([lm.tok.eos_token_id], [ids], w)[0]
     assert abs(one_window - direct) < 1e-4  # a document shorter than max_length: one window after EOS
     lm.max_length = 6  # many windows: still every token predicted once
     many = lm.loglikelihood_rolling([SimpleNamespace(args=(doc,))], disable_tqdm=True)[0]

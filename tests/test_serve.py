@@ -228,3 +228,81 @@ def test_sigterm_lets_in_flight_requests_finish(fitted_run, elrea_model):
     text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-2])
     assert text == elrea_model.generate([PROMPTS[0]], raw=True, max_new_tokens=300)[0]  # the whole answer came
     assert proc.wait(timeout=60) == 0
+
+
+def _stream_with_a_latecomer(client, name, k):
+    """A long streamed answer (one expert, 120 tokens); after its 3rd chunk, a short request (4
+    tokens) from another thread. Returns (chunks of the long answer seen when the short one
+    finished, chunks in all, the short answer)."""
+    one_hot = [0.0] * k
+    one_hot[1] = 1.0
+    long = client.completions.create(model=name, prompt=PROMPTS[5], max_tokens=120, stream=True,
+                                     extra_body={"elrea": {"weights": one_hot}})
+    seen, mark, short = 0, {}, {}
+
+    def latecomer():
+        short["r"] = client.completions.create(model=name, prompt=PROMPTS[6], max_tokens=4,
+                                               extra_body={"elrea": {"weights": one_hot}})
+        mark["at"] = seen
+
+    thread = None
+    for chunk in long:
+        if chunk.choices and chunk.choices[0].text:
+            seen += 1
+        if seen == 3 and thread is None:
+            thread = threading.Thread(target=latecomer)
+            thread.start()
+        if chunk.choices and chunk.choices[0].finish_reason:
+            finish = chunk.choices[0].finish_reason
+    thread.join(timeout=60)
+    return mark["at"], seen, finish, short["r"]
+
+
+def test_a_request_that_arrives_mid_answer_joins_the_running_batch(client, server, elrea_model):
+    """Continuous batching: the latecomer is prefilled between two steps of the long answer and
+    finishes while it still streams, with the text it gets alone."""
+    _, name = server
+    k = len(elrea_model.adapters)
+    at, total, finish, short = _stream_with_a_latecomer(client, name, k)
+    assert finish == "length" and total > 20, "the long answer must stream long enough to overlap"
+    assert at < total, f"the short request finished after the long one ({at} of {total} chunks)"
+    w = torch.zeros(1, k)
+    w[0, 1] = 1.0
+    assert short.choices[0].text == elrea_model.generate([PROMPTS[6]], weights=w, raw=True, max_new_tokens=4)[0]
+
+
+def test_static_batching_makes_the_latecomer_wait_and_a_full_queue_is_503(fitted_run, elrea_model):
+    """The baseline policy (--batching static): the latecomer waits for the whole batch. With one
+    slot and a queue of one, a third request is refused with 503 and the server keeps serving."""
+    proc, base = _start(fitted_run, "--batching", "static", "--slots", "1", "--max-queue", "1")
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        name = fitted_run.name
+        k = len(elrea_model.adapters)
+        at, total, _, _ = _stream_with_a_latecomer(client, name, k)
+        assert at == total
+        h = _get(base + "/health", {"Authorization": f"Bearer {KEY}"})[1]
+        assert h["batching"] == "static" and h["slots"] == 1 and h["slots_free"] == 1
+        one_hot = [0.0] * k
+        one_hot[1] = 1.0
+        body = {"elrea": {"weights": one_hot}}
+        first = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=200, stream=True,
+                                          extra_body=body)
+        next(iter(first))                                   # decoding: the slot is taken
+        waiting = threading.Thread(target=lambda: client.completions.create(
+            model=name, prompt=PROMPTS[1], max_tokens=2, extra_body=body))
+        waiting.start()
+        for _ in range(100):                                # the second request is in the queue
+            if _get(base + "/health")[1]["queued"] == 1:
+                break
+            time.sleep(0.05)
+        with pytest.raises(openai.APIStatusError) as e:
+            client.completions.create(model=name, prompt=PROMPTS[2], max_tokens=2, extra_body=body)
+        assert e.value.status_code == 503 and "--max-queue" in e.value.message
+        first.close()
+        waiting.join(timeout=60)
+        assert _get(base + "/health")[1]["rejected"] == 1
+        assert client.completions.create(model=name, prompt=PROMPTS[3], max_tokens=2).choices[0].text is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import ensemble
+from .engine import Ensemble, is_text
 from .config import RunConfig, _from_dict
 from .data import PromptFormatter
 from .errors import ConfigError, RunDirError
@@ -43,6 +44,9 @@ class ELREA:
         self._routers: dict = {}
         self.adapters = ["base"] + [f"expert_{c}" for c in range(1, centroids.shape[0])]
         c = config
+        # the one owner of the adapters and the KV cache: every decode, score and adapter switch
+        self.engine = Ensemble(model, self.adapters, tokenizer.pad_token_id, compile=c.generation.compile,
+                               sync_every=c.generation.sync_every)
         self.formatter = PromptFormatter(tokenizer, c.data.system_prompt, c.data.max_length, "left")
         self.featurizer = Featurizer.for_run(model, c, self.run_dir / "base", tokenizer.pad_token_id,
                                              c.features.test_preconditioner, batch_size=c.routing.batch_size)
@@ -134,8 +138,8 @@ class ELREA:
     def features(self, prompts: list) -> torch.Tensor:
         """Unit routing features [n, d] on the model's device: instruction-only gradients of the
         base adapter (docs/method.md, step 5). Prompts as for `encode`."""
-        self.model.set_adapter("base")
-        return self.featurizer.features(self.encode(prompts))
+        with self.engine.only("base"):
+            return self.featurizer.features(self.encode(prompts))
 
     def router(self, name: str | None = None):
         """The router called `name` (default: the run's `routing.router`), built once
@@ -200,28 +204,14 @@ class ELREA:
         bs, texts = self.config.generation.batch_size, []
         for s in range(0, len(enc), bs):
             ids = [e.input_ids for e in enc[s:s + bs]]
-            w, names = weights[s:s + bs], self.adapters
-            if mode == "weights":
-                names = ensemble.mix_in_layers(self.model, w, self.adapters)
-                w = torch.eye(len(names), device="cpu")
-            try:
-                if streamer is not None:
-                    streamer.put(torch.tensor([ids[0]], device="cpu"))
-                toks = self._decode(ids, w, names, decoding, streamer)
-            finally:
-                if mode == "weights":
-                    for n in names:
-                        self.model.delete_adapter(n)
-                    self.model.set_adapter("base")
+            if streamer is not None:
+                streamer.put(torch.tensor([ids[0]], device="cpu"))
+            put = None if streamer is None else (lambda b, tok: streamer.put(torch.tensor([tok], device="cpu")))
+            toks = self.engine.generate(ids, weights[s:s + bs], decoding, on_token=put, mix=mode == "weights")
             texts += [self.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
         if streamer is not None:
             streamer.end()
         return texts
-
-    def _decode(self, ids, weights, names, decoding, streamer=None) -> list[list[int]]:
-        put = None if streamer is None else (lambda b, tok: streamer.put(torch.tensor([tok], device="cpu")))
-        return ensemble.generate(self.model, ids, weights, names, pad_id=self.tokenizer.pad_token_id,
-                                 decoding=decoding, on_token=put)
 
     def stream(self, prompt, weights: torch.Tensor | None = None, generation_config=None, *,
                seed: int | None = None, raw: bool = False, **kwargs):
@@ -235,11 +225,9 @@ class ELREA:
         w = self.route(enc) if weights is None else _check_weights(
             torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1), 1, len(self.adapters))
         text = TextStream(self.tokenizer)
-        steps = ensemble.decode_steps(self.model, [enc[0].input_ids], w, self.adapters, decoding,
-                                      self.tokenizer.pad_token_id)
-        for tokens, reasons in steps:
+        for tokens, reasons in self.engine.decode_steps([enc[0].input_ids], w, decoding, stream=True):
             tok = tokens[0]
-            if ensemble.is_text(tok, reasons[0], decoding):
+            if is_text(tok, reasons[0], decoding):
                 piece = text.push(tok)
                 if piece:
                     yield piece
@@ -249,8 +237,7 @@ class ELREA:
         w = self.route([prompt])[0] if weights is None else _check_weights(
             torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1), 1, len(self.adapters))[0]
         conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
-        return ensemble.score(self.model, self.prompt_ids(prompt), conts, w, self.adapters,
-                              self.tokenizer.pad_token_id)
+        return self.engine.score(self.prompt_ids(prompt), conts, w)
 
     def loglikelihood(self, requests: list[tuple[str, str]], weights: torch.Tensor | None = None,
                       add_special_tokens: bool = False, **route_kwargs) -> list[tuple[float, bool]]:
@@ -274,8 +261,7 @@ class ELREA:
             w = torch.stack([w[idx[0]] for idx in by_context.values()])
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         for k, (ctx, idx) in enumerate(zip(contexts, by_context.values())):
-            res = ensemble.score(self.model, ctx, [pairs[i][1] for i in idx], w[k], self.adapters,
-                                 self.tokenizer.pad_token_id, greedy=True)
+            res = self.engine.score(ctx, [pairs[i][1] for i in idx], w[k], greedy=True)
             for i, r in zip(idx, res):
                 out[i] = r
         return out

@@ -212,7 +212,8 @@ def cmd_serve(args):
         raise ElreaError(f"elrea serve needs FastAPI and uvicorn ({e}): pip install 'elrea[serve]'") from None
     try:
         serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ELREA_API_KEY"),
-              device=args.device, served_name=args.served_model_name, max_batch_size=args.max_batch_size)
+              device=args.device, served_name=args.served_model_name, slots=args.slots, max_length=args.max_length,
+              max_queue=args.max_queue, batching=args.batching)
     except (_Terminated, KeyboardInterrupt):
         # uvicorn re-raises the signal it handled: by now in-flight requests have finished
         log.info("server shut down; in-flight requests finished")
@@ -427,8 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (or set ELREA_API_KEY)")
     p.add_argument("--served-model-name", help="the model id clients send (default: the run directory's name)")
-    p.add_argument("--max-batch-size", type=int, default=16,
-                   help="requests decoded together (default 16; 1 serves one request at a time)")
+    p.add_argument("--slots", "--max-batch-size", type=int, default=16,
+                   help="KV-cache slots decoding at once (default 16, rounded up to a power of two); a request "
+                   "takes one per adapter with weight > 0 (top_k=1: one). 1 serves one request at a time")
+    p.add_argument("--max-length", type=int, default=1024,
+                   help="tokens per slot, prompt + completion (default 1024, rounded up to a power of two; "
+                   "at most the model's context). The KV cache is slots x max-length")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests allowed to wait for slots; past it the server answers 503 (default 256)")
+    p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="continuous (default): requests join and leave the running batch at every step; "
+                   "static: a batch runs until its last request ends (the old policy, for comparison)")
     _device_arg(p)
     p.set_defaults(func=cmd_serve)
 

@@ -234,13 +234,16 @@ class RoutingConfig:
             raise ConfigError(f"{p}.top_k: must be >= 0 (0 = all), got {self.top_k!r}")
         _positive(p, "batch_size", self.batch_size)
 
-
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = _f(64, "Tokens to generate.")
     temperature: float = _f(0.0, "0 is greedy; > 0 samples.")
     top_p: float = _f(1.0, "Nucleus sampling mass when sampling.")
     batch_size: int = _f(8, "Prompts decoded together.")
+    compile: str = _f("auto", "torch.compile the decode step: auto (CUDA graphs on a GPU, eager on a CPU), "
+                      "off, default, reduce-overhead, max-autotune, or dynamo (traced only, for tests).")
+    sync_every: int = _f(8, "Decode steps between host syncs when nobody streams (EOS, lengths and stop "
+                         "strings are checked on the device every step).")
 
     def validate(self, p="generation"):
         _positive(p, "max_new_tokens", self.max_new_tokens)
@@ -249,6 +252,8 @@ class GenerationConfig:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"{p}.top_p: must be in (0, 1], got {self.top_p!r}")
         _positive(p, "batch_size", self.batch_size)
+        _choice(p, "compile", self.compile, ["auto", "off", "default", "reduce-overhead", "max-autotune", "dynamo"])
+        _positive(p, "sync_every", self.sync_every)
 
 
 @dataclass

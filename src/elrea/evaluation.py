@@ -111,6 +111,9 @@ def evaluation_key(model, records, *settings) -> str:
     from .rundir import Manifest
 
     stages = Manifest.load(model.run_dir).data.get("stages", {})
+    # how fast the engine decodes (compile, sync_every) does not change what it decodes
+    generation = {k: v for k, v in dataclasses.asdict(model.config.generation).items()
+                  if k not in ("compile", "sync_every")}
     parts = [{s: st.get("fingerprint") for s, st in stages.items()}, records_fingerprint(records),
-             dataclasses.asdict(model.config.generation), dataclasses.asdict(model.config.routing), list(settings)]
+             generation, dataclasses.asdict(model.config.routing), list(settings)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

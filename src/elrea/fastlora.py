@@ -1,24 +1,24 @@
-"""Grouped LoRA: one batch, a different adapter per row, two batched matmuls per layer.
+"""Fast LoRA for inference: one batch, a different adapter (or mix of adapters) per row.
 
 PEFT's mixed-adapter batches (`adapter_names=`) are general, but per layer they rebuild the
 row index lists and run gather -> A -> dropout -> B -> scale -> scatter once per adapter; at
 decoding time, with a handful of rows, that Python work costs more than the base model's own
-matmuls. Ensembled decoding knows its rows in advance, so `grouped_lora` lays them out
-adapter-major (every adapter's rows contiguous), stacks the adapters' factors once,
+matmuls, and its shapes change with the routing.
 
-    At[k] = A_k^T           (K, in, r)
-    Bt[k] = s_k * B_k^T     (K, r, out)
+`Stacked` is the fixed-shape form the decoding engine (elrea.engine) uses: every adapter's
+factors of a layer concatenated once, A (in, K r) and B (K r, out) with the scaling folded in,
+and each row of a batch choosing its mix by a selector row sel (K r,) on the device:
 
-and, while active, replaces the forward of every LoRA linear layer with
+    y = W x + ((x A) * sel) B
 
-    y = W x + bmm(bmm(x viewed as (K, rows_per_adapter * T, in), At), Bt)
-
-when all adapters have the same number of rows (the usual ensemble: every prompt, every
-adapter), or one slice-matmul-add per adapter otherwise. It is exact (the same sums as PEFT,
-up to float rounding) and covers plain LoRA on linear layers (nn.Linear or GPT-2's Conv1D
-base layers) in eval mode; `supported()` says when it applies, and callers fall back to
-PEFT's `adapter_names` otherwise (DoRA and other variants, LoRA on embeddings, quantized
-layers, dropout in training mode).
+sel is adapter k's block of ones for "row i runs adapter k" (the other blocks add exact zeros),
+or w_k on block k for "mix the adapters inside the layer" (delta W = sum_k w_k s_k B_k A_k). The
+graph is the same whatever the routing, which is what lets the engine compile its step. It is
+exact (the same sums as PEFT, up to float rounding; with the default alpha / r = 2 the folded
+scale is a power of two) and covers plain LoRA on linear layers (nn.Linear or GPT-2's Conv1D
+base layers) in eval mode; `supported()` says when it applies, and the engine falls back to
+PEFT's `adapter_names` otherwise (DoRA and other variants, LoRA on embeddings, quantized layers,
+dropout in training mode). `adapters_off` runs the backbone alone, cheaply.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _lora_modules_cached(model):
 
 
 # the PEFT versions whose LoRA layer internals (lora_A/B, scaling, lora_variant, merged,
-# disable_adapters) grouped LoRA is tested against; others fall back to PEFT's mixed batches
+# disable_adapters) stacked LoRA is tested against; others fall back to PEFT's mixed batches
 TESTED_PEFT = ((0, 21), (0, 22))
 
 
@@ -61,7 +61,7 @@ def peft_tested() -> bool:
 
 
 def supported(model, adapters: list[str]) -> bool:
-    """Whether `grouped_lora` reproduces PEFT exactly for these adapters on this model."""
+    """Whether `Stacked` reproduces PEFT exactly for these adapters on this model."""
     from peft.tuners.lora.layer import Linear
 
     if not peft_tested():
@@ -101,36 +101,6 @@ def adapters_off(model):
             m._disable_adapters = b
 
 
-def row_groups(row_adapters: list[str]) -> list[tuple[str, int, int]]:
-    """[(adapter, start, end)] of the contiguous runs of rows; raises if an adapter's rows are split."""
-    groups: list[tuple[str, int, int]] = []
-    for i, a in enumerate(row_adapters):
-        if groups and groups[-1][0] == a:
-            groups[-1] = (a, groups[-1][1], i + 1)
-        else:
-            if any(g[0] == a for g in groups):
-                raise ValueError(f"rows of adapter {a!r} are not contiguous; order rows adapter-major")
-            groups.append((a, i, i + 1))
-    return groups
-
-
-def _grouped_forward(module, plan, x, *args, **kwargs):
-    kwargs.pop("adapter_names", None)
-    result = module.base_layer(x, *args, **kwargs)
-    At, Bt, groups, equal = plan
-    xs = x.to(At.dtype)
-    if xs.shape[0] != groups[-1][2]:
-        raise RuntimeError(f"grouped LoRA was set up for {groups[-1][2]} rows, got a batch of {xs.shape[0]}")
-    if equal:                              # equal groups: two batched matmuls for all adapters
-        K = len(groups)
-        delta = torch.bmm(torch.bmm(xs.reshape(K, -1, xs.shape[-1]), At), Bt)
-        return result + delta.reshape(result.shape).to(result.dtype)
-    result = result.clone()
-    for k, (_, s, e) in enumerate(groups):
-        result[s:e] += (xs[s:e] @ At[k] @ Bt[k]).to(result.dtype)
-    return result
-
-
 def _stacked(m, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """At (K, in, r) and Bt (K, r, out) with the scaling folded in; adapters of lower rank are
     zero-padded to the largest rank (the padding adds exact zeros)."""
@@ -145,23 +115,59 @@ def _stacked(m, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return At, Bt
 
 
-@contextlib.contextmanager
-def grouped_lora(model, row_adapters: list[str]):
-    """While active, row i of every batch through `model` runs adapter `row_adapters[i]`.
 
-    Rows must be adapter-major (each adapter's rows contiguous); the batch size must equal
-    len(row_adapters) on every forward. Check `supported(model, adapters)` first.
+def _stacked_forward(module, stack: "Stacked", A, B, x, *args, **kwargs):
+    sel = stack.selector
+    if sel is None:                      # not inside the engine: PEFT's own forward
+        return type(module).forward(module, x, *args, **kwargs)
+    kwargs.pop("adapter_names", None)
+    result = module.base_layer(x, *args, **kwargs)
+    h = x.to(A.dtype) @ A                                        # (N, T, K r)
+    h = h * (sel[:, None, :] if h.dim() == 3 else sel)
+    return result + (h @ B).to(result.dtype)                     # (N, T, out)
+
+
+class Stacked:
+    """The LoRA layers of `model` with adapters `names` stacked (see the module docstring).
+
+    While `selector` is None every layer runs PEFT's forward unchanged (training, gradient
+    features); `with stack.rows(sel):` makes a batch's row i use selector sel[i] (N, K r).
+    `close()` restores PEFT's forward. Check `supported(model, names)` first.
     """
-    groups = row_groups(row_adapters)
-    names = [g[0] for g in groups]
-    equal = len({e - s for _, s, e in groups}) == 1
-    patched = []
-    try:
+
+    def __init__(self, model, names: list[str]):
+        self.names = list(names)
+        self.rank = max(m.lora_A[a].weight.shape[0] for m in _lora_modules(model) for a in names)
+        self.selector: torch.Tensor | None = None
+        self.dtype = _lora_modules(model)[0].lora_A[names[0]].weight.dtype
+        self._modules = []
         with torch.no_grad():
             for m in _lora_modules(model):
-                m.forward = functools.partial(_grouped_forward, m, (*_stacked(m, names), groups, equal))
-                patched.append(m)
-        yield
-    finally:
-        for m in patched:
-            del m.forward
+                At, Bt = _stacked(m, self.names)              # (K, in, r), (K, r, out)
+                A = At.permute(1, 0, 2).reshape(At.shape[1], -1).contiguous()   # (in, K r)
+                B = Bt.reshape(-1, Bt.shape[2]).contiguous()                     # (K r, out)
+                m.forward = functools.partial(_stacked_forward, m, self, A, B)
+                self._modules.append(m)
+
+    def select(self, adapter: torch.Tensor) -> torch.Tensor:
+        """Selectors (N, K r) for rows that each run one adapter (indices into names, (N,))."""
+        onehot = torch.nn.functional.one_hot(adapter, len(self.names)).to(self.dtype)
+        return onehot.repeat_interleave(self.rank, dim=1)
+
+    def mix(self, weights: torch.Tensor) -> torch.Tensor:
+        """Selectors (N, K r) for rows that mix the adapters inside each layer, weights (N, K)."""
+        return weights.to(self.dtype).repeat_interleave(self.rank, dim=1)
+
+    @contextlib.contextmanager
+    def rows(self, selector: torch.Tensor):
+        self.selector = selector
+        try:
+            yield
+        finally:
+            self.selector = None
+
+    def close(self) -> None:
+        for m in self._modules:
+            if "forward" in m.__dict__:
+                del m.forward
+        self._modules = []

@@ -415,27 +415,10 @@ class _Work:
                 model.route([e], router=router)
             out[router] = {"ms_per_prompt_batched": 1000 * batched,
                            "ms_per_prompt_batch1": 1000 * (time.perf_counter() - t) / len(single)}
-        token_ms = decoded_token_ms(model.model, single[:4], model.tokenizer.pad_token_id)
+        token_ms = model.engine.decoded_token_ms([e.input_ids for e in single[:4]])
         for v in out.values():
             v["ratio_to_one_token"] = v["ms_per_prompt_batch1"] / token_ms
         return {"routers": out, "ms_per_decoded_token_batch1": token_ms}
-
-
-def decoded_token_ms(model, encoded: list, pad_id: int) -> float:
-    """Milliseconds of one decoded token at batch 1 with the "base" adapter, EOS ignored:
-    (t(17 tokens) - t(1 token)) / 16 per prompt of `encoded` (data.Encoded), after a warm-up."""
-    from ..ensemble import generate
-
-    w1 = torch.ones(1, 1)
-
-    def timed(n_tokens):
-        t = time.perf_counter()
-        for e in encoded:
-            generate(model, [e.input_ids], w1, ["base"], pad_id=pad_id, max_new_tokens=n_tokens)
-        return (time.perf_counter() - t) / len(encoded)
-
-    timed(2)
-    return 1000 * (timed(17) - timed(1)) / 16
 
 
 def _hash_json(obj) -> str:
@@ -450,21 +433,11 @@ def _how_key(how: dict) -> dict:
 
 def _single_adapter(model, enc, adapter_dir: Path) -> list[str]:
     """Greedy outputs of one LoRA adapter folder on the loaded model's backbone."""
-    from ..ensemble import generate
-
-    name = "lora_single"
-    if name not in model.model.peft_config:
-        model.model.load_adapter(str(adapter_dir), adapter_name=name)
-        model.model.eval()
     decoding = model.decoding()
     bs, texts = model.config.generation.batch_size, []
-    try:
+    with model.engine.extra_adapter(adapter_dir, "lora_single") as name:
         for s in range(0, len(enc), bs):
             ids = [e.input_ids for e in enc[s:s + bs]]
-            toks = generate(model.model, ids, torch.ones(len(ids), 1), [name], pad_id=model.tokenizer.pad_token_id,
-                            decoding=decoding)
+            toks = model.engine.generate(ids, model.engine.one_hot(name, len(ids)), decoding)
             texts += [model.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
-    finally:
-        model.model.set_adapter("base")
-        model.model.delete_adapter(name)
     return texts

@@ -86,7 +86,6 @@ class ELREALM(LM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-        from .. import ensemble
         from ..data import Encoded
 
         out = []
@@ -98,8 +97,7 @@ class ELREALM(LM):
             total = 0.0
             for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(
                     ids, prefix_token=self.tok.eos_token_id, max_seq_len=self.max_length, context_len=1)):
-                total += ensemble.score(self.model.model, ctx, [pred], w, self.model.adapters,
-                                        self.tok.pad_token_id)[0]
+                total += self.model.engine.score(ctx, [pred], w)[0]
             self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
             out.append(total)
         return out

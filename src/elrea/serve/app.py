@@ -27,16 +27,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from .engine import Engine, Job
+from .engine import Engine, Job, QueueFull
 from .protocol import ChatRequest, CompletionRequest, OpenAIError, new_id, now
 
 log = logging.getLogger(__name__)
 
 
-def create_app(model, served_name: str, api_key: str | None = None, max_batch_size: int = 16):
-    """A FastAPI app serving `model` (an elrea.ELREA) as `served_name`."""
-    engine = Engine(model, max_batch_size=max_batch_size)
-    context = int(getattr(model.model.config, "max_position_embeddings", 0) or 0) or None
+def create_app(model, served_name: str, api_key: str | None = None, slots: int = 16, max_length: int = 1024,
+               max_queue: int = 256, batching: str = "continuous"):
+    """A FastAPI app serving `model` (an elrea.ELREA) as `served_name`; the scheduler's settings
+    as in elrea.serve.engine.Engine."""
+    model_context = int(getattr(model.model.config, "max_position_embeddings", 0) or 0) or None
+    engine = Engine(model, slots=slots, max_length=min(max_length, model_context or max_length),
+                    max_queue=max_queue, batching=batching)
+    # a request's prompt and new tokens live in one slot's columns
+    context = engine.max_length if not model_context else min(engine.max_length, model_context)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -131,7 +136,8 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
         decoding = model.decoding(seed=seed, **sampling)
         return Job(enc, decoding, emit=None, weights=weights, router=(ext.router if ext and ext.router else
                                                                       model.config.routing.router),
-                   tau=ext.temperature if ext else None, top_k=ext.top_k if ext else None, stop=req.stops())
+                   tau=ext.temperature if ext else None, top_k=ext.top_k if ext else None, stop=req.stops(),
+                   stream=bool(req.stream))
 
     watchers: set[asyncio.Task] = set()   # asyncio holds only weak references to running tasks
 
@@ -154,7 +160,11 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
     async def run(job: Job, req, chat: bool, request: Request):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job.emit = lambda kind, data: loop.call_soon_threadsafe(events.put_nowait, (kind, data))
-        engine.submit(job)
+        try:
+            engine.submit(job)
+        except QueueFull as e:
+            raise OpenAIError(f"The server is overloaded: {e}; retry later", status=503, type="server_error",
+                              code="server_overloaded") from None
         cancel_on_disconnect(request, job, events)
         rid, created = new_id("chatcmpl" if chat else "cmpl"), now()
         if req.stream:
@@ -236,7 +246,8 @@ def create_app(model, served_name: str, api_key: str | None = None, max_batch_si
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          device: str | None = None, served_name: str | None = None, max_batch_size: int = 16) -> None:
+          device: str | None = None, served_name: str | None = None, slots: int = 16, max_length: int = 1024,
+          max_queue: int = 256, batching: str = "continuous") -> None:
     """Load the run and serve it until SIGINT/SIGTERM (in-flight requests finish first)."""
     import uvicorn
 
@@ -244,7 +255,10 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
 
     model = ELREA.from_pretrained(run, device=device)
     name = served_name or model.run_dir.resolve().name
-    app = create_app(model, name, api_key=api_key, max_batch_size=max_batch_size)
-    log.info("serving %s as %r on http://%s:%d/v1 (%d adapters, batches of up to %d)", run, name, host, port,
-             len(model.adapters), max_batch_size)
+    app = create_app(model, name, api_key=api_key, slots=slots, max_length=max_length, max_queue=max_queue,
+                     batching=batching)
+    engine = app.state.engine
+    log.info("serving %s as %r on http://%s:%d/v1 (%d adapters; %s batching on %d slots x %d tokens, "
+             "KV cache %.0f MiB once allocated; compile: %s)", run, name, host, port, len(model.adapters), batching,
+             engine.slots, engine.max_length, engine.cache_mib(), model.engine.compile)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=None)

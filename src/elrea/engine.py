@@ -1,0 +1,622 @@
+"""The decoding engine: the one owner of the PEFT model's adapters and of the KV cache.
+
+`Ensemble` wraps the PeftModel that holds every adapter of a run. Everything that decodes,
+scores or switches adapters goes through it: `ELREA` (text, routers, formatting), `elrea
+serve`, the lm-eval backend and `elrea compare`. It decodes on a pool of slots (`Slots`):
+
+- a static KV cache (elrea.kvcache.SlotCache), S slots x L columns, allocated once per
+  (S, L) bucket; no tensor grows while decoding;
+- each request takes one slot per adapter with weight > 0 (the ensemble of docs/method.md,
+  step 6), or one slot whose LoRA mixes the adapters inside the layers (mode "weights"); a
+  row's adapter is a selector row on the device (elrea.fastlora.Stacked), so one decode step
+  is the same graph whatever the routing;
+- the rows' logits are mixed per request on the device, l_q = sum_{rows r of q} w_r logits_r,
+  then each request's transformers processors, greedy or sampled choice, EOS, length and stop
+  strings run on the device too; tokens come to the host every `sync_every` steps (every step
+  when a caller streams);
+- requests join (prefill, then the next step) and leave (their slots are free at the next
+  host sync) at any time: the server's continuous batching is this pool;
+- the decode step is compiled with torch.compile where that pays (`compile="auto"`: CUDA
+  graphs on a GPU, eager on a CPU), once per (S, L) bucket; a failed compile falls back to
+  eager and says once why.
+
+With one adapter at weight 1 this is exactly that adapter's own decoding (tests check it
+against PEFT's generate). Layers that stacking does not cover (DoRA, quantized, ...) run
+PEFT's mixed-adapter batches (`adapter_names`) on the same slots, uncompiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import fastlora
+from .ensemble import Decoding, is_text, left_pad, mix_in_layers, sampling
+from .features import position_ids_from_mask
+from .kvcache import SlotCache
+from .models import model_device
+
+log = logging.getLogger(__name__)
+
+COMPILE_CHOICES = ("auto", "off", "default", "reduce-overhead", "max-autotune", "dynamo")
+
+
+def bucket(n: int, least: int = 1) -> int:
+    """The power of two >= n (and >= least): the shapes the engine compiles for."""
+    b = least
+    while b < n:
+        b *= 2
+    return b
+
+
+class PoolFull(Exception):
+    """Not enough free slots for a request now (the server queues it)."""
+
+
+@dataclass
+class Seq:
+    """A request in the pool: its request index q, its rows (slots), how it decodes."""
+
+    q: int
+    rows: list[int]
+    prompt: list[int]
+    decoding: Decoding
+    tag: object = None
+    hcol: int = 0            # columns of its history written so far (host mirror)
+    done: bool = False
+    reason: str | None = None
+    tokens: int = 0
+
+
+@dataclass
+class Stats:
+    compiled: list = field(default_factory=list)      # (S, L) buckets compiled
+    fallback: str | None = None                        # why decoding runs eagerly, if it does
+    steps: int = 0
+    prefills: int = 0
+
+
+class Ensemble:
+    """The PeftModel `model` with adapters `names` (in weight-column order), decoding and scoring.
+
+    compile: "auto" (reduce-overhead on CUDA, off elsewhere), "off", a torch.compile mode
+    ("default", "reduce-overhead", "max-autotune"), or "dynamo" (traced, not code-generated:
+    checks the step compiles, for tests). sync_every: decode steps between host syncs when no
+    caller streams.
+    """
+
+    def __init__(self, model, names: list[str], pad_id: int, compile: str = "auto", sync_every: int = 8):
+        if compile not in COMPILE_CHOICES:
+            raise ValueError(f"compile: unknown {compile!r}; valid: {', '.join(COMPILE_CHOICES)}")
+        self.model, self.names, self.pad_id = model, list(names), pad_id
+        self.device = model_device(model)
+        self.dtype = _model_dtype(model)
+        self.compile = compile if compile != "auto" else ("reduce-overhead" if self.device.type == "cuda" else "off")
+        self.sync_every = sync_every
+        self.stats = Stats()
+        self._stack: fastlora.Stacked | None = None
+        self._stack_checked = False
+        self._pool: Slots | None = None
+        self._warned = False
+        attn = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
+        if attn not in ("sdpa", "eager", None):
+            raise ValueError(f"the decoding engine needs attn_implementation 'sdpa' or 'eager' (custom masks), "
+                             f"the model uses {attn!r}; load it with attn_implementation='sdpa'")
+
+    # ------------------------------------------------------------------ adapters
+
+    @property
+    def stack(self) -> fastlora.Stacked | None:
+        """The stacked LoRA factors of every adapter, or None where PEFT's mixed batches are needed."""
+        if not self._stack_checked:
+            self._stack_checked = True
+            if fastlora.supported(self.model, self.names):
+                self._stack = fastlora.Stacked(self.model, self.names)
+        return self._stack
+
+    def _restack(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+        self._stack, self._stack_checked, self._pool = None, False, None
+
+    def column(self, name: str) -> int:
+        return self.names.index(name)
+
+    def one_hot(self, name: str, n: int) -> torch.Tensor:
+        """Weights [n, K] that give every prompt to adapter `name` alone."""
+        w = torch.zeros(n, len(self.names))
+        w[:, self.column(name)] = 1.0
+        return w
+
+    @contextlib.contextmanager
+    def extra_adapter(self, path, name: str):
+        """Load a PEFT adapter folder as one more adapter (last weight column) while inside."""
+        if name in self.names:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        self.model.load_adapter(str(path), adapter_name=name)
+        self.model.eval()
+        self._restack()
+        self.names.append(name)
+        try:
+            yield name
+        finally:
+            self.names.remove(name)
+            self._restack()
+            self.model.set_adapter(self.names[0])
+            self.model.delete_adapter(name)
+
+    @contextlib.contextmanager
+    def only(self, name: str):
+        """PEFT's own forward with adapter `name` active (gradient features train through it)."""
+        self.model.set_adapter(name)
+        yield self.model
+
+    def adapters_off(self):
+        """The backbone alone (context manager): what the learned router reads."""
+        return fastlora.adapters_off(self.model)
+
+    # ------------------------------------------------------------------ decoding
+
+    def slots(self, n: int, length: int, fresh: bool = False) -> "Slots":
+        """A pool of n slots x length columns (both rounded up to powers of two), reused by the next
+        call while the bucket and adapters stay the same; fresh=True: a pool of the caller's own
+        (a server's, which nothing else may reset)."""
+        n, length = bucket(n), bucket(length, 64)
+        if fresh:
+            return Slots(self, n, length)
+        if self._pool is None or (self._pool.n, self._pool.length) != (n, length):
+            self._pool = None
+            self._pool = Slots(self, n, length)
+        self._pool.reset()
+        return self._pool
+
+    def decode_steps(self, prompts: list[list[int]], weights: torch.Tensor, decodings, mix: bool = False,
+                     stream: bool = False):
+        """Ensembled decoding of a batch: yields (tokens, reasons) after every step.
+
+        tokens[b]: the id chosen for prompt b at this step (None once b had finished); reasons[b]:
+        why b finished at this step ("stop", "length", "cancelled") or None. weights [B, K] over
+        `names`; each prompt its own Decoding (or one for all). mix=True mixes the adapters inside
+        the layers (one row per prompt). stream: sync with the host every step."""
+        B = len(prompts)
+        specs = decodings if isinstance(decodings, list) else [decodings] * B
+        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu")
+        if mix and self.stack is None:           # PEFT's weighted adapters, one per prompt
+            yield from self._decode_mixed_peft(prompts, weights, specs, stream)
+            return
+        rows = B if mix else int((weights > 0).sum())
+        longest = max(len(p) for p in prompts) + max(s.max_new_tokens for s in specs)
+        pool = self.slots(rows, longest)
+        seqs = [pool.add(p, w, s, mix=mix, tag=b) for b, (p, w, s) in enumerate(zip(prompts, weights, specs))]
+        order = {s.q: b for b, s in enumerate(seqs)}
+        sync = 1 if stream or any(s.stopping is not None for s in specs) else self.sync_every
+        while any(not s.done for s in pool.live()):
+            for events in pool.step(sync, release=False):
+                tokens, reasons = [None] * B, [None] * B
+                for seq, tok, reason in events:
+                    b = order[seq.q]
+                    tokens[b], reasons[b] = tok, reason
+                yield tokens, reasons
+
+    def _decode_mixed_peft(self, prompts, weights, specs, stream):
+        names = mix_in_layers(self.model, weights, self.names)
+        saved = self.names
+        self._restack()
+        self.names = saved + names
+        try:
+            w = torch.zeros(len(prompts), len(self.names))
+            w[:, len(saved):] = torch.eye(len(prompts))
+            yield from self.decode_steps(prompts, w, specs, stream=stream)
+        finally:
+            self.names = saved
+            self._restack()
+            self.model.set_adapter(saved[0])
+            for n in names:
+                self.model.delete_adapter(n)
+
+    def generate(self, prompts: list[list[int]], weights: torch.Tensor, decoding: Decoding | list | None = None,
+                 *, max_new_tokens: int = 64, eos_id: int | None = None, on_token=None, mix: bool = False
+                 ) -> list[list[int]]:
+        """New token ids for each prompt (the EOS id that ended a row removed). weights [B, K];
+        `decoding` (one, or one per prompt), else greedy for `max_new_tokens` stopping at
+        `eos_id`. on_token(b, id) is called as each token comes (and makes the engine sync
+        every step)."""
+        if decoding is None:
+            decoding = sampling(max_new_tokens=max_new_tokens, eos_ids=[] if eos_id is None else [eos_id])
+        specs = decoding if isinstance(decoding, list) else [decoding] * len(prompts)
+        out: list[list[int]] = [[] for _ in prompts]
+        for tokens, reasons in self.decode_steps(prompts, weights, decoding, mix=mix, stream=on_token is not None):
+            for b, tok in enumerate(tokens):
+                if is_text(tok, reasons[b], specs[b]):
+                    out[b].append(tok)
+                    if on_token is not None:
+                        on_token(b, tok)
+        return out
+
+    def decoded_token_ms(self, prompts: list[list[int]], name: str = "base") -> float:
+        """Milliseconds of one decoded token at batch 1 with adapter `name`, EOS ignored:
+        (t(17 tokens) - t(1 token)) / 16 per prompt, after a warm-up."""
+        w1 = self.one_hot(name, 1)
+
+        def timed(n_tokens):
+            t = time.perf_counter()
+            for p in prompts:
+                self.generate([p], w1, max_new_tokens=n_tokens)
+            return (time.perf_counter() - t) / len(prompts)
+
+        timed(2)
+        return 1000 * (timed(17) - timed(1)) / 16
+
+    # ------------------------------------------------------------------ scoring
+
+    @torch.no_grad()
+    def score(self, prompt: list[int], continuations: list[list[int]], weights: torch.Tensor,
+              greedy: bool = False) -> list:
+        """Sum over continuation tokens of log softmax(sum_c w_c logits_c): one value per continuation
+        (with greedy=True, (value, whether every token is the mixed logits' argmax)).
+
+        weights: [K] for this prompt. One forward for all (adapter, continuation) rows; only the
+        positions that predict continuation tokens are mixed.
+        """
+        device = self.device
+        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(-1)
+        keep = [c for c in range(len(self.names)) if weights[c] > 0]
+        rows = [(j, c) for c in keep for j in range(len(continuations))]       # adapter-major
+        ids, mask = left_pad([prompt + continuations[j] for j, _ in rows], self.pad_id, device)
+        L = max(len(c) for c in continuations)
+        with self._rows([c for _, c in rows]) as kw:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                             use_cache=False, logits_to_keep=L + 1, **kw)
+        logits = out.logits[:, -(L + 1):-1].float()                           # (R, L, V): predict the last L
+        row_w = torch.tensor([float(weights[c]) for _, c in rows], device=device)
+        owner = torch.tensor([j for j, _ in rows], device=device)
+        combined = torch.zeros(len(continuations), L, logits.shape[-1], device=device)
+        combined.index_add_(0, owner, logits * row_w[:, None, None])
+        logp = torch.log_softmax(combined, dim=-1)
+        scores = []
+        for j, cont in enumerate(continuations):
+            n = len(cont)
+            if n == 0:
+                scores.append((0.0, True) if greedy else 0.0)
+                continue
+            target = torch.tensor(cont, dtype=torch.long, device=device)
+            pred = logp[j, L - n:]                  # token t of the continuation is predicted at L-n+t
+            value = float(pred.gather(1, target[:, None]).sum())
+            scores.append((value, bool((pred.argmax(-1) == target).all())) if greedy else value)
+        return scores
+
+    @contextlib.contextmanager
+    def _rows(self, adapters: list[int], mix: torch.Tensor | None = None):
+        """Forward kwargs under which row i runs adapter names[adapters[i]] (a stacked selector, or
+        PEFT's adapter_names)."""
+        if self.stack is None:
+            yield {"adapter_names": [self.names[a] for a in adapters]}
+            return
+        sel = self.stack.select(torch.tensor(adapters, device=self.device))
+        with self.stack.rows(sel):
+            yield {}
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's name for the KV cache: `cache` in transformers >= 5.2x, `past_key_values` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+class Slots:
+    """S slots x L columns of KV cache, and the requests decoding in them (see the module docstring).
+
+    Row-indexed device state (S,): the token each row reads next, its position, its write
+    column, its first valid column, its weight, its request, its LoRA selector. Request-indexed
+    state (S + 1,; index S is the placeholder that free rows point to): finished, tokens so
+    far, token budget, EOS ids, and the history (prompt, then new tokens) that processors and
+    stop strings read.
+    """
+
+    def __init__(self, engine: Ensemble, n: int, length: int):
+        self.engine, self.n, self.length = engine, n, length
+        dev, S = engine.device, n
+        self.cache = SlotCache(S, length)
+        self._kw = _cache_kwarg(engine.model)
+        z = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
+        self.tok, self.pos = z(S, 1), z(S, 1)
+        self.cols, self.starts, self.owner = z(S), z(S), z(S)
+        self.row_w = z(S, dtype=torch.float32)
+        stack = engine.stack
+        self.selector = (z(S, len(engine.names) * stack.rank, dtype=stack.dtype) if stack is not None else None)
+        self.adapter_names = [engine.names[0]] * S                      # the fallback's per-row names
+        self.done = torch.ones(S + 1, dtype=torch.bool, device=dev)
+        self.n_new, self.max_new = z(S + 1), z(S + 1)
+        self.eos = torch.full((S + 1, 4), -1, dtype=torch.long, device=dev)
+        self.history = torch.full((S + 1, length), engine.pad_id, dtype=torch.long, device=dev)
+        self.hcol = z(S + 1)
+        self._arange = torch.arange(length, device=dev)
+        for t in (self.tok, self.pos, self.cols, self.starts, self.row_w, self.selector):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+        self._step_fn = None
+        self.reset()
+
+    def reset(self) -> None:
+        S = self.n
+        self.free_rows, self.free_q = list(range(S)), list(range(S))
+        self.seqs: dict[int, Seq] = {}
+        self.pending: list[Seq] = []
+        self.owner.fill_(S)
+        self.row_w.zero_()
+        self.done.fill_(True)
+
+    # ------------------------------------------------------------------ joining and leaving
+
+    def rows_needed(self, weights: torch.Tensor, mix: bool = False) -> int:
+        return 1 if mix else int((weights > 0).sum())
+
+    def fits(self, rows: int) -> bool:
+        return rows <= len(self.free_rows)
+
+    def live(self) -> list[Seq]:
+        return list(self.seqs.values())
+
+    def add(self, prompt: list[int], weights: torch.Tensor, decoding: Decoding, mix: bool = False,
+            tag=None) -> Seq:
+        """Queue a request for the next step's prefill; PoolFull when its slots are not free now."""
+        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(-1)
+        need = self.rows_needed(weights, mix)
+        if need == 0:
+            raise ValueError("weights: every weight is 0")
+        if len(prompt) + decoding.max_new_tokens > self.length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens plus {decoding.max_new_tokens} new tokens does not "
+                             f"fit the engine's {self.length} columns")
+        if need > len(self.free_rows):
+            raise PoolFull(f"{need} slots needed, {len(self.free_rows)} free")
+        if len(decoding.eos_ids) > self.eos.shape[1]:
+            self.eos = torch.cat([self.eos, torch.full((self.n + 1, len(decoding.eos_ids)), -1,
+                                                       dtype=torch.long, device=self.eos.device)], 1)
+        rows = [self.free_rows.pop(0) for _ in range(need)]
+        seq = Seq(self.free_q.pop(0), rows, list(prompt), decoding, tag)
+        seq.weights, seq.mix = weights, mix
+        self.seqs[seq.q] = seq
+        self.pending.append(seq)
+        return seq
+
+    def cancel(self, seq: Seq) -> None:
+        seq.decoding.cancelled = True
+
+    def _release(self, seq: Seq) -> None:
+        self.seqs.pop(seq.q, None)
+        rows = torch.tensor(seq.rows, device=self.owner.device)
+        self.owner[rows] = self.n
+        self.row_w[rows] = 0.0
+        self.free_rows += seq.rows
+        self.free_q.append(seq.q)
+
+    # ------------------------------------------------------------------ steps
+
+    @torch.no_grad()
+    def step(self, max_steps: int = 1, release: bool = True) -> list[list[tuple[Seq, int | None, str | None]]]:
+        """Prefill what joined (that counts as a step), then decode steps up to max_steps, then one
+        host sync. Returns, per step, (request, token, reason) for every request still going at
+        that step. release=False keeps finished requests' slots (and their rows in processor
+        batches) until `reset`: a static batch, as one `decode_steps` call decodes."""
+        steps: list = []
+        for seq in [s for s in self.seqs.values() if s.decoding.cancelled and not s.done]:
+            seq.done, seq.reason = True, "cancelled"
+            self.done[seq.q] = True
+            steps.append([(seq, None, "cancelled")])
+        recorded = []
+        if self.pending:
+            new, self.pending = self.pending, []
+            recorded.append((new, self._prefill(new)))
+        live = list(self.seqs.values())
+        if any(not s.done for s in live):
+            for _ in range(max_steps - len(recorded)):
+                recorded.append((live, self._decode(live)))
+        if recorded:
+            flat = torch.stack([torch.stack(r[1]) for r in recorded]).tolist()   # the host sync: (n, 2, S + 1)
+            for (seqs, _), (toks, whys) in zip(recorded, flat):
+                events = []
+                for seq in seqs:
+                    if seq.done:
+                        continue
+                    tok, why = toks[seq.q], whys[seq.q]
+                    seq.tokens += 1
+                    if why:
+                        seq.done, seq.reason = True, ("stop" if why == 1 else "length")
+                    events.append((seq, tok, seq.reason if why else None))
+                steps.append(events)
+        if release:
+            for seq in [s for s in self.seqs.values() if s.done]:
+                self._release(seq)
+        return steps
+
+    def _prefill(self, new: list[Seq]):
+        """One forward for every row of the requests that joined: their prompts, left-padded to T,
+        written to their slots' columns [0, T); then their first token."""
+        eng, dev = self.engine, self.engine.device
+        rows, prompts, adapters, weights, sel_rows = [], [], [], [], []
+        for seq in new:
+            kept = [0] if seq.mix else [c for c in range(len(eng.names)) if seq.weights[c] > 0]
+            for r, c in zip(seq.rows, kept):
+                rows.append(r)
+                prompts.append(seq.prompt)
+                adapters.append(c)
+                weights.append(1.0 if seq.mix else float(seq.weights[c]))
+                sel_rows.append(seq.weights if seq.mix else None)
+        ids, mask = left_pad(prompts, eng.pad_id, dev)                         # (n, T)
+        T = ids.shape[1]
+        rows_t = torch.tensor(rows, device=dev)
+        lens = mask.sum(1)
+        self.starts[rows_t] = T - lens
+        self.cols[rows_t] = T
+        self.pos[rows_t, 0] = lens
+        self.row_w[rows_t] = torch.tensor(weights, device=dev)
+        self.owner[rows_t] = torch.tensor([seq.q for seq in new for _ in seq.rows], device=dev)
+        if self.selector is not None:
+            stack = eng.stack
+            for i, (r, a, mixw) in enumerate(zip(rows, adapters, sel_rows)):
+                self.selector[r] = (stack.mix(mixw[None].to(dev)) if mixw is not None
+                                    else stack.select(torch.tensor([a], device=dev)))[0]
+            sel, kw = self.selector[rows_t], {}
+        else:
+            sel, kw = None, {"adapter_names": [eng.names[a] for a in adapters]}
+            for r, a in zip(rows, adapters):
+                self.adapter_names[r] = eng.names[a]
+        keep = mask.bool()[:, None, None, :] & torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None, None]
+        dtype = eng.dtype
+        attn = torch.zeros(keep.shape, dtype=dtype, device=dev).masked_fill(~keep, torch.finfo(dtype).min)
+        with (eng.stack.rows(sel) if sel is not None else contextlib.nullcontext()):
+            out = eng.model(input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(mask),
+                            use_cache=True, logits_to_keep=1, **{self._kw: self.cache.prefill(rows_t)}, **kw)
+        logits = out.logits[:, -1].float()                                     # (n, V)
+        qs = torch.tensor([seq.q for seq in new], device=dev)
+        for seq in new:
+            self.history[seq.q].fill_(eng.pad_id)
+            p = torch.tensor(seq.prompt, dtype=torch.long, device=dev)
+            self.history[seq.q, T - len(seq.prompt):T] = p
+            seq.hcol = T
+            self.eos[seq.q].fill_(-1)
+            if seq.decoding.eos_ids:
+                self.eos[seq.q, :len(seq.decoding.eos_ids)] = torch.tensor(sorted(seq.decoding.eos_ids), device=dev)
+        self.hcol[qs] = T
+        self.n_new[qs] = 0
+        self.max_new[qs] = torch.tensor([seq.decoding.max_new_tokens for seq in new], device=dev)
+        self.done[qs] = False
+        eng.stats.prefills += 1
+        mixed = torch.zeros(self.n + 1, logits.shape[1], device=dev)
+        mixed.index_add_(0, self.owner[rows_t], logits * self.row_w[rows_t, None])
+        which = torch.zeros(self.n + 1, dtype=torch.bool, device=dev)
+        which[qs] = True
+        nxt, why = self._advance(mixed, which, new)
+        self.tok[rows_t] = nxt[self.owner[rows_t]][:, None]
+        return [nxt, why]
+
+    def _decode(self, live: list[Seq]):
+        """One step for every slot: the compiled forward, mixing, choice, stop conditions."""
+        eng = self.engine
+        logits = self._forward()                                                # (S, V)
+        mixed = torch.zeros(self.n + 1, logits.shape[1], device=logits.device)
+        mixed.index_add_(0, self.owner, logits.float() * self.row_w[:, None])
+        which = torch.zeros(self.n + 1, dtype=torch.bool, device=logits.device)
+        which[torch.tensor([s.q for s in live], device=logits.device, dtype=torch.long)] = True
+        self.pos.add_(1)
+        self.cols.add_(1).clamp_(max=self.length - 1)
+        eng.stats.steps += 1
+        nxt, why = self._advance(mixed, which, live)
+        self.tok.copy_(nxt[self.owner][:, None])
+        return [nxt, why]
+
+    def _advance(self, mixed: torch.Tensor, which: torch.Tensor, seqs: list[Seq]):
+        """Choose the next token of every request in `which` from its mixed logits (S + 1, V), write it
+        to its history, update finished flags; the rows read it next. Returns (tokens, why) on the
+        device: why 1 = stopped (EOS or stop string), 2 = length, 0 = going on."""
+        pad = self.engine.pad_id
+        nxt = self._choose(mixed, seqs)                                         # (S + 1,)
+        active = which & ~self.done
+        nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
+        self.history.scatter_(1, self.hcol[:, None].clamp(max=self.length - 1), nxt[:, None])
+        self.hcol.add_(which.long())
+        for seq in seqs:
+            seq.hcol += 1
+        stop = (nxt[:, None] == self.eos).any(1)
+        for spec, qs, h in _groups(seqs, nxt.device):
+            if spec.stopping is not None:
+                hit = spec.stopping(self.history[qs, :h], None)
+                stop[qs] |= torch.as_tensor(hit, device=stop.device).reshape(-1)
+        self.n_new.add_(active.long())
+        finished = active & (stop | (self.n_new >= self.max_new))
+        why = torch.where(finished, torch.where(stop, 1, 2), 0)
+        self.done |= finished
+        return nxt, why
+
+    def _choose(self, mixed: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
+        """Next token per request: argmax for plain greedy requests (all at once); each group of
+        requests that share a Decoding through its processors, then argmax or a draw."""
+        nxt = mixed.argmax(-1)
+        for spec, qs, h in _groups(seqs, mixed.device):
+            if not spec.processors and not spec.do_sample:
+                continue
+            logits = mixed[qs]
+            if spec.processors:
+                logits = spec.processors(self.history[qs, :h], logits)
+            if spec.do_sample:
+                pick = torch.multinomial(torch.softmax(logits, -1), 1, generator=spec.generator).squeeze(1)
+            else:
+                pick = logits.argmax(-1)
+            nxt[qs] = pick
+        return nxt
+
+    # ------------------------------------------------------------------ the forward
+
+    def _step(self, tok, pos, cols, starts, selector, arange):
+        """One decode forward for all S rows: (S, V) logits. Everything here has fixed shapes."""
+        eng = self.engine
+        keep = (arange[None, :] >= starts[:, None]) & (arange[None, :] <= cols[:, None])     # (S, L)
+        dtype = eng.dtype
+        mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+        kw = {} if selector is not None else {"adapter_names": self.adapter_names}
+        out = eng.model(input_ids=tok, attention_mask=mask[:, None, None, :], position_ids=pos, use_cache=True,
+                        logits_to_keep=1, **{self._kw: self.cache}, **kw)
+        return out.logits[:, -1]
+
+    def _forward(self) -> torch.Tensor:
+        eng = self.engine
+        self.cache.decode(self.cols)
+        ctx = eng.stack.rows(self.selector) if self.selector is not None else contextlib.nullcontext()
+        args = (self.tok, self.pos, self.cols, self.starts, self.selector, self._arange)
+        with ctx:
+            if self._step_fn is None:
+                self._step_fn = self._compiled()
+            if self._step_fn is not self._step:
+                try:
+                    return self._step_fn(*args).clone()
+                except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly, say so once
+                    self._step_fn = self._step
+                    eng.stats.fallback = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    if not eng._warned:
+                        eng._warned = True
+                        log.warning("torch.compile of the decode step failed (%s); decoding eagerly",
+                                    eng.stats.fallback)
+            return self._step(*args)
+
+    def _compiled(self):
+        eng = self.engine
+        mode = eng.compile
+        if mode == "off":
+            return self._step
+        if self.selector is None:
+            if not eng._warned:
+                eng._warned = True
+                log.warning("decoding eagerly: these adapters run through PEFT's mixed batches, which do not compile")
+            eng.stats.fallback = "PEFT mixed-adapter batches"
+            return self._step
+        eng.stats.compiled.append((self.n, self.length))
+        if mode == "dynamo":
+            return torch.compile(self._step, backend="eager", dynamic=False)
+        return torch.compile(self._step, mode=mode, dynamic=False)
+
+
+def _groups(seqs: list[Seq], device):
+    """(Decoding, request indices as a tensor, history columns) of the requests that share a
+    Decoding object and history length: what processors and stop strings see together."""
+    groups: dict[tuple, list[int]] = {}
+    specs = {}
+    for s in seqs:
+        key = (id(s.decoding), s.hcol)
+        groups.setdefault(key, []).append(s.q)
+        specs[key] = s.decoding
+    for key, qs in groups.items():
+        yield specs[key], torch.tensor(qs, dtype=torch.long, device=device), key[1]
+
+
+def _model_dtype(model) -> torch.dtype:
+    """The dtype of the backbone's activations (its first floating parameter's)."""
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32

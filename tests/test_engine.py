@@ -1,0 +1,209 @@
+"""The decoding engine (elrea.engine): slots on a static cache, requests that join and leave,
+the compiled step, against PEFT's own generate and against each request decoded alone."""
+
+import logging
+
+import pytest
+import torch
+
+from elrea.engine import Ensemble, PoolFull, bucket
+from elrea.ensemble import sampling
+
+from conftest import lora_model
+
+NAMES = ["default", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir):
+    """The tiny backbone with three LoRA adapters (random non-zero B)."""
+    from elrea.config import LoraConfig
+    from elrea.models import peft_lora_config
+
+    model = lora_model(tiny_model_dir, seed=0)
+    for name in NAMES[1:]:
+        model.add_adapter(name, peft_lora_config(LoraConfig()))
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def engine(peft_model):
+    e = Ensemble(peft_model, NAMES, pad_id=0)
+    yield e
+    e._restack()
+
+
+def _prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 300, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def _weights(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(n, len(NAMES), generator=g)
+    w[0, 1] = 0.0                                   # a zero weight: that adapter takes no slot
+    return w / w.sum(1, keepdim=True)
+
+
+def _peft_generate(model, adapter, prompt, n):
+    model.set_adapter(adapter)
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    model.set_adapter(NAMES[0])
+    return out[0, len(prompt):].tolist()
+
+
+def test_one_hot_equals_peft_generate_for_every_adapter(engine, peft_model):
+    prompts = _prompts(3)
+    for c, name in enumerate(NAMES):
+        got = engine.generate(prompts, engine.one_hot(name, 3), max_new_tokens=10)
+        assert got == [_peft_generate(peft_model, name, p, 10) for p in prompts]
+
+
+def test_requests_that_join_and_leave_decode_as_if_alone(engine):
+    """Continuous batching: a request's tokens do not depend on who else is in the pool, when it
+    joined, or who left meanwhile."""
+    prompts, w = _prompts(4, seed=2), _weights(4, seed=2)
+    alone = [engine.generate([p], w[i:i + 1], max_new_tokens=6 + 3 * i)[0] for i, p in enumerate(prompts)]
+    pool = engine.slots(8, 64, fresh=True)
+    got, seqs = {}, {}
+
+    def add(i):
+        seqs[i] = pool.add(prompts[i], w[i], sampling(max_new_tokens=6 + 3 * i), tag=i)
+
+    add(0)
+    add(1)
+    step = 0
+    while pool.live() or len(seqs) < 4:
+        if step == 2:
+            add(2)                     # joins while 0 and 1 decode
+        if step == 12 and 3 not in seqs:
+            add(3)                     # joins after 0 and 1 left (their slots reused)
+        for events in pool.step(1):
+            for seq, tok, reason in events:
+                got.setdefault(seq.tag, []).append(tok)
+        step += 1
+    assert [got[i] for i in range(4)] == alone
+    assert len(pool.free_rows) == pool.n and not pool.live()
+
+
+def test_slots_are_freed_when_a_request_ends_and_refused_when_full(engine):
+    pool = engine.slots(4, 64, fresh=True)
+    w3 = torch.tensor([0.2, 0.3, 0.5])
+    a = pool.add([5, 6, 7], w3, sampling(max_new_tokens=2))            # 3 slots
+    with pytest.raises(PoolFull):
+        pool.add([5, 6], w3, sampling(max_new_tokens=2))                # 3 more do not fit in 1
+    b = pool.add([8, 9], torch.tensor([0.0, 1.0, 0.0]), sampling(max_new_tokens=6))   # top-1: one slot
+    assert len(pool.free_rows) == 0
+    pool.step(1)                                                        # prefill: first tokens
+    pool.step(1)                                                        # a ends (2 tokens)
+    assert a.done and a.reason == "length" and not b.done
+    assert len(pool.free_rows) == 3                                     # a's slots, at once
+    pool.cancel(b)
+    (events,) = pool.step(1)
+    assert events == [(b, None, "cancelled")] and len(pool.free_rows) == 4
+    with pytest.raises(ValueError, match="does not fit"):
+        pool.add(list(range(3, 63)), w3, sampling(max_new_tokens=8))
+
+
+def test_the_cache_is_static_and_the_pool_reused(engine):
+    prompts, w = _prompts(3, seed=4), _weights(3, seed=4)
+    engine.generate(prompts, w, max_new_tokens=4)
+    pool = engine._pool
+    ptrs = [t.data_ptr() for t in pool.cache.keys + pool.cache.values]
+    shapes = {tuple(t.shape) for t in pool.cache.keys}
+    assert shapes == {(bucket(8), 2, 64, 8)}                   # 8 rows -> 8 slots, 2 KV heads, head dim 8
+    engine.generate(prompts, w, max_new_tokens=20)              # longer: same bucket, same tensors
+    assert engine._pool is pool
+    assert [t.data_ptr() for t in pool.cache.keys + pool.cache.values] == ptrs
+
+
+def test_sync_every_stream_eos_and_stop_strings_give_the_same_tokens(engine, peft_model):
+    prompts, w = _prompts(3, seed=5), _weights(3, seed=5)
+    ref = engine.generate(prompts, w, max_new_tokens=12)
+    eos = ref[1][4]                                             # a token prompt 1 produces: stops it there
+    base = engine.generate(prompts, w, sampling(max_new_tokens=12, eos_ids=[eos]))
+    assert base[1] == ref[1][:ref[1].index(eos)]
+    for sync in (1, 3, 32):
+        engine.sync_every = sync
+        assert engine.generate(prompts, w, sampling(max_new_tokens=12, eos_ids=[eos])) == base
+    streamed = []
+    engine.generate(prompts, w, sampling(max_new_tokens=12, eos_ids=[eos]),
+                    on_token=lambda b, t: streamed.append((b, t)))
+    assert [[t for b, t in streamed if b == i] for i in range(3)] == base
+
+
+def test_sampling_is_seeded_and_independent_of_syncs(engine):
+    prompts, w = _prompts(3, seed=6), _weights(3, seed=6)
+
+    def draw(sync):
+        engine.sync_every = sync
+        return engine.generate(prompts, w, sampling(0.9, 0.9, 10, [], torch.Generator().manual_seed(3)))
+
+    assert draw(1) == draw(8)
+    assert draw(8) != engine.generate(prompts, w, max_new_tokens=10)
+
+
+def test_compiled_step_equals_eager_and_recompiles_are_counted(peft_model):
+    """Traced by dynamo (backend 'eager': no code generation, seconds): same tokens; one compile
+    per (slots, length) bucket, none for a call in a bucket already seen."""
+    prompts, w = _prompts(3, seed=7), _weights(3, seed=7)
+    eager = Ensemble(peft_model, NAMES, pad_id=0, compile="off")
+    ref = eager.generate(prompts, w, max_new_tokens=8)
+    eager._restack()
+    eng = Ensemble(peft_model, NAMES, pad_id=0, compile="dynamo")
+    try:
+        assert eng.generate(prompts, w, max_new_tokens=8) == ref
+        assert eng.generate(prompts, w, max_new_tokens=8) == ref
+        assert eng.stats.compiled == [(8, 64)] and eng.stats.fallback is None
+        eng.generate(prompts[:1], w[:1], max_new_tokens=8)          # 2 rows -> another bucket
+        assert eng.stats.compiled == [(8, 64), (2, 64)]
+    finally:
+        eng._restack()
+
+
+def test_a_failing_compile_falls_back_to_eager_and_says_so_once(peft_model, monkeypatch, caplog):
+    def broken(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no C++ compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    prompts, w = _prompts(2, seed=8), _weights(2, seed=8)
+    eng = Ensemble(peft_model, NAMES, pad_id=0, compile="default")
+    try:
+        with caplog.at_level(logging.WARNING, logger="elrea.engine"):
+            first = eng.generate(prompts, w, max_new_tokens=5)
+            eng.generate(prompts, w, max_new_tokens=5)
+        assert [r for r in caplog.records if "decoding eagerly" in r.message].__len__() == 1
+        assert "no C++ compiler" in eng.stats.fallback
+    finally:
+        eng._restack()
+    eager = Ensemble(peft_model, NAMES, pad_id=0, compile="off")
+    try:
+        assert eager.generate(prompts, w, max_new_tokens=5) == first
+    finally:
+        eager._restack()
+
+
+def test_an_extra_adapter_is_there_only_inside(engine, peft_model, tmp_path):
+    peft_model.save_pretrained(str(tmp_path), selected_adapters=["c"])
+    prompts = _prompts(2, seed=9)
+    with engine.extra_adapter(tmp_path / "c", "extra") as name:
+        assert engine.names == NAMES + ["extra"]
+        got = engine.generate(prompts, engine.one_hot(name, 2), max_new_tokens=6)
+        assert got == engine.generate(prompts, engine.one_hot("c", 2), max_new_tokens=6)
+    assert engine.names == NAMES and "extra" not in peft_model.peft_config
+    assert engine.generate(prompts, engine.one_hot("b", 2), max_new_tokens=6) == \
+        [_peft_generate(peft_model, "b", p, 6) for p in prompts]
+
+
+def test_unknown_compile_setting_lists_the_valid_ones(peft_model):
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        Ensemble(peft_model, NAMES, pad_id=0, compile="fast")
