@@ -237,7 +237,7 @@ def _stream_with_a_latecomer(client, name, k):
     one_hot = [0.0] * k
     one_hot[1] = 1.0
     long = client.completions.create(model=name, prompt=PROMPTS[5], max_tokens=120, stream=True,
-                                     extra_body={"elrea": {"weights": one_hot}})
+                                     extra_body={"elrea": {"weights": one_hot}, "ignore_eos": True})
     seen, mark, short = 0, {}, {}
 
     def latecomer():
@@ -287,7 +287,7 @@ def test_static_batching_makes_the_latecomer_wait_and_a_full_queue_is_503(fitted
         one_hot[1] = 1.0
         body = {"elrea": {"weights": one_hot}}
         first = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=200, stream=True,
-                                          extra_body=body)
+                                          extra_body={**body, "ignore_eos": True})
         next(iter(first))                                   # decoding: the slot is taken
         waiting = threading.Thread(target=lambda: client.completions.create(
             model=name, prompt=PROMPTS[1], max_tokens=2, extra_body=body))

@@ -133,6 +133,8 @@ def create_app(model, served_name: str, api_key: str | None = None, slots: int =
             sampling["top_p"] = req.top_p
         # OpenAI: without a seed every request samples afresh (ELREA's own default seed is fixed)
         seed = req.seed if req.seed is not None else secrets.randbits(62)
+        if req.ignore_eos:
+            sampling["eos_token_id"] = []
         decoding = model.decoding(seed=seed, **sampling)
         return Job(enc, decoding, emit=None, weights=weights, router=(ext.router if ext and ext.router else
                                                                       model.config.routing.router),

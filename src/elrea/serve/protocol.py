@@ -51,6 +51,8 @@ class _Sampling(BaseModel):
     stream: bool = False
     stream_options: dict | None = None
     elrea: Extension | None = None
+    # vLLM's extension for benchmarks: decode max_tokens tokens whatever the model says
+    ignore_eos: bool = False
     # accepted so that they can be refused unless they ask for nothing (unknown fields are dropped)
     best_of: int | None = None
     logprobs: bool | int | None = None     # an int for completions, a bool for chat
