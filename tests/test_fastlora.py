@@ -171,3 +171,32 @@ def test_adapters_off_is_peft_disable_adapter_without_its_cost(three_adapters, m
             model.unmerge_adapter()
         assert calls and torch.allclose(merged_off, reference, atol=1e-5)
         assert torch.allclose(model(input_ids=ids).logits, on, atol=1e-5)
+
+
+def test_stacked_rows_in_bf16_are_bitwise_peft(tiny_model_dir):
+    """A bf16 backbone with float32 LoRA: PEFT adds the float32 delta to the upcast base output
+    and rounds once; so must the stack (rounding the delta to bf16 first drifted from PEFT's
+    tokens on the GPU run). Bitwise equal logits on the CPU."""
+    from peft import get_peft_model
+
+    from elrea.config import LoraConfig, ModelConfig
+    from elrea.models import load_backbone, peft_lora_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_backbone(ModelConfig(name=str(tiny_model_dir), dtype="bfloat16")),
+                           peft_lora_config(LoraConfig()))
+    model.add_adapter("b", peft_lora_config(LoraConfig()))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.2)
+    model.eval()
+    batch = _batch(4, seed=5)
+    refs = {a: _single(model, a, batch, list(range(4))) for a in ("default", "b")}
+    assert refs["b"].dtype == torch.bfloat16
+    stack = fastlora.Stacked(model, ["default", "b"])
+    try:
+        with stack.rows(stack.select(torch.tensor([0, 0, 1, 1]))), torch.no_grad():
+            got = model(**batch).logits
+    finally:
+        stack.close()
+    assert torch.equal(got[:2], refs["default"][:2]) and torch.equal(got[2:], refs["b"][2:])

@@ -124,7 +124,9 @@ def _stacked_forward(module, stack: "Stacked", A, B, x, *args, **kwargs):
     result = module.base_layer(x, *args, **kwargs)
     h = x.to(A.dtype) @ A                                        # (N, T, K r)
     h = h * (sel[:, None, :] if h.dim() == 3 else sel)
-    return result + (h @ B).to(result.dtype)                     # (N, T, out)
+    # as PEFT: the sum in the adapter's dtype, rounded to the backbone's once (rounding the
+    # delta to bf16 first and adding in bf16 rounds twice, and drifts from PEFT's tokens)
+    return (result + h @ B).to(result.dtype)                     # (N, T, out)
 
 
 class Stacked:
