@@ -1,4 +1,4 @@
-"""python benchmarks/gpu.py  -- elrea on a GPU: gradient features, ensembled decoding, routing, memory.
+"""python benchmarks/gpu.py  -- elrea on a GPU: gradient features, the decoding engine, routing, memory.
 
 Runs wherever CUDA is available and refuses elsewhere (`--smoke` runs the same code on a tiny
 model on the CPU, for tests; its timings mean nothing). No weights are downloaded: each
@@ -7,30 +7,46 @@ the weights), a bf16 backbone with float32 LoRA rank 8 on every linear layer, B 
 every adapter's gradients and logits differ. Inputs are random token sequences shaped like
 instruction data. Side by side, in one run, per architecture:
 
-features (batch 16, instruction-only loss on the last 60% of each sequence):
+features (`--parts features`; batch 16, instruction-only loss on the last 60% of each sequence):
 - elrea: `Featurizer` (one backward per batch, exact per-example gradients, sparse JL to 8192);
 - the LESS way: one backward per example (autograd), the flattened gradient, then a dense
   Rademacher projection to 8192 applied blockwise (chunks of P generated on the GPU);
 - a plain training forward+backward on the same batches (the floor);
 - agreement: elrea's per-example gradients through the same dense projection vs the LESS
   features (cosine, float64), and peak GPU memory of each.
-decoding (base + 4 experts, 128 new tokens, greedy, batch 1, 8, 32):
-- PEFT `generate` with one adapter; the naive ensemble (one forward per adapter per step);
-- elrea's ensemble (one grouped-LoRA forward per step for all adapters);
-- gradient routing cost per prompt (batch 1 and 8) against one decoded token at batch 1.
+decoding (`--parts decoding`; base + 4 experts, 128 new tokens, EOS unset, greedy, batch 1, 8,
+32, 64; the methods of benchmarks/speed_generate.py, `--methods` to choose):
+- the anchor: transformers `generate` with adapter "base" merged into the backbone, static
+  cache, the forward compiled by transformers (mode reduce-overhead: CUDA graphs);
+- PEFT `generate` with one adapter; elrea before (benchmarks/_eager.py, the eager decoder);
+- the engine (elrea.engine.Ensemble, compile="auto": CUDA graphs) with one adapter (one-hot
+  weights) and with the 5 adapters; the naive ensemble (one forward per adapter per step);
+- tokens/s, peak memory, the compile (first call) time, tokens agreement (bf16 rounds
+  differently per kernel: the share of tokens before two methods differ); ratios engine /
+  elrea before, engine / anchor;
+- gradient routing cost per prompt against one decoded token at batch 1.
 end to end (`--e2e-model DIR --e2e-data DIR`): `elrea fit` + `elrea eval` of a real model
 (e.g. SmolLM2-135M-Instruct converted by elrea) on train.jsonl / test.jsonl on the GPU.
 
-Targets on an H100 (a benchmark, not a test): features >= 20x the LESS way and <= 1.3x a
-training forward+backward; ensemble of 5 >= 0.8x a single adapter at batch 1; routing <= 5
-decoded tokens. Writes benchmarks/results/gpu-<device>.json (device, torch, CUDA versions).
+Each part has its own time cap (`--cap decoding=300 features=120`): a part that reaches it
+stops there, keeps what it measured and lists what it did not run. The JSON is written after
+every part, so a run killed from outside keeps the parts done. benchmarks/gpu_all.sh is the
+one prepared script for a GPU session.
+
+Targets on an H100-class GPU (a benchmark, not a test): features >= 20x the LESS way and <= 1.3x
+a training forward+backward; the engine with 5 adapters at batch 1 >= 150 tokens/s and >= 0.8x
+the compiled single-adapter anchor, at batch 32 >= 1000 tokens/s; ensemble of 5 >= 0.8x PEFT's
+single adapter at batch 1; routing <= 5 decoded tokens. Writes
+benchmarks/results/gpu-<device>.json (device, torch, CUDA versions).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,7 +58,12 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 TARGETS = {"features_speedup_vs_less": 20.0, "features_over_fwd_bwd": 1.3, "ensemble_over_single_b1": 0.8,
-           "routing_over_token": 5.0}
+           "routing_over_token": 5.0, "engine_b1_tokens_per_s": 150.0, "engine_over_anchor_b1": 0.8,
+           "engine_b32_tokens_per_s": 1000.0}
+PARTS = ("features", "decoding", "e2e")
+# the decoding methods run on a GPU (names of speed_generate.LABELS); the rest are CPU-only rows
+GPU_METHODS = ("anchor_merged_static", "single_adapter_peft", "naive_ensemble", "elrea_before", "engine_single",
+               "engine")
 
 # Public configs of the architectures (no weights): shapes are what speed and memory depend on.
 ARCHS = {
@@ -73,7 +94,16 @@ def parse_args(argv=None):
     ap.add_argument("--max-len", type=int, default=192)
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    ap.add_argument("--methods", nargs="+", default=list(GPU_METHODS), choices=GPU_METHODS,
+                    help="decoding methods (see benchmarks/speed_generate.py)")
+    ap.add_argument("--engine-compile", default="auto", help="the engine's compile setting (auto: CUDA graphs)")
+    ap.add_argument("--anchor-compile", default="reduce-overhead",
+                    help="torch.compile mode of the anchor's forward, or off")
+    ap.add_argument("--parts", nargs="+", default=["features", "decoding", "e2e"], choices=PARTS,
+                    help="what to run (e2e only with --e2e-model and --e2e-data)")
+    ap.add_argument("--cap", nargs="*", default=[], metavar="PART=SECONDS",
+                    help="time cap per part, e.g. decoding=300 features=120 (default: none)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--e2e-model", help="a model directory for the end-to-end fit + eval")
@@ -82,11 +112,51 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU, few examples (for tests)")
     ap.add_argument("--out", help="JSON report (default benchmarks/results/gpu-<device>.json)")
     args = ap.parse_args(argv)
+    args.caps = parse_caps(args.cap, ap)
     if args.smoke:
         args.archs, args.device, args.dim, args.examples, args.less_examples = ["tiny"], "cpu", 256, 8, 4
-        args.feature_batch, args.new_tokens, args.batch_sizes, args.repeats = 4, 4, [1, 2], 1
+        args.feature_batch, args.new_tokens, args.repeats = 4, 4, 1
         args.min_len, args.max_len = 8, 24
+        # the compiled paths traced by dynamo without code generation (seconds on a CPU)
+        args.engine_compile, args.anchor_compile = "dynamo", "dynamo"
+        if "--batch-sizes" not in (argv if argv is not None else sys.argv[1:]):
+            args.batch_sizes = [1, 2]
     return args
+
+
+def parse_caps(items: list[str], ap) -> dict[str, float]:
+    """{part: seconds} from PART=SECONDS items."""
+    caps = {}
+    for item in items:
+        part, _, sec = item.partition("=")
+        if part not in PARTS or not sec.replace(".", "", 1).isdigit():
+            ap.error(f"--cap {item!r}: expected PART=SECONDS with PART one of {', '.join(PARTS)}")
+        caps[part] = float(sec)
+    return caps
+
+
+class TimeCap(Exception):
+    """A part reached its --cap."""
+
+
+@contextlib.contextmanager
+def time_cap(seconds: float | None, part: str):
+    """Raise TimeCap in the main thread when the block runs longer than `seconds` (SIGALRM; the
+    block is interrupted at its next Python instruction)."""
+    if not seconds:
+        yield
+        return
+
+    def fire(signum, frame):
+        raise TimeCap(f"{part}: time cap of {seconds:g} s reached")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 # ----------------------------------------------------------------------------- set-up

@@ -273,8 +273,9 @@ def test_a_request_that_arrives_mid_answer_joins_the_running_batch(client, serve
 
 def test_static_batching_makes_the_latecomer_wait_and_a_full_queue_is_503(fitted_run, elrea_model):
     """The baseline policy (--batching static): the latecomer waits for the whole batch. With one
-    slot and a queue of one, a third request is refused with 503 and the server keeps serving."""
-    proc, base = _start(fitted_run, "--batching", "static", "--slots", "1", "--max-queue", "1")
+    slot and a queue of one, a third request is refused with 503 and the server keeps serving.
+    A request routed to more adapters than the server has slots gets its top-1."""
+    proc, base = _start(fitted_run, "--batching", "static", "--slots", "1", "--max-queue", "1", "--compile", "dynamo")
     try:
         client = openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
         name = fitted_run.name
@@ -283,6 +284,8 @@ def test_static_batching_makes_the_latecomer_wait_and_a_full_queue_is_503(fitted
         assert at == total
         h = _get(base + "/health", {"Authorization": f"Bearer {KEY}"})[1]
         assert h["batching"] == "static" and h["slots"] == 1 and h["slots_free"] == 1
+        # compiled once at start (dynamo-traced here), and never again for this pool's shape
+        assert h["compile"] == "dynamo" and h["compiled_shapes"] == 1 and h["eager_because"] is None
         one_hot = [0.0] * k
         one_hot[1] = 1.0
         body = {"elrea": {"weights": one_hot}}
@@ -302,7 +305,9 @@ def test_static_batching_makes_the_latecomer_wait_and_a_full_queue_is_503(fitted
         first.close()
         waiting.join(timeout=60)
         assert _get(base + "/health")[1]["rejected"] == 1
-        assert client.completions.create(model=name, prompt=PROMPTS[3], max_tokens=2).choices[0].text is not None
+        routed = client.completions.create(model=name, prompt=PROMPTS[3], max_tokens=2)
+        w = routed.model_extra["elrea"]["weights"]
+        assert sorted(w)[-1] == 1.0 and sum(x > 0 for x in w) == 1
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

@@ -213,7 +213,7 @@ def cmd_serve(args):
     try:
         serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ELREA_API_KEY"),
               device=args.device, served_name=args.served_model_name, slots=args.slots, max_length=args.max_length,
-              max_queue=args.max_queue, batching=args.batching)
+              max_queue=args.max_queue, batching=args.batching, compile=args.compile)
     except (_Terminated, KeyboardInterrupt):
         # uvicorn re-raises the signal it handled: by now in-flight requests have finished
         log.info("server shut down; in-flight requests finished")
@@ -439,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                    help="continuous (default): requests join and leave the running batch at every step; "
                    "static: a batch runs until its last request ends (the old policy, for comparison)")
+    p.add_argument("--compile", choices=["auto", "off", "default", "reduce-overhead", "max-autotune", "dynamo"],
+                   help="torch.compile the decode step (default: the run's generation.compile, auto = CUDA graphs "
+                   "on a GPU, eager on a CPU); compiled once at start, before the first request")
     _device_arg(p)
     p.set_defaults(func=cmd_serve)
 

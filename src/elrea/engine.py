@@ -90,12 +90,10 @@ class Ensemble:
     """
 
     def __init__(self, model, names: list[str], pad_id: int, compile: str = "auto", sync_every: int = 8):
-        if compile not in COMPILE_CHOICES:
-            raise ValueError(f"compile: unknown {compile!r}; valid: {', '.join(COMPILE_CHOICES)}")
         self.model, self.names, self.pad_id = model, list(names), pad_id
         self.device = model_device(model)
         self.dtype = _model_dtype(model)
-        self.compile = compile if compile != "auto" else ("reduce-overhead" if self.device.type == "cuda" else "off")
+        self.set_compile(compile)
         self.sync_every = sync_every
         self.stats = Stats()
         self._stack: fastlora.Stacked | None = None
@@ -106,6 +104,12 @@ class Ensemble:
         if attn not in ("sdpa", "eager", None):
             raise ValueError(f"the decoding engine needs attn_implementation 'sdpa' or 'eager' (custom masks), "
                              f"the model uses {attn!r}; load it with attn_implementation='sdpa'")
+
+    def set_compile(self, mode: str) -> None:
+        """How the decode step runs from now on (see the class docstring); pools already built keep theirs."""
+        if mode not in COMPILE_CHOICES:
+            raise ValueError(f"compile: unknown {mode!r}; valid: {', '.join(COMPILE_CHOICES)}")
+        self.compile = mode if mode != "auto" else ("reduce-overhead" if self.device.type == "cuda" else "off")
 
     # ------------------------------------------------------------------ adapters
 

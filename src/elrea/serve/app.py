@@ -249,13 +249,15 @@ def create_app(model, served_name: str, api_key: str | None = None, slots: int =
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str | None = None, served_name: str | None = None, slots: int = 16, max_length: int = 1024,
-          max_queue: int = 256, batching: str = "continuous") -> None:
+          max_queue: int = 256, batching: str = "continuous", compile: str | None = None) -> None:
     """Load the run and serve it until SIGINT/SIGTERM (in-flight requests finish first)."""
     import uvicorn
 
     from ..api import ELREA
 
     model = ELREA.from_pretrained(run, device=device)
+    if compile is not None:
+        model.engine.set_compile(compile)
     name = served_name or model.run_dir.resolve().name
     app = create_app(model, name, api_key=api_key, slots=slots, max_length=max_length, max_queue=max_queue,
                      batching=batching)

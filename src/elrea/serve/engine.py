@@ -25,13 +25,14 @@ import collections
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..engine import PoolFull, is_text
-from ..ensemble import Decoding
+from ..ensemble import Decoding, sampling
 from ..generation import TextStream
 from ..routers.similarity import keep_top_k
 
@@ -97,16 +98,39 @@ class Engine:
     def stats(self) -> dict:
         """Counters since start (requests admitted, admissions, largest admission, requests
         cancelled by their client, requests refused because the queue was full) and the occupancy
-        now: `active` requests decoding, `queued` waiting, `slots` and `slots_free`."""
+        now: `active` requests decoding, `queued` waiting, `slots` and `slots_free`; how the decode
+        step runs: `compile` mode, shapes compiled so far, and why it runs eagerly if it does."""
+        st = self.model.engine.stats
         return {**self._counts, "active": len(self._texts), "queued": self._queued, "slots": self.slots,
-                "slots_free": len(self.pool.free_rows), "batching": self.batching}
+                "slots_free": len(self.pool.free_rows), "batching": self.batching,
+                "compile": self.model.engine.compile, "compiled_shapes": len(st.compiled), "eager_because": st.fallback}
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._loop, name="elrea-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="elrea-engine", daemon=True)
         self._thread.start()
         return self
+
+    def _run(self) -> None:
+        self.warm_up()
+        self._loop()
+
+    def warm_up(self) -> None:
+        """Compile the decode step for the pool's shape before the first request needs it (requests
+        that arrive meanwhile queue): one 2-token request with the base adapter."""
+        engine = self.model.engine
+        if engine.compile == "off":
+            return
+        t = time.perf_counter()
+        w = torch.zeros(len(self.model.adapters))
+        w[0] = 1.0
+        self.pool.add([self.model.tokenizer.pad_token_id] * 2, w, sampling(max_new_tokens=2))
+        while self.pool.live():
+            self.pool.step(1)
+        log.info("decode step compiled (%s) for %d slots x %d tokens in %.1f s%s", engine.compile, self.slots,
+                 self.max_length, time.perf_counter() - t,
+                 f"; decoding eagerly: {engine.stats.fallback}" if engine.stats.fallback else "")
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the queued and running jobs, then end the thread."""
