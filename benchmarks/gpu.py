@@ -49,6 +49,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # _common, when imported from elsewhere
@@ -285,52 +286,66 @@ def features_phase(model, args, vocab: int) -> dict:
             "agreement_cosine_min": float(cos.min()), "agreement_cosine_mean": float(cos.mean())}
 
 
-def decoding_phase(model, adapters, args, vocab: int) -> dict:
+def decoding_phase(model, adapters, args, vocab: int, out: dict) -> None:
+    """The decoding methods at each batch size, into out[str(B)] as each batch finishes (a time
+    cap keeps those); out["not_run"] lists the batch sizes not measured."""
     from elrea.features import Featurizer, num_lora_params
     from elrea.projection import SparseProjector
-    from speed_generate import elrea_generate, naive_generate, one_hot, peft_generate, routing_weights
+    from speed_generate import checks, decode_all, prepare, ratios, routing_weights
 
-    n_tok, out = args.new_tokens, {}
+    n_tok, dev = args.new_tokens, torch.device(args.device)
+    models = prepare(model, adapters, 0, None if args.anchor_compile == "off" else args.anchor_compile,
+                     with_anchor="anchor_merged_static" in args.methods)
     prompts_all = examples(max(args.batch_sizes), args, vocab, args.seed + 1)
     W = routing_weights(max(args.batch_sizes), len(adapters), args.seed)
     feat = Featurizer(model, SparseProjector(num_lora_params(model, "base"), args.dim, args.seed),
                       adapter="base", pad_id=0, batch_size=16)
+    out["not_run"] = [str(B) for B in args.batch_sizes]
     for B in args.batch_sizes:
         prompts, w = [e.input_ids for e in prompts_all[:B]], W[:B]
-        methods = {"single_adapter_peft": lambda m: peft_generate(model, prompts, "base", 0, None, m),
-                   "naive_ensemble": lambda m: naive_generate(model, prompts, w, adapters, 0, m),
-                   "elrea": lambda m: elrea_generate(model, prompts, w, adapters, 0, m)}
-        res, toks = {}, {}
-        for name, fn in methods.items():
-            C.log(f"decoding b={B}: {name} ...")
-            sec, peak, toks[name] = measure(lambda: fn(n_tok), args, warmup=lambda: fn(2))
-            res[name] = {"seconds": sec, "tokens_per_s": B * n_tok / sec, "peak_mib": peak}
-        floor = res["single_adapter_peft"]["tokens_per_s"]
-        for r in res.values():
-            r["ratio_to_single"] = r["tokens_per_s"] / floor
-        one_hot_toks = elrea_generate(model, prompts, one_hot(B, len(adapters)), adapters, 0, n_tok)
-        res["elrea_equals_naive"] = toks["elrea"] == toks["naive_ensemble"]
-        res["one_hot_equals_peft"] = one_hot_toks == toks["single_adapter_peft"]
-        # where tokens differ (bf16 on a GPU: other kernels, other rounding; random weights give
-        # near-tied logits), how far greedy decoding ran identically, as a share of the tokens
-        res["elrea_naive_common_prefix"] = common_prefix(toks["elrea"], toks["naive_ensemble"])
-        res["one_hot_peft_common_prefix"] = common_prefix(one_hot_toks, toks["single_adapter_peft"])
+
+        def timed(fn, compiled):
+            """Warm-up (n tokens when compiled: the compile happens there), then the timed runs;
+            peak_mib: GPU memory allocated at the peak of both, above what was allocated before."""
+            first = {}
+
+            def warmup():
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                    first["base"] = torch.cuda.memory_allocated(dev)
+                t = time.perf_counter()
+                fn(n_tok if compiled else 2)
+                C.sync(dev)
+                first["s"] = time.perf_counter() - t
+
+            def once():
+                toks = fn(n_tok)
+                C.sync(dev)
+                return toks
+
+            sec, _, toks = C.timed(once, args.repeats, warmup)
+            peak = (torch.cuda.max_memory_allocated(dev) - first["base"]) / 2 ** 20 if dev.type == "cuda" else None
+            return {"seconds": sec, "tokens_per_s": B * n_tok / sec, "warmup_s": round(first["s"], 2),
+                    "peak_mib": peak}, toks
+
+        res, toks, facts = decode_all(models, prompts, w, n_tok, args.methods, timed, engine_mode=args.engine_compile)
+        for key in ("single_adapter_peft", "anchor_merged_static"):
+            for r in res.values():
+                if key in res:
+                    r["ratio_to_single" if key == "single_adapter_peft" else "ratio_to_anchor"] = (
+                        r["tokens_per_s"] / res[key]["tokens_per_s"])
+        res["ratios"], res["checks"], res["engine_facts"] = ratios(res), checks(toks, n_tok), facts
         sec, _, _ = measure(lambda: feat.batch(prompts_all[:B]), args)
         res["routing_ms_per_prompt"] = 1000 * sec / B
         out[str(B)] = res
-    token_ms = 1000 * out[str(args.batch_sizes[0])]["single_adapter_peft"]["seconds"] / n_tok
-    out["decoded_token_ms_b1"] = token_ms
-    out["routing_over_token_b1"] = out[str(args.batch_sizes[0])]["routing_ms_per_prompt"] / token_ms
-    return out
-
-
-def common_prefix(a: list, b: list) -> float:
-    """Mean share of each sequence's tokens before `a` and `b` first differ (1.0: identical)."""
-    shares = []
-    for x, y in zip(a, b):
-        n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
-        shares.append(n / max(len(x), len(y), 1))
-    return sum(shares) / max(len(shares), 1)
+        out["not_run"].remove(str(B))
+    b1 = out.get("1", {})
+    for method, key in (("single_adapter_peft", "decoded_token_ms_b1"), ("engine", "engine_token_ms_b1")):
+        if method in b1:   # routing cost in decoded tokens at batch 1, against PEFT's and the engine's token
+            out[key] = 1000 * b1[method]["seconds"] / n_tok
+            out[key.replace("decoded_token_ms", "routing_over_token").replace("engine_token_ms",
+                                                                              "routing_over_engine_token")] = (
+                b1["routing_ms_per_prompt"] / out[key])
 
 
 def e2e_phase(args) -> dict:
@@ -366,56 +381,117 @@ def device_info(device: str) -> dict:
     return info
 
 
-def run(args) -> dict:
-    report = {"device": device_info(args.device), "archs": {}}
+def run_part(name: str, fn, args, record: dict) -> None:
+    """Run part `name` under its time cap; the cap or an error is recorded in `record` and the
+    run goes on to the next part (main exits non-zero after writing the report if one failed)."""
+    t = time.perf_counter()
+    try:
+        with time_cap(args.caps.get(name), name):
+            result = fn()
+        if result is not None:
+            record[name] = result
+    except TimeCap as e:
+        C.log(str(e))
+        record.setdefault("stopped", {})[name] = str(e)
+    except Exception as e:  # noqa: BLE001 - one GPU session: a failing part must not lose the others
+        traceback.print_exc()
+        record.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+    record.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t, 1)
+
+
+def run(args, report: dict, save) -> None:
     for arch in args.archs:
         C.log(f"{arch}: building from its config with random weights ...")
         model, adapters, info = build_model(arch, args)
         vocab = ARCHS[arch][1]["vocab_size"]
-        report["archs"][arch] = {**info, "features": features_phase(model, args, vocab),
-                                 "decoding": decoding_phase(model, adapters, args, vocab)}
+        r = report["archs"][arch] = dict(info)
+        if "features" in args.parts:
+            run_part("features", lambda: features_phase(model, args, vocab), args, r)
+            save()
+        if "decoding" in args.parts:
+            r["decoding"] = {}
+            run_part("decoding", lambda: decoding_phase(model, adapters, args, vocab, r["decoding"]), args, r)
+            save()
         del model
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()
-    if args.e2e_model and args.e2e_data:
-        report["e2e"] = e2e_phase(args)
-    report["targets"] = {arch: targets(r, args) for arch, r in report["archs"].items()}
-    return report
+    if "e2e" in args.parts and args.e2e_model and args.e2e_data:
+        run_part("e2e", lambda: e2e_phase(args), args, report)
+        save()
 
 
 def targets(r: dict, args) -> dict:
-    f, d = r["features"], r["decoding"]
-    b1 = d[str(args.batch_sizes[0])]
-    return {"features_speedup_ge_20x_less": f["speedup_vs_less"] >= TARGETS["features_speedup_vs_less"],
-            "features_le_1_3x_fwd_bwd": f["over_plain_fwd_bwd"] <= TARGETS["features_over_fwd_bwd"],
-            "agreement_cosine_ge_0_999": f["agreement_cosine_min"] >= 0.999,
-            "ensemble_ge_0_8x_single_b1": b1["elrea"]["ratio_to_single"] >= TARGETS["ensemble_over_single_b1"],
-            "routing_le_5_tokens": d["routing_over_token_b1"] <= TARGETS["routing_over_token"],
-            "elrea_equals_naive": all(d[str(B)]["elrea_equals_naive"] for B in args.batch_sizes)}
+    """Each target met (True/False), or None where its part or batch size did not run."""
+    f, d = r.get("features"), r.get("decoding", {})
+    b1, b32 = d.get("1", {}), d.get("32", {})
+
+    def at_least(x, target):
+        return None if x is None else x >= target
+
+    def get(res, *keys):
+        for k in keys:
+            if not isinstance(res, dict) or k not in res:
+                return None
+            res = res[k]
+        return res
+
+    agreed = [d[B]["checks"]["engine_equals_before"] for B in map(str, args.batch_sizes)
+              if "engine_equals_before" in (get(d, B, "checks") or {})]
+    return {"features_speedup_ge_20x_less": at_least(get(f, "speedup_vs_less"), TARGETS["features_speedup_vs_less"]),
+            "features_le_1_3x_fwd_bwd": None if f is None else f["over_plain_fwd_bwd"] <= TARGETS["features_over_fwd_bwd"],
+            "agreement_cosine_ge_0_999": at_least(get(f, "agreement_cosine_min"), 0.999),
+            "ensemble_ge_0_8x_single_b1": at_least(get(b1, "ratios", "engine_over_peft"),
+                                                   TARGETS["ensemble_over_single_b1"]),
+            "engine_ge_150_tokens_per_s_b1": at_least(get(b1, "engine", "tokens_per_s"),
+                                                      TARGETS["engine_b1_tokens_per_s"]),
+            "engine_ge_0_8x_anchor_b1": at_least(get(b1, "ratios", "engine_over_anchor"),
+                                                 TARGETS["engine_over_anchor_b1"]),
+            "engine_ge_1000_tokens_per_s_b32": at_least(get(b32, "engine", "tokens_per_s"),
+                                                        TARGETS["engine_b32_tokens_per_s"]),
+            "routing_le_5_tokens": (None if "routing_over_token_b1" not in d
+                                    else d["routing_over_token_b1"] <= TARGETS["routing_over_token"]),
+            "engine_equals_before": all(agreed) if agreed else None}
 
 
 def show(report: dict, args):
+    from speed_generate import LABELS
+
     for arch, r in report["archs"].items():
-        f, d = r["features"], r["decoding"]
-        C.print_table(
-            f"{arch} ({report['device']['name']}): gradient features, {f['lora_params']:,} LoRA params -> "
-            f"{args.dim}", ["method", "examples/s", "x LESS", "peak MiB"],
-            [["elrea (batched per-example, sparse JL)", f["examples_per_s"]["elrea"], f["speedup_vs_less"],
-              f["peak_mib"]["elrea"]],
-             ["LESS way (backward per example, dense)", f["examples_per_s"]["less"], 1.0, f["peak_mib"]["less"]],
-             ["plain training fwd+bwd", f["examples_per_s"]["plain_fwd_bwd"], None, f["peak_mib"]["plain_fwd_bwd"]]],
-            [f"elrea / plain fwd+bwd: {f['over_plain_fwd_bwd']:.2f} (target <= 1.3); agreement cosine min "
-             f"{f['agreement_cosine_min']:.6f}"])
-        bs = [str(B) for B in args.batch_sizes]
-        rows = [[m] + [x for B in bs for x in (d[B][m]["tokens_per_s"], d[B][m]["ratio_to_single"])]
-                for m in ("single_adapter_peft", "naive_ensemble", "elrea")]
-        rows.append(["routing ms per prompt"] + [x for B in bs for x in (d[B]["routing_ms_per_prompt"], None)])
-        C.print_table(f"{arch}: decoding {args.new_tokens} tokens, {args.experts + 1} adapters",
-                      ["method"] + [h for B in bs for h in (f"tok/s b={B}", f"x single b={B}")], rows,
-                      [f"routing = {d['routing_over_token_b1']:.1f} decoded tokens at batch 1 (target <= 5); "
-                       f"elrea == naive tokens: {[d[B]['elrea_equals_naive'] for B in bs]} (common prefix "
-                       f"{[round(d[B]['elrea_naive_common_prefix'], 3) for B in bs]})",
-                       f"targets: {report['targets'][arch]}"])
+        f, d = r.get("features"), r.get("decoding", {})
+        if f:
+            C.print_table(
+                f"{arch} ({report['device']['name']}): gradient features, {f['lora_params']:,} LoRA params -> "
+                f"{args.dim}", ["method", "examples/s", "x LESS", "peak MiB"],
+                [["elrea (batched per-example, sparse JL)", f["examples_per_s"]["elrea"], f["speedup_vs_less"],
+                  f["peak_mib"]["elrea"]],
+                 ["LESS way (backward per example, dense)", f["examples_per_s"]["less"], 1.0, f["peak_mib"]["less"]],
+                 ["plain training fwd+bwd", f["examples_per_s"]["plain_fwd_bwd"], None,
+                  f["peak_mib"]["plain_fwd_bwd"]]],
+                [f"elrea / plain fwd+bwd: {f['over_plain_fwd_bwd']:.2f} (target <= 1.3); agreement cosine min "
+                 f"{f['agreement_cosine_min']:.6f}"])
+        bs = [str(B) for B in args.batch_sizes if str(B) in d]
+        if bs:
+            rows = [[LABELS[m]] + [x for B in bs for x in (d[B][m]["tokens_per_s"], d[B][m].get("ratio_to_anchor"))]
+                    for m in LABELS if any(m in d[B] for B in bs)]
+            rows.append(["routing ms per prompt"] + [x for B in bs for x in (d[B]["routing_ms_per_prompt"], None)])
+            for key in ("engine_over_before", "engine_over_anchor", "engine_single_over_peft"):
+                rows.append([key.replace("_", " ")] + [x for B in bs for x in (d[B]["ratios"].get(key), None)])
+            notes = [f"batch {B}: engine == elrea before tokens: {C.fmt(ch.get('engine_equals_before'))} (common "
+                     f"prefix {ch.get('engine_common_prefix_before', 0):.3f}); engine one-hot == PEFT: "
+                     f"{C.fmt(ch.get('engine_single_equals_peft'))} ({ch.get('engine_single_common_prefix_peft', 0):.3f}); "
+                     f"engine {fa.get('compile')} compiled {fa.get('compiled_buckets')} fallback {fa.get('fallback')}; "
+                     f"first calls (s): { {m: d[B][m]['warmup_s'] for m in LABELS if m in d[B]} }"
+                     for B in bs for ch, fa in [(d[B]["checks"], d[B]["engine_facts"].get("engine", {}))]]
+            if d.get("not_run"):
+                notes.append(f"not run (time cap or error): batch {', '.join(d['not_run'])}")
+            if "routing_over_token_b1" in d:
+                notes.append(f"routing = {d['routing_over_token_b1']:.1f} PEFT decoded tokens at batch 1 (target <= 5)")
+            notes.append(f"targets: {report['targets'][arch]}")
+            C.print_table(f"{arch}: decoding {args.new_tokens} tokens, {args.experts + 1} adapters, tokens/s",
+                          ["method"] + [h for B in bs for h in (f"tok/s b={B}", f"x anchor b={B}")], rows, notes)
+        for key in ("stopped", "errors"):
+            if r.get(key):
+                print(f"{arch}: {key}: {r[key]}")
     print(f"command: {report['command']}")
 
 
@@ -427,11 +503,23 @@ def main(argv=None) -> dict:
               file=sys.stderr)
         raise SystemExit(2)
     C.setup(argparse.Namespace(threads=None, seed=args.seed))
-    report = {"command": C.command_line(str(Path(__file__)), argv), "machine": C.machine(), **run(args)}
-    show(report, args)
+    report = {"command": C.command_line(str(Path(__file__)), argv), "machine": C.machine(),
+              "device": device_info(args.device), "archs": {}}
     slug = re.sub(r"[^a-z0-9]+", "-", report["device"]["name"].lower()).strip("-")
     out = Path(args.out) if args.out else C.RESULTS / (f"gpu-{slug}.json" if not args.smoke else "gpu_smoke.json")
-    C.write_report(out, report)
+
+    def save():
+        report["targets"] = {arch: targets(r, args) for arch, r in report["archs"].items()}
+        C.write_report(out, report)
+
+    run(args, report, save)
+    save()
+    show(report, args)
+    failed = [f"{arch}: {e}" for arch, r in report["archs"].items() for e in r.get("errors", {}).values()]
+    failed += list(report.get("errors", {}).values())
+    if failed:
+        print("parts that failed: " + "; ".join(failed), file=sys.stderr)
+        raise SystemExit(1)
     return report
 
 

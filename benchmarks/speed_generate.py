@@ -131,12 +131,12 @@ class Models:
     anchor_compile: str | None = None      # torch.compile mode of the anchor's forward; None: eager
 
 
-def prepare(model, adapters: list[str], pad_id: int, anchor_compile: str | None) -> Models:
+def prepare(model, adapters: list[str], pad_id: int, anchor_compile: str | None, with_anchor: bool = True) -> Models:
     """Unset the EOS id (every method decodes exactly N tokens), then copy and merge the anchor.
     Call before any engine patches the model's LoRA layers."""
     model.get_base_model().generation_config.eos_token_id = None
     model.set_adapter(adapters[0])
-    anchor = copy.deepcopy(model).merge_and_unload(adapter_names=[adapters[0]]).eval()
+    anchor = copy.deepcopy(model).merge_and_unload(adapter_names=[adapters[0]]).eval() if with_anchor else None
     return Models(model, list(adapters), pad_id, anchor, anchor_compile)
 
 
@@ -266,10 +266,11 @@ def backbone_only(model):
 # ----------------------------------------------------------------------------- one batch, every method
 
 def decode_all(models: Models, prompts, w: torch.Tensor, n: int, wanted, measure,
-               engine_compile: str | None = None) -> tuple[dict, dict, dict]:
+               engine_compile: str | None = None, engine_mode: str = "auto") -> tuple[dict, dict, dict]:
     """Every method of `wanted` (names of LABELS) on one batch: ({method: measurement},
     {method: tokens}, {engine facts}). measure(fn, compiled) -> (measurement dict, tokens), fn(m)
-    decoding m tokens.
+    decoding m tokens. The engine rows run with compile=engine_mode; engine_compiled (when
+    engine_compile is given) with compile=engine_compile.
 
     _eager.generate deletes each LoRA layer's patched forward when it ends, which would also
     remove an engine's: so the methods without an engine run first, then each engine is built,
@@ -292,7 +293,7 @@ def decode_all(models: Models, prompts, w: torch.Tensor, n: int, wanted, measure
     run("naive_ensemble", lambda t: naive_generate(m, prompts, w, models.adapters, pad, t))
     run("elrea_before", lambda t: _eager.generate(m, prompts, w, models.adapters, pad_id=pad, max_new_tokens=t))
     m.set_adapter(base)
-    eng = Ensemble(m, models.adapters, pad_id=pad, compile="auto")
+    eng = Ensemble(m, models.adapters, pad_id=pad, compile=engine_mode)
     try:
         run("engine_single", lambda t: eng.generate(prompts, one_hot(B, k), max_new_tokens=t),
             compiled=eng.compile != "off")

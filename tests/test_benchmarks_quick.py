@@ -191,21 +191,34 @@ def test_learned_routing_quick(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_benchmark_smoke_and_refusal(tmp_path):
-    """benchmarks/gpu.py: its code path on a tiny model on the CPU (--smoke), and without CUDA a
-    clear refusal of the real run."""
+    """benchmarks/gpu.py: its code path on a tiny model on the CPU (--smoke), a part stopped by its
+    time cap keeps what it measured, and without CUDA a clear refusal of the real run."""
     import torch
 
     r = _run_script("gpu.py", "--smoke", out=tmp_path / "gpu.json")
     assert r["device"]["device"] == "cpu" and r["device"]["torch"] == torch.__version__
     tiny = r["archs"]["tiny"]
     f, d = tiny["features"], tiny["decoding"]
+    assert "errors" not in tiny and "stopped" not in tiny and d["not_run"] == []
     assert f["agreement_cosine_min"] >= 0.999  # elrea's gradients == the LESS way's, same projection
     assert all(v > 0 for v in f["examples_per_s"].values()) and f["speedup_vs_less"] > 0
     for B in ("1", "2"):
-        assert d[B]["elrea_equals_naive"] and d[B]["one_hot_equals_peft"], d[B]
-        assert d[B]["elrea_naive_common_prefix"] == d[B]["one_hot_peft_common_prefix"] == 1.0
+        c = d[B]["checks"]
+        # float32 on the CPU: the engine (compiled by dynamo in --smoke) decodes what the decoder
+        # before it did, and with one-hot weights what PEFT's generate does
+        assert c["engine_equals_before"] and c["engine_single_equals_peft"] and c["engine_equals_naive"], c
+        assert c["engine_common_prefix_before"] == c["engine_single_common_prefix_peft"] == 1.0
+        assert {"anchor_merged_static", "single_adapter_peft", "elrea_before", "engine_single", "engine"} <= set(d[B])
+        assert d[B]["engine"]["tokens_per_s"] > 0 and d[B]["ratios"]["engine_over_anchor"] > 0
+        e = d[B]["engine_facts"]["engine"]
+        assert e["compile"] == "dynamo" and e["compiled_buckets"] and e["fallback"] is None
         assert d[B]["routing_ms_per_prompt"] > 0
-    assert set(r["targets"]["tiny"]) >= {"features_speedup_ge_20x_less", "ensemble_ge_0_8x_single_b1"}
+    assert set(r["targets"]["tiny"]) >= {"features_speedup_ge_20x_less", "ensemble_ge_0_8x_single_b1",
+                                         "engine_ge_150_tokens_per_s_b1", "engine_ge_0_8x_anchor_b1"}
+    assert r["targets"]["tiny"]["engine_ge_1000_tokens_per_s_b32"] is None      # batch 32 did not run
+    capped = _run_script("gpu.py", "--smoke", "--parts", "decoding", "--cap", "decoding=1", out=tmp_path / "cap.json")
+    tiny = capped["archs"]["tiny"]
+    assert "features" not in tiny and "time cap" in tiny["stopped"]["decoding"] and "2" in tiny["decoding"]["not_run"]
     if not torch.cuda.is_available():
         proc = subprocess.run([sys.executable, str(BENCH / "gpu.py")], capture_output=True, text=True,
                               timeout=120, cwd=BENCH.parent)

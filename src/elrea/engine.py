@@ -65,6 +65,8 @@ class Seq:
     rows: list[int]
     prompt: list[int]
     decoding: Decoding
+    weights: torch.Tensor              # (K,) on the CPU
+    mix: bool = False                  # one row mixing the adapters inside the layers
     tag: object = None
     hcol: int = 0            # columns of its history written so far (host mirror)
     done: bool = False
@@ -383,8 +385,7 @@ class Slots:
             self.eos = torch.cat([self.eos, torch.full((self.n + 1, len(decoding.eos_ids)), -1,
                                                        dtype=torch.long, device=self.eos.device)], 1)
         rows = [self.free_rows.pop(0) for _ in range(need)]
-        seq = Seq(self.free_q.pop(0), rows, list(prompt), decoding, tag)
-        seq.weights, seq.mix = weights, mix
+        seq = Seq(self.free_q.pop(0), rows, list(prompt), decoding, weights, mix, tag)
         self.seqs[seq.q] = seq
         self.pending.append(seq)
         return seq
@@ -443,7 +444,7 @@ class Slots:
         """One forward for every row of the requests that joined: their prompts, left-padded to T,
         written to their slots' columns [0, T); then their first token."""
         eng, dev = self.engine, self.engine.device
-        rows, prompts, adapters, weights, sel_rows = [], [], [], [], []
+        rows, prompts, adapters, weights, mixes = [], [], [], [], []
         for seq in new:
             kept = [0] if seq.mix else [c for c in range(len(eng.names)) if seq.weights[c] > 0]
             for r, c in zip(seq.rows, kept):
@@ -451,7 +452,7 @@ class Slots:
                 prompts.append(seq.prompt)
                 adapters.append(c)
                 weights.append(1.0 if seq.mix else float(seq.weights[c]))
-                sel_rows.append(seq.weights if seq.mix else None)
+                mixes.append(seq.weights if seq.mix else None)
         ids, mask = left_pad(prompts, eng.pad_id, dev)                         # (n, T)
         T = ids.shape[1]
         rows_t = torch.tensor(rows, device=dev)
@@ -462,11 +463,12 @@ class Slots:
         self.row_w[rows_t] = torch.tensor(weights, device=dev)
         self.owner[rows_t] = torch.tensor([seq.q for seq in new for _ in seq.rows], device=dev)
         if self.selector is not None:
-            stack = eng.stack
-            for i, (r, a, mixw) in enumerate(zip(rows, adapters, sel_rows)):
-                self.selector[r] = (stack.mix(mixw[None].to(dev)) if mixw is not None
-                                    else stack.select(torch.tensor([a], device=dev)))[0]
-            sel, kw = self.selector[rows_t], {}
+            sel = eng.stack.select(torch.tensor(adapters, device=dev))                  # (n, K r)
+            for i, w in enumerate(mixes):
+                if w is not None:
+                    sel[i] = eng.stack.mix(w[None].to(dev))[0]
+            self.selector[rows_t] = sel
+            kw = {}
         else:
             sel, kw = None, {"adapter_names": [eng.names[a] for a in adapters]}
             for r, a in zip(rows, adapters):
