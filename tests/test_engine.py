@@ -34,7 +34,7 @@ def peft_model(tiny_model_dir):
 def engine(peft_model):
     e = Ensemble(peft_model, NAMES, pad_id=0)
     yield e
-    e._restack()
+    e.close()
 
 
 def _prompts(n, seed=0):
@@ -156,7 +156,7 @@ def test_compiled_step_equals_eager_and_recompiles_are_counted(peft_model):
     prompts, w = _prompts(3, seed=7), _weights(3, seed=7)
     eager = Ensemble(peft_model, NAMES, pad_id=0, compile="off")
     ref = eager.generate(prompts, w, max_new_tokens=8)
-    eager._restack()
+    eager.close()
     eng = Ensemble(peft_model, NAMES, pad_id=0, compile="dynamo")
     try:
         assert eng.generate(prompts, w, max_new_tokens=8) == ref
@@ -165,7 +165,7 @@ def test_compiled_step_equals_eager_and_recompiles_are_counted(peft_model):
         eng.generate(prompts[:1], w[:1], max_new_tokens=8)          # 2 rows -> another bucket
         assert eng.stats.compiled == [(8, 64), (2, 64)]
     finally:
-        eng._restack()
+        eng.close()
 
 
 def test_a_failing_compile_falls_back_to_eager_and_says_so_once(peft_model, monkeypatch, caplog):
@@ -184,12 +184,12 @@ def test_a_failing_compile_falls_back_to_eager_and_says_so_once(peft_model, monk
         assert [r for r in caplog.records if "decoding eagerly" in r.message].__len__() == 1
         assert "no C++ compiler" in eng.stats.fallback
     finally:
-        eng._restack()
+        eng.close()
     eager = Ensemble(peft_model, NAMES, pad_id=0, compile="off")
     try:
         assert eager.generate(prompts, w, max_new_tokens=5) == first
     finally:
-        eager._restack()
+        eager.close()
 
 
 def test_an_extra_adapter_is_there_only_inside(engine, peft_model, tmp_path):

@@ -124,6 +124,10 @@ class Ensemble:
                 self._stack = fastlora.Stacked(self.model, self.names)
         return self._stack
 
+    def close(self) -> None:
+        """Give the PEFT model back as it was (PEFT's own forward on every LoRA layer)."""
+        self._restack()
+
     def _restack(self) -> None:
         if self._stack is not None:
             self._stack.close()
