@@ -207,3 +207,20 @@ def test_an_extra_adapter_is_there_only_inside(engine, peft_model, tmp_path):
 def test_unknown_compile_setting_lists_the_valid_ones(peft_model):
     with pytest.raises(ValueError, match="reduce-overhead"):
         Ensemble(peft_model, NAMES, pad_id=0, compile="fast")
+
+
+def test_an_almost_empty_pool_decodes_only_its_busy_slots_and_columns(engine):
+    """One request of one row in a 16 x 256 pool: the step covers slot 0 and the first 64
+    columns, and grows to the next power of two as the answer does; same tokens as alone."""
+    prompt, w = _prompts(1, seed=10)[0], engine.one_hot("b", 1)[0]
+    alone = engine.generate([prompt], w[None], max_new_tokens=70)[0]
+    pool = engine.slots(16, 256, fresh=True)
+    seq = pool.add(prompt, w, sampling(max_new_tokens=70))
+    got, spans = [], set()
+    while pool.live():
+        for events in pool.step(1):
+            got += [tok for s, tok, _ in events if s is seq]
+        if pool.live():
+            spans.add(pool._busy())
+    assert got == alone
+    assert spans == {(1, 64), (1, 128)}

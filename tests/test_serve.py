@@ -284,8 +284,9 @@ def test_static_batching_makes_the_latecomer_wait_and_a_full_queue_is_503(fitted
         assert at == total
         h = _get(base + "/health", {"Authorization": f"Bearer {KEY}"})[1]
         assert h["batching"] == "static" and h["slots"] == 1 and h["slots_free"] == 1
-        # compiled once at start (dynamo-traced here), and never again for this pool's shape
-        assert h["compile"] == "dynamo" and h["compiled_shapes"] == 1 and h["eager_because"] is None
+        # compiled at start (dynamo-traced here), then once per (slots, columns) bucket in use: one
+        # slot, and columns 64..1024 in powers of two
+        assert h["compile"] == "dynamo" and 1 <= h["compiled_shapes"] <= 5 and h["eager_because"] is None
         one_hot = [0.0] * k
         one_hot[1] = 1.0
         body = {"elrea": {"weights": one_hot}}

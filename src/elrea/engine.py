@@ -69,6 +69,7 @@ class Seq:
     mix: bool = False                  # one row mixing the adapters inside the layers
     tag: object = None
     hcol: int = 0            # columns of its history written so far (host mirror)
+    col: int = 0             # the column its rows write next (host mirror of Slots.cols)
     done: bool = False
     reason: str | None = None
     tokens: int = 0
@@ -351,6 +352,7 @@ class Slots:
             if t is not None:
                 torch._dynamo.mark_static_address(t)
         self._step_fn = None
+        self._shapes: set = set()
         self.reset()
 
     def reset(self) -> None:
@@ -388,7 +390,7 @@ class Slots:
         if len(decoding.eos_ids) > self.eos.shape[1]:
             self.eos = torch.cat([self.eos, torch.full((self.n + 1, len(decoding.eos_ids)), -1,
                                                        dtype=torch.long, device=self.eos.device)], 1)
-        rows = [self.free_rows.pop(0) for _ in range(need)]
+        rows = [self.free_rows.pop(0) for _ in range(need)]        # the lowest free: the busy prefix stays short
         seq = Seq(self.free_q.pop(0), rows, list(prompt), decoding, weights, mix, tag)
         self.seqs[seq.q] = seq
         self.pending.append(seq)
@@ -402,7 +404,7 @@ class Slots:
         rows = torch.tensor(seq.rows, device=self.owner.device)
         self.owner[rows] = self.n
         self.row_w[rows] = 0.0
-        self.free_rows += seq.rows
+        self.free_rows = sorted(self.free_rows + seq.rows)
         self.free_q.append(seq.q)
 
     # ------------------------------------------------------------------ steps
@@ -424,7 +426,10 @@ class Slots:
             recorded.append((new, self._prefill(new)))
         live = list(self.seqs.values())
         if any(not s.done for s in live):
-            for _ in range(max_steps - len(recorded)):
+            # a prefill counts as the step of the requests it starts; requests already running
+            # decode in the same call, so that a newcomer never pauses them
+            running = any(not s.done and all(s is not n for n in recorded[0][0]) for s in live) if recorded else True
+            for _ in range(max_steps - (0 if running else len(recorded))):
                 recorded.append((live, self._decode(live)))
         if recorded:
             flat = torch.stack([torch.stack(r[1]) for r in recorded]).tolist()   # the host sync: (n, 2, S + 1)
@@ -489,7 +494,7 @@ class Slots:
             self.history[seq.q].fill_(eng.pad_id)
             p = torch.tensor(seq.prompt, dtype=torch.long, device=dev)
             self.history[seq.q, T - len(seq.prompt):T] = p
-            seq.hcol = T
+            seq.hcol = seq.col = T
             self.eos[seq.q].fill_(-1)
             if seq.decoding.eos_ids:
                 self.eos[seq.q, :len(seq.decoding.eos_ids)] = torch.tensor(sorted(seq.decoding.eos_ids), device=dev)
@@ -516,6 +521,8 @@ class Slots:
         which[torch.tensor([s.q for s in live], device=logits.device, dtype=torch.long)] = True
         self.pos.add_(1)
         self.cols.add_(1).clamp_(max=self.length - 1)
+        for seq in self.seqs.values():
+            seq.col = min(seq.col + 1, self.length - 1)
         eng.stats.steps += 1
         nxt, why = self._advance(mixed, which, live)
         self.tok.copy_(nxt[self.owner][:, None])
@@ -569,20 +576,42 @@ class Slots:
         keep = (arange[None, :] >= starts[:, None]) & (arange[None, :] <= cols[:, None])     # (S, L)
         dtype = eng.dtype
         mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
-        kw = {} if selector is not None else {"adapter_names": self.adapter_names}
+        kw = {} if selector is not None else {"adapter_names": self.adapter_names[:tok.shape[0]]}
         out = eng.model(input_ids=tok, attention_mask=mask[:, None, None, :], position_ids=pos, use_cache=True,
                         logits_to_keep=1, **{self._kw: self.cache}, **kw)
         return out.logits[:, -1]
 
+    def _busy(self) -> tuple[int, int]:
+        """(slots, columns) the decode step must cover: the prefix of slots up to the last one in use
+        and the columns up to the furthest write, each rounded up to a power of two (the shapes
+        that compile)."""
+        seqs = self.seqs.values()
+        hi = max((r for s in seqs for r in s.rows), default=0) + 1
+        span = max((s.col for s in seqs), default=0) + 1
+        return min(bucket(hi), self.n), min(bucket(span, 64), self.length)
+
     def _forward(self) -> torch.Tensor:
+        """Logits (S, V) of the decode step; rows past the busy prefix are zeros (their slots are free)."""
         eng = self.engine
-        self.cache.decode(self.cols)
-        ctx = eng.stack.rows(self.selector) if self.selector is not None else contextlib.nullcontext()
-        args = (self.tok, self.pos, self.cols, self.starts, self.selector, self._arange)
+        hi, span = self._busy()
+        self.cache.decode(self.cols[:hi], span)
+        sel = self.selector[:hi] if self.selector is not None else None
+        ctx = eng.stack.rows(sel) if sel is not None else contextlib.nullcontext()
+        args = (self.tok[:hi], self.pos[:hi], self.cols[:hi], self.starts[:hi], sel, self._arange[:span])
+        out = self._run_step(ctx, args, (hi, span))
+        if hi == self.n:
+            return out
+        return torch.cat([out, out.new_zeros(self.n - hi, out.shape[1])])
+
+    def _run_step(self, ctx, args, shape) -> torch.Tensor:
+        eng = self.engine
         with ctx:
             if self._step_fn is None:
                 self._step_fn = self._compiled()
             if self._step_fn is not self._step:
+                if shape not in self._shapes:          # a new bucket: this call compiles it
+                    self._shapes.add(shape)
+                    eng.stats.compiled.append(shape)
                 try:
                     return self._step_fn(*args).clone()
                 except Exception as e:  # noqa: BLE001 - any compiler failure: decode eagerly, say so once
@@ -605,7 +634,11 @@ class Slots:
                 log.warning("decoding eagerly: these adapters run through PEFT's mixed batches, which do not compile")
             eng.stats.fallback = "PEFT mixed-adapter batches"
             return self._step
-        eng.stats.compiled.append((self.n, self.length))
+        # one graph per (slots, columns) bucket: raise dynamo's recompile limit to their number
+        buckets = (self.n.bit_length()) * (self.length.bit_length() - 5)
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), buckets + 1))
         if mode == "dynamo":
             return torch.compile(self._step, backend="eager", dynamic=False)
         return torch.compile(self._step, mode=mode, dynamic=False)

@@ -12,9 +12,10 @@ and never grow. Two ways to write:
 - prefill (`prefill(rows)`): a batch of n new rows, left-padded to T tokens, is written to
   columns [0, T) of slots `rows`; attention runs over those T keys alone (the new requests
   have no earlier context), with the caller's (n, 1, T, T) mask.
-- decode (`decode(cols)`): one token for every slot, written at column cols[s] of slot s;
-  attention runs over all L columns with the caller's (S, 1, 1, L) mask, which says which
-  columns are each row's.
+- decode (`decode(cols, span)`): one token for each of the first N slots, written at column
+  cols[s] of slot s; attention reads columns [0, span) with the caller's (N, 1, 1, span)
+  mask, which says which columns are each row's. The engine passes the occupied slots and
+  columns (rounded up to powers of two), so an almost empty pool costs little.
 
 Which columns belong to a row is the caller's business (the mask); the cache only stores. It
 plugs into any transformers model through the `Cache` interface (`update(key, value, layer)`);
@@ -37,14 +38,17 @@ class SlotCache(Cache):
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self._rows: torch.Tensor | None = None     # prefill: the slots being written (n,)
-        self._cols: torch.Tensor | None = None     # decode: each slot's write column (S,)
+        self._cols: torch.Tensor | None = None     # decode: each slot's write column (N,)
+        self._span = length                        # decode: columns attention reads
 
     def prefill(self, rows: torch.Tensor) -> "SlotCache":
         self._rows, self._cols = rows, None
         return self
 
-    def decode(self, cols: torch.Tensor) -> "SlotCache":
-        self._rows, self._cols = None, cols
+    def decode(self, cols: torch.Tensor, span: int | None = None) -> "SlotCache":
+        """The next forward decodes slots 0..N-1 (N = len(cols)), each writing at its column and
+        attention reading columns [0, span) (default all): views of the static tensors."""
+        self._rows, self._cols, self._span = None, cols, span or self.length
         return self
 
     def _allocate(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -63,7 +67,9 @@ class SlotCache(Cache):
         if len(self.keys) <= layer_idx:
             self._allocate(layer_idx, key_states, value_states)
         K, V = self.keys[layer_idx], self.values[layer_idx]
-        if self._cols is not None:                                   # decode: T = 1, N = S
+        if self._cols is not None:                                   # decode: T = 1
+            n = self._cols.shape[0]
+            K, V = K[:n, :, :self._span], V[:n, :, :self._span]       # views: writes land in the cache
             idx = self._cols.view(-1, 1, 1, 1).expand(-1, K.shape[1], 1, K.shape[3])
             K.scatter_(2, idx, key_states.to(K.dtype))
             V.scatter_(2, idx.expand(-1, V.shape[1], 1, V.shape[3]), value_states.to(V.dtype))
