@@ -143,18 +143,21 @@ class TimeCap(Exception):
 @contextlib.contextmanager
 def time_cap(seconds: float | None, part: str):
     """Raise TimeCap in the main thread when the block runs longer than `seconds` (SIGALRM; the
-    block is interrupted at its next Python instruction)."""
+    block is interrupted at its next Python instruction). Yields a dict whose "fired" says
+    whether the cap was reached: torch.compile re-raises what interrupts it as its own error."""
+    state = {"fired": False}
     if not seconds:
-        yield
+        yield state
         return
 
     def fire(signum, frame):
+        state["fired"] = True
         raise TimeCap(f"{part}: time cap of {seconds:g} s reached")
 
     old = signal.signal(signal.SIGALRM, fire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
+        yield state
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -287,11 +290,11 @@ def features_phase(model, args, vocab: int) -> dict:
 
 
 def decoding_phase(model, adapters, args, vocab: int, out: dict) -> None:
-    """The decoding methods at each batch size, into out[str(B)] as each batch finishes (a time
-    cap keeps those); out["not_run"] lists the batch sizes not measured."""
+    """The decoding methods at each batch size, into out[str(B)] as each method finishes (a time
+    cap keeps those); out["incomplete"] lists the batch sizes not fully measured."""
     from elrea.features import Featurizer, num_lora_params
     from elrea.projection import SparseProjector
-    from speed_generate import checks, decode_all, prepare, ratios, routing_weights
+    from speed_generate import checks, decode_each, prepare, ratios, routing_weights
 
     n_tok, dev = args.new_tokens, torch.device(args.device)
     models = prepare(model, adapters, 0, None if args.anchor_compile == "off" else args.anchor_compile,
@@ -300,7 +303,7 @@ def decoding_phase(model, adapters, args, vocab: int, out: dict) -> None:
     W = routing_weights(max(args.batch_sizes), len(adapters), args.seed)
     feat = Featurizer(model, SparseProjector(num_lora_params(model, "base"), args.dim, args.seed),
                       adapter="base", pad_id=0, batch_size=16)
-    out["not_run"] = [str(B) for B in args.batch_sizes]
+    out["incomplete"] = [str(B) for B in args.batch_sizes]
     for B in args.batch_sizes:
         prompts, w = [e.input_ids for e in prompts_all[:B]], W[:B]
 
@@ -328,24 +331,25 @@ def decoding_phase(model, adapters, args, vocab: int, out: dict) -> None:
             return {"seconds": sec, "tokens_per_s": B * n_tok / sec, "warmup_s": round(first["s"], 2),
                     "peak_mib": peak}, toks
 
-        res, toks, facts = decode_all(models, prompts, w, n_tok, args.methods, timed, engine_mode=args.engine_compile)
-        for key in ("single_adapter_peft", "anchor_merged_static"):
-            for r in res.values():
-                if key in res:
-                    r["ratio_to_single" if key == "single_adapter_peft" else "ratio_to_anchor"] = (
-                        r["tokens_per_s"] / res[key]["tokens_per_s"])
-        res["ratios"], res["checks"], res["engine_facts"] = ratios(res), checks(toks, n_tok), facts
+        res, toks = {}, {}
+        out[str(B)] = res
+        for name, result, tokens in decode_each(models, prompts, w, n_tok, args.methods, timed,
+                                                engine_mode=args.engine_compile):
+            res[name], toks[name] = result, tokens
+            res["ratios"], res["checks"] = ratios(res), checks(toks, n_tok)   # so far, should a cap stop it
+        for key, ratio in (("single_adapter_peft", "ratio_to_single"), ("anchor_merged_static", "ratio_to_anchor")):
+            for m in [m for m in args.methods if m in res and key in res]:
+                res[m][ratio] = res[m]["tokens_per_s"] / res[key]["tokens_per_s"]
         sec, _, _ = measure(lambda: feat.batch(prompts_all[:B]), args)
         res["routing_ms_per_prompt"] = 1000 * sec / B
-        out[str(B)] = res
-        out["not_run"].remove(str(B))
+        out["incomplete"].remove(str(B))
     b1 = out.get("1", {})
-    for method, key in (("single_adapter_peft", "decoded_token_ms_b1"), ("engine", "engine_token_ms_b1")):
-        if method in b1:   # routing cost in decoded tokens at batch 1, against PEFT's and the engine's token
-            out[key] = 1000 * b1[method]["seconds"] / n_tok
-            out[key.replace("decoded_token_ms", "routing_over_token").replace("engine_token_ms",
-                                                                              "routing_over_engine_token")] = (
-                b1["routing_ms_per_prompt"] / out[key])
+    # routing cost in decoded tokens at batch 1: PEFT's single-adapter token, and the engine's ensemble token
+    for method, token, routing in (("single_adapter_peft", "decoded_token_ms_b1", "routing_over_token_b1"),
+                                   ("engine", "engine_token_ms_b1", "routing_over_engine_token_b1")):
+        if method in b1 and "routing_ms_per_prompt" in b1:
+            out[token] = 1000 * b1[method]["seconds"] / n_tok
+            out[routing] = b1["routing_ms_per_prompt"] / out[token]
 
 
 def e2e_phase(args) -> dict:
@@ -384,18 +388,19 @@ def device_info(device: str) -> dict:
 def run_part(name: str, fn, args, record: dict) -> None:
     """Run part `name` under its time cap; the cap or an error is recorded in `record` and the
     run goes on to the next part (main exits non-zero after writing the report if one failed)."""
-    t = time.perf_counter()
+    t, cap = time.perf_counter(), {"fired": False}
     try:
-        with time_cap(args.caps.get(name), name):
+        with time_cap(args.caps.get(name), name) as cap:
             result = fn()
         if result is not None:
             record[name] = result
-    except TimeCap as e:
-        C.log(str(e))
-        record.setdefault("stopped", {})[name] = str(e)
     except Exception as e:  # noqa: BLE001 - one GPU session: a failing part must not lose the others
-        traceback.print_exc()
-        record.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        if cap["fired"]:
+            C.log(f"{name}: stopped by its time cap of {args.caps[name]:g} s")
+            record.setdefault("stopped", {})[name] = f"time cap of {args.caps[name]:g} s reached"
+        else:
+            traceback.print_exc()
+            record.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
     record.setdefault("part_seconds", {})[name] = round(time.perf_counter() - t, 1)
 
 
@@ -438,7 +443,8 @@ def targets(r: dict, args) -> dict:
     agreed = [d[B]["checks"]["engine_equals_before"] for B in map(str, args.batch_sizes)
               if "engine_equals_before" in (get(d, B, "checks") or {})]
     return {"features_speedup_ge_20x_less": at_least(get(f, "speedup_vs_less"), TARGETS["features_speedup_vs_less"]),
-            "features_le_1_3x_fwd_bwd": None if f is None else f["over_plain_fwd_bwd"] <= TARGETS["features_over_fwd_bwd"],
+            "features_le_1_3x_fwd_bwd": (None if f is None
+                                         else f["over_plain_fwd_bwd"] <= TARGETS["features_over_fwd_bwd"]),
             "agreement_cosine_ge_0_999": at_least(get(f, "agreement_cosine_min"), 0.999),
             "ensemble_ge_0_8x_single_b1": at_least(get(b1, "ratios", "engine_over_peft"),
                                                    TARGETS["ensemble_over_single_b1"]),
@@ -471,19 +477,21 @@ def show(report: dict, args):
                  f"{f['agreement_cosine_min']:.6f}"])
         bs = [str(B) for B in args.batch_sizes if str(B) in d]
         if bs:
-            rows = [[LABELS[m]] + [x for B in bs for x in (d[B][m]["tokens_per_s"], d[B][m].get("ratio_to_anchor"))]
+            rows = [[LABELS[m]] + [x for B in bs for x in (d[B].get(m, {}).get("tokens_per_s"),
+                                                              d[B].get(m, {}).get("ratio_to_anchor"))]
                     for m in LABELS if any(m in d[B] for B in bs)]
-            rows.append(["routing ms per prompt"] + [x for B in bs for x in (d[B]["routing_ms_per_prompt"], None)])
+            rows.append(["routing ms per prompt"] + [x for B in bs for x in (d[B].get("routing_ms_per_prompt"), None)])
             for key in ("engine_over_before", "engine_over_anchor", "engine_single_over_peft"):
-                rows.append([key.replace("_", " ")] + [x for B in bs for x in (d[B]["ratios"].get(key), None)])
+                rows.append([key.replace("_", " ")] + [x for B in bs for x in (d[B].get("ratios", {}).get(key), None)])
             notes = [f"batch {B}: engine == elrea before tokens: {C.fmt(ch.get('engine_equals_before'))} (common "
                      f"prefix {ch.get('engine_common_prefix_before', 0):.3f}); engine one-hot == PEFT: "
-                     f"{C.fmt(ch.get('engine_single_equals_peft'))} ({ch.get('engine_single_common_prefix_peft', 0):.3f}); "
+                     f"{C.fmt(ch.get('engine_single_equals_peft'))} "
+                     f"({ch.get('engine_single_common_prefix_peft', 0):.3f}); "
                      f"engine {fa.get('compile')} compiled {fa.get('compiled_buckets')} fallback {fa.get('fallback')}; "
                      f"first calls (s): { {m: d[B][m]['warmup_s'] for m in LABELS if m in d[B]} }"
-                     for B in bs for ch, fa in [(d[B]["checks"], d[B]["engine_facts"].get("engine", {}))]]
-            if d.get("not_run"):
-                notes.append(f"not run (time cap or error): batch {', '.join(d['not_run'])}")
+                     for B in bs for ch, fa in [(d[B].get("checks", {}), d[B].get("engine", {}).get("engine", {}))]]
+            if d.get("incomplete"):
+                notes.append(f"not (fully) run (time cap or error): batch {', '.join(d['incomplete'])}")
             if "routing_over_token_b1" in d:
                 notes.append(f"routing = {d['routing_over_token_b1']:.1f} PEFT decoded tokens at batch 1 (target <= 5)")
             notes.append(f"targets: {report['targets'][arch]}")

@@ -14,11 +14,15 @@ Each server is driven by the real `openai` Python client from 1, 16 and 64 threa
 shared by the threads: by default 16 with one client, else max(64, clients)) is sent; request
 i is the same in every mode: prompt i of the run's data/test.jsonl (or --prompts FILE, else
 the built-in reasoning-mix test split), greedy, `max_tokens` drawn from a seeded range
-(--min-tokens..--max-tokens, default 8..64) so that rows end at different steps, routed by
-its own gradient with `elrea.top_k` (--top-k, default 1: one slot per request, so --slots is
-the number of requests decoding at once; 0 leaves the run's own routing, a slot per adapter
-with weight > 0). The levels run in turn on every server (all started and warmed up first),
-so that a drifting machine load hits the modes alike.
+(--min-tokens..--max-tokens, default 8..64) so that rows end at different steps, sent with
+`elrea.top_k` (--top-k, default 1: one slot per request, so --slots is the number of requests
+decoding at once; 0 sends none: the run's routing, a slot per adapter with weight > 0) and,
+with --router ROUTER, `elrea.router` (default: the run's router; gradient in the demo, one
+batched backward pass per admission on the scheduler thread, which stalls the running rows;
+uniform needs none, but ignores top_k: a slot per adapter). --base-only sends fixed weights
+instead (the base adapter alone: one slot, no routing pass), to see the batching alone. The
+levels run in turn on every server (all started and warmed up first), so that a drifting
+machine load hits the modes alike (the order alternates from level to level).
 
 Per mode and level it reports requests/s and completion tokens/s (answered requests and the
 usage the server reports, over the level's wall time), p50/p95 latency per request (send to
@@ -80,6 +84,12 @@ def parse_args(argv=None):
     ap.add_argument("--max-length", type=int, default=256, help="--max-length of the servers (tokens per slot)")
     ap.add_argument("--top-k", type=int, default=1,
                     help="elrea.top_k sent with every request (default 1; 0 sends none: the run's routing)")
+    ap.add_argument("--router", default=None,
+                    help="elrea.router sent with every request (default none: the run's router, gradient in the "
+                         "demo)")
+    ap.add_argument("--base-only", action="store_true",
+                    help="send elrea.weights one-hot on the base adapter instead: one slot and no routing pass "
+                         "per request (the batching alone)")
     ap.add_argument("--one-at-a-time", action="store_true",
                     help="also serve one request at a time (--slots = one request's rows); slow")
     ap.add_argument("--seed", type=int, default=0, help="seeds the max_tokens draws")
@@ -90,7 +100,6 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.quick:
         args.concurrency, args.requests, args.min_tokens, args.max_tokens = [1, 4], [4, 8], 2, 8
-        args.one_at_a_time = True
     if args.requests is None:
         args.requests = [16 if c == 1 else max(64, c) for c in args.concurrency]
     elif len(args.requests) == 1:
@@ -141,8 +150,14 @@ def quick_run(tmp: Path) -> Path:
 
 def start_server(run: Path, max_batch: int, threads: int | None, batching: str = "continuous",
                  max_length: int | None = None):
-    """`elrea serve RUN` on a free loopback port as model NAME: (process, base URL). Its stderr goes
-    to a temporary file (proc.stderr_path), so that a chatty server never blocks on a full pipe."""
+    """`elrea serve RUN` on a free loopback port as model NAME: (process, base URL) once it answers."""
+    return wait_ready(*launch_server(run, max_batch, threads, batching, max_length))
+
+
+def launch_server(run: Path, slots: int, threads: int | None, batching: str = "continuous",
+                  max_length: int | None = None):
+    """Start `elrea serve` without waiting: (process, base URL). Its stderr goes to a temporary file
+    (proc.stderr_path), so that a chatty server never blocks on a full pipe."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -150,15 +165,19 @@ def start_server(run: Path, max_batch: int, threads: int | None, batching: str =
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-m", "elrea.cli", "-q", "serve", str(run), "--port", str(port),
-           "--slots", str(max_batch), "--batching", batching, "--served-model-name", NAME]
+           "--slots", str(slots), "--batching", batching, "--served-model-name", NAME]
     if max_length:
         cmd += ["--max-length", str(max_length)]
     err = tempfile.NamedTemporaryFile("w+", prefix="elrea-serve-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env)
     proc.stderr_path = err.name
     err.close()
-    base = f"http://127.0.0.1:{port}"
-    for _ in range(1800):
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc, base: str, seconds: float = 300):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {server_log(proc)}")
         try:
@@ -167,7 +186,7 @@ def start_server(run: Path, max_batch: int, threads: int | None, batching: str =
         except OSError:
             time.sleep(0.1)
     proc.kill()
-    raise RuntimeError("server did not start in 180 s")
+    raise RuntimeError(f"server did not start in {seconds:.0f} s")
 
 
 def server_log(proc, tail: int = 2000) -> str:
@@ -223,9 +242,9 @@ def requests_for(args, texts: list[str], n: int) -> list[dict]:
             for i in range(n)]
 
 
-def one_request(client, req: dict, top_k: int | None) -> dict:
+def one_request(client, req: dict, elrea: dict, t_level: float) -> dict:
     """One streamed chat completion: latency, time to first token, text, usage, finish reason."""
-    extra = {"elrea": {"top_k": top_k}} if top_k else None
+    extra = {"elrea": elrea} if elrea else None
     t0 = time.perf_counter()
     first, parts, usage, finish = None, [], None, None
     stream = client.chat.completions.create(
@@ -248,12 +267,12 @@ def one_request(client, req: dict, top_k: int | None) -> dict:
     latency = time.perf_counter() - t0
     if usage is None or finish is None:
         raise RuntimeError(f"stream ended without {'usage' if usage is None else 'a finish reason'}")
-    return {"i": req["i"], "latency": latency, "ttft": first, "text": "".join(parts), "finish": finish,
-            "completion_tokens": usage.completion_tokens, "prompt_tokens": usage.prompt_tokens,
+    return {"i": req["i"], "sent": t0 - t_level, "latency": latency, "ttft": first, "text": "".join(parts),
+            "finish": finish, "completion_tokens": usage.completion_tokens, "prompt_tokens": usage.prompt_tokens,
             "max_tokens": req["max_tokens"]}
 
 
-def load(base: str, reqs: list[dict], concurrency: int, top_k: int | None, timeout: float) -> tuple[dict, dict]:
+def load(base: str, reqs: list[dict], concurrency: int, elrea: dict, timeout: float) -> tuple[dict, dict]:
     """Send `reqs` from `concurrency` threads (each takes the next unsent one); (summary, texts by i)."""
     import openai
 
@@ -268,7 +287,7 @@ def load(base: str, reqs: list[dict], concurrency: int, top_k: int | None, timeo
                 req = reqs[next_i[0]]
                 next_i[0] += 1
             try:
-                r = one_request(client, req, top_k)
+                r = one_request(client, req, elrea, t0)
             except Exception as e:  # noqa: BLE001 - count it and go on: the report says how many failed
                 with lock:
                     errors.append(f"request {req['i']}: {type(e).__name__}: {str(e)[:300]}")
@@ -301,17 +320,26 @@ def load(base: str, reqs: list[dict], concurrency: int, top_k: int | None, timeo
         "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95), "max_s": max(lat, default=None),
         "ttft_p50_s": pct(ttft, 0.5), "ttft_p95_s": pct(ttft, 0.95),
         "usage_mismatches": bad_usage,
+        "per_request": [[r["i"], round(r["sent"], 3), round(r["ttft"], 3), round(r["latency"], 3),
+                         r["completion_tokens"], r["max_tokens"], r["finish"]]
+                        for r in sorted(done, key=lambda r: r["i"])],
     }
     return summary, {r["i"]: r["text"] for r in done}
 
 
-def modes(args, adapters: int) -> dict[str, int]:
+def modes(args, run: Path) -> dict[str, int]:
     """Mode -> --slots. One at a time: the rows one request needs (the server rounds up to a power
     of two, which is always < two requests' rows)."""
     out = {"continuous": args.slots, "static": args.slots}
     if args.one_at_a_time:
-        out["one_at_a_time"] = args.top_k if args.top_k else adapters
+        out["one_at_a_time"] = 1 if args.base_only else args.top_k or run_adapters(run)
     return out
+
+
+def run_adapters(run: Path) -> int:
+    """Adapters of a fitted run (base + one expert per cluster), from its elrea.json."""
+    info = json.loads((run / "elrea.json").read_text())
+    return 1 + int(info["stages"]["clusters"]["num_clusters"])
 
 
 def run(args) -> dict:
@@ -322,28 +350,31 @@ def run(args) -> dict:
     n_max = max(args.requests)
     texts, origin = bench_prompts(args, run_dir, n_max)
     reqs = requests_for(args, texts, n_max)
-    top_k = args.top_k or None
+    elrea = {**({"top_k": args.top_k} if args.top_k else {}), **({"router": args.router} if args.router else {})}
+    if args.base_only:
+        elrea = {"weights": [1.0] + [0.0] * (run_adapters(run_dir) - 1)}
     servers, results, texts_by = {}, {}, {}
     try:
-        C.log(f"starting elrea serve (continuous, --slots {args.slots}) ...")
-        servers["continuous"] = start_server(run_dir, args.slots, args.threads, "continuous", args.max_length)
+        plan = modes(args, run_dir)
+        for mode, slots in plan.items():   # all at once: the loading overlaps
+            C.log(f"starting elrea serve ({mode}, --slots {slots}) ...")
+            servers[mode] = launch_server(run_dir, slots, args.threads, "static" if mode == "static" else "continuous",
+                                          args.max_length)
+        for mode in plan:
+            wait_ready(*servers[mode])
         adapters = get_json(servers["continuous"][1] + "/v1/models")["data"][0]["adapters"]
-        plan = modes(args, len(adapters))
-        for mode, slots in plan.items():
-            if mode not in servers:
-                C.log(f"starting elrea serve ({mode}, --slots {slots}) ...")
-                servers[mode] = start_server(run_dir, slots, args.threads,
-                                             "static" if mode == "static" else "continuous", args.max_length)
         for mode, (_, base) in servers.items():   # first-call costs (cache allocation) out of the timings
-            load(base, reqs[:1], 1, top_k, args.timeout)
+            load(base, reqs[:1], 1, elrea, args.timeout)
             results[mode] = {"server": {"slots_asked": plan[mode], **{k: get_json(base + "/health")[k]
                                                                       for k in ("slots", "batching")}},
                              "levels": {}}
             texts_by[mode] = {}
-        for c, n in zip(args.concurrency, args.requests):
-            for mode, (_, base) in servers.items():
+        for level, (c, n) in enumerate(zip(args.concurrency, args.requests)):
+            order = list(servers) if level % 2 == 0 else list(servers)[::-1]   # neither mode always goes first
+            for mode in order:
+                base = servers[mode][1]
                 C.log(f"{mode}: {n} requests from {c} client(s) ...")
-                summary, got = load(base, reqs[:n], c, top_k, args.timeout)
+                summary, got = load(base, reqs[:n], c, elrea, args.timeout)
                 h = wait_idle(base)
                 summary["idle_after"] = h["active"] == 0 and h["queued"] == 0 and h["slots_free"] == h["slots"]
                 summary["engine_after"] = h
@@ -379,8 +410,12 @@ def run(args) -> dict:
             "config": {"run": str(run_dir), "prompts": origin, "concurrency": args.concurrency,
                        "requests": args.requests, "max_tokens_range": [args.min_tokens, args.max_tokens],
                        "slots": args.slots, "max_length": args.max_length, "top_k": args.top_k,
+                       "router": "none (--base-only: weights on the base adapter)" if args.base_only
+                       else args.router or "the run's",
                        "adapters": adapters, "modes": plan, "seed": args.seed, "quick": args.quick,
-                       "client": "openai (threads, streamed chat completions), loopback"},
+                       "client": "openai (threads, streamed chat completions), loopback",
+                       "per_request": ["request", "sent_s", "ttft_s", "latency_s", "completion_tokens",
+                                       "max_tokens", "finish_reason"]},
             "results": results, "over_static": ratios,
             "continuous_over_static": ratios["continuous"]}
 
@@ -409,8 +444,9 @@ def show(report: dict):
                      + ("" if not any(x["usage_mismatches"] for x in lv.values()) else "; USAGE MISMATCHES"))
     notes.append(C.machine_note(report))
     C.print_table(f"elrea serve: continuous vs static batching, --slots {cfg['slots']}, --max-length "
-                  f"{cfg['max_length']}, top_k {cfg['top_k'] or 'run'}, streamed chats of "
-                  f"{cfg['max_tokens_range'][0]}..{cfg['max_tokens_range'][1]} tokens max, {cfg['run']}",
+                  f"{cfg['max_length']}, top_k {cfg['top_k'] or 'run'}, router {cfg.get('router', 'run')}, "
+                  f"streamed chats of {cfg['max_tokens_range'][0]}..{cfg['max_tokens_range'][1]} tokens max, "
+                  f"{cfg['run']}",
                   ["mode, clients", "answered", "req/s", "tok/s", "p50 s", "p95 s", "TTFT p50", "TTFT p95",
                    "x static req/s", "x static tok/s", "x static p95", "x static TTFT p95"], rows, notes)
 

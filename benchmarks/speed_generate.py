@@ -1,4 +1,4 @@
-"""python benchmarks/speed_generate.py  -- ensembled greedy decoding: the engine against elrea before, PEFT and transformers.
+"""python benchmarks/speed_generate.py  -- ensembled greedy decoding: the engine vs elrea before, PEFT, transformers.
 
 Measures tokens/s of greedy decoding of exactly N new tokens (--max-new-tokens, default 128;
 the backbone's EOS id is unset, so no method stops early) at each batch size of
@@ -38,7 +38,7 @@ each batch (target >= 1.0), engine with 5 adapters / the anchor, engine one adap
 Options: --max-new-tokens --batch-sizes --experts --rank --dim --repeats --threads --device
 --extras-max-batch --compile-anchor [MODE|off] --engine-compile MODE --out (default
 benchmarks/results/speed_generate.json; speed_generate_quick.json with --quick). Also the
-source of the decoding methods that benchmarks/gpu.py runs on a GPU (`decode_all`).
+source of the decoding methods that benchmarks/gpu.py runs on a GPU (`decode_each`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -59,7 +61,7 @@ import torch  # noqa: E402
 
 TARGET_ENGINE_OVER_BEFORE = 1.0
 
-# every method, in the order they run and are shown (see decode_all for why this order)
+# every method, in the order they are shown (decode_each says in which order they run)
 LABELS = {
     "anchor_merged_static": "anchor: transformers generate, 1 adapter merged, static cache",
     "single_adapter_peft": "PEFT generate, 1 adapter",
@@ -265,59 +267,61 @@ def backbone_only(model):
 
 # ----------------------------------------------------------------------------- one batch, every method
 
-def decode_all(models: Models, prompts, w: torch.Tensor, n: int, wanted, measure,
-               engine_compile: str | None = None, engine_mode: str = "auto") -> tuple[dict, dict, dict]:
-    """Every method of `wanted` (names of LABELS) on one batch: ({method: measurement},
-    {method: tokens}, {engine facts}). measure(fn, compiled) -> (measurement dict, tokens), fn(m)
-    decoding m tokens. The engine rows run with compile=engine_mode; engine_compiled (when
-    engine_compile is given) with compile=engine_compile.
+def decode_each(models: Models, prompts, w: torch.Tensor, n: int, wanted, measure,
+                engine_compile: str | None = None, engine_mode: str = "auto"):
+    """Every method of `wanted` (names of LABELS) on one batch, yielding (method, measurement,
+    tokens) as each finishes. measure(fn, compiled) -> (measurement dict, tokens), fn(m) decoding
+    m tokens. The engine rows run with compile=engine_mode (their measurement gets the engine's
+    pool and compiles under "engine"); engine_compiled (when engine_compile is given) with
+    compile=engine_compile.
 
-    _eager.generate deletes each LoRA layer's patched forward when it ends, which would also
-    remove an engine's: so the methods without an engine run first, then each engine is built,
-    used and removed (`_restack`) before the next.
+    The engines run first (what a GPU session must not miss if a time cap stops it), each built,
+    used and removed (`_restack`) before the next method: _eager.generate deletes each LoRA
+    layer's patched forward when it ends, which would also remove a live engine's.
     """
     from elrea.engine import Ensemble
 
     m, k, B, pad = models.peft, len(models.adapters), len(prompts), models.pad_id
     base = models.adapters[0]
-    res, toks, facts = {}, {}, {}
 
-    def run(name, fn, compiled=False):
-        if name in wanted:
-            C.log(f"batch {B}: {name} ...")
-            res[name], toks[name] = measure(fn, compiled)
+    def run(name, fn, compiled=False, eng=None):
+        C.log(f"batch {B}: {name} ...")
+        result, tokens = measure(fn, compiled)
+        if eng is not None:
+            result["engine"] = _facts(eng)
+        return name, result, tokens
 
-    run("anchor_merged_static", lambda t: hf_generate(models.anchor, prompts, pad, t, models.anchor_compile, True),
-        compiled=models.anchor_compile is not None)
-    run("single_adapter_peft", lambda t: peft_generate(m, prompts, base, pad, t))
-    run("naive_ensemble", lambda t: naive_generate(m, prompts, w, models.adapters, pad, t))
-    run("elrea_before", lambda t: _eager.generate(m, prompts, w, models.adapters, pad_id=pad, max_new_tokens=t))
+    def bound(eng, t):
+        with backbone_only(m):   # the engine-5's slots: every prompt once per adapter
+            return eng.generate([p for p in prompts for _ in range(k)], one_hot(B * k, k), max_new_tokens=t)
+
     m.set_adapter(base)
     eng = Ensemble(m, models.adapters, pad_id=pad, compile=engine_mode)
+    engine_rows = {"engine": lambda t: eng.generate(prompts, w, max_new_tokens=t),
+                   "engine_single": lambda t: eng.generate(prompts, one_hot(B, k), max_new_tokens=t),
+                   "weight_mixing": lambda t: eng.generate(prompts, w, max_new_tokens=t, mix=True),
+                   "base_model_all_rows": lambda t: bound(eng, t)}
     try:
-        run("engine_single", lambda t: eng.generate(prompts, one_hot(B, k), max_new_tokens=t),
-            compiled=eng.compile != "off")
-        run("engine", lambda t: eng.generate(prompts, w, max_new_tokens=t), compiled=eng.compile != "off")
-        facts["engine"] = _facts(eng)
-        run("weight_mixing", lambda t: eng.generate(prompts, w, max_new_tokens=t, mix=True),
-            compiled=eng.compile != "off")
-
-        def bound(t):
-            with backbone_only(m):   # the engine-5's slots: every prompt once per adapter
-                return eng.generate([p for p in prompts for _ in range(k)], one_hot(B * k, k), max_new_tokens=t)
-
-        run("base_model_all_rows", bound, compiled=eng.compile != "off")
+        for name, fn in engine_rows.items():
+            if name in wanted:
+                yield run(name, fn, eng.compile != "off", eng)
     finally:
         eng._restack()
     if engine_compile and "engine_compiled" in wanted:
-        eng = Ensemble(m, models.adapters, pad_id=pad, compile=engine_compile)
+        eng_c = Ensemble(m, models.adapters, pad_id=pad, compile=engine_compile)
         try:
-            run("engine_compiled", lambda t: eng.generate(prompts, w, max_new_tokens=t), compiled=True)
-            facts["engine_compiled"] = {**_facts(eng), "mode": engine_compile}
+            yield run("engine_compiled", lambda t: eng_c.generate(prompts, w, max_new_tokens=t), True, eng_c)
         finally:
-            eng._restack()
+            eng_c._restack()
+    plain_rows = {
+        "anchor_merged_static": lambda t: hf_generate(models.anchor, prompts, pad, t, models.anchor_compile, True),
+        "elrea_before": lambda t: _eager.generate(m, prompts, w, models.adapters, pad_id=pad, max_new_tokens=t),
+        "single_adapter_peft": lambda t: peft_generate(m, prompts, base, pad, t),
+        "naive_ensemble": lambda t: naive_generate(m, prompts, w, models.adapters, pad, t)}
+    for name, fn in plain_rows.items():
+        if name in wanted:
+            yield run(name, fn, name == "anchor_merged_static" and models.anchor_compile is not None)
     m.set_adapter(base)
-    return res, toks, facts
 
 
 def _facts(eng) -> dict:
@@ -389,18 +393,28 @@ def run_batch(args, models: Models, encoded, info, W, B: int) -> dict:
               and (m != "engine_compiled" or args.engine_compile)]
 
     def measure(fn, compiled):
-        first = {}
+        first, cpu = {}, []
 
         def warmup():   # compiled: the same shapes as the timed runs, so the compile happens here
             t = time.perf_counter()
             fn(n if compiled else 2)
             first["s"] = time.perf_counter() - t
 
-        sec, times, toks = C.timed(lambda: fn(n), args.repeats, warmup=warmup)
+        def once():     # also the process's CPU time, which other work on the machine inflates less
+            c = time.process_time()
+            out = fn(n)
+            cpu.append(time.process_time() - c)
+            return out
+
+        load = os.getloadavg()[0]
+        sec, times, toks = C.timed(once, args.repeats, warmup=warmup)
         return {"seconds": sec, "all_seconds": [round(t, 4) for t in times], "warmup_s": round(first["s"], 3),
+                "cpu_seconds": statistics.median(cpu), "loadavg_1min": [load, os.getloadavg()[0]],
                 "tokens": B * n, "tokens_per_s": B * n / sec}, toks
 
-    res, toks, facts = decode_all(models, prompts, w, n, wanted, measure, args.engine_compile)
+    res, toks = {}, {}
+    for name, result, tokens in decode_each(models, prompts, w, n, wanted, measure, args.engine_compile):
+        res[name], toks[name] = result, tokens
     for r in res.values():
         r["ratio_to_single"] = r["tokens_per_s"] / res["single_adapter_peft"]["tokens_per_s"]
         r["ratio_to_anchor"] = r["tokens_per_s"] / res["anchor_merged_static"]["tokens_per_s"]
@@ -418,7 +432,8 @@ def run_batch(args, models: Models, encoded, info, W, B: int) -> dict:
                                   "ratio_to_anchor": B * n / total / res["anchor_merged_static"]["tokens_per_s"]}
     res["skipped"] = {m: f"batch {B} > --extras-max-batch {args.extras_max_batch}" for m in EXTRAS if m not in wanted}
     res["ratios"] = ratios(res)
-    res["engine_facts"] = facts
+    if "engine" in res and "elrea_before" in res:   # the same ratio by CPU time, less sensitive to load
+        res["ratios"]["engine_over_before_cpu_time"] = res["elrea_before"]["cpu_seconds"] / res["engine"]["cpu_seconds"]
     res["checks"] = checks(toks, n)
     return res
 
@@ -467,6 +482,7 @@ def show(report: dict):
                   f"{len(c['adapters'])} adapters, tokens/s", ["method"] + [h for B in bs for h in
                                                                   (f"tok/s b={B}", f"x anchor b={B}")], rows)
     names = {"engine_over_before": f"engine 5 / elrea before (target >= {TARGET_ENGINE_OVER_BEFORE:g})",
+             "engine_over_before_cpu_time": "engine 5 / elrea before, by process CPU time",
              "engine_over_anchor": "engine 5 / anchor", "engine_single_over_peft": "engine 1 / PEFT",
              "engine_single_over_anchor": "engine 1 / anchor", "engine_over_peft": "engine 5 / PEFT",
              "engine_compiled_over_engine": "engine 5 compiled / engine 5",
@@ -476,19 +492,20 @@ def show(report: dict):
             if any(key in batches[B]["ratios"] for B in bs)]
     notes = []
     for B in bs:
-        ch, f = batches[B]["checks"], batches[B]["engine_facts"]
+        ch, pool = batches[B]["checks"], batches[B]["engine"]["engine"]
         notes.append(f"batch {B}: engine tokens == elrea before: {C.fmt(ch['engine_equals_before'])} (first mismatch "
                      f"at step {ch['first_mismatch_step']}); engine one-hot == PEFT generate: "
                      f"{C.fmt(ch['engine_single_equals_peft'])}; anchor == PEFT: {C.fmt(ch.get('anchor_equals_peft'))}"
                      + (f"; compiled == eager engine: {C.fmt(ch['engine_compiled_equals_engine'])}"
                         if "engine_compiled_equals_engine" in ch else "")
-                     + f"; engine pool {f['engine']['slots']} slots x {f['engine']['columns']} columns")
+                     + f"; engine pool {pool['slots']} slots x {pool['columns']} columns")
         if "engine_compiled" in batches[B]:
             r = batches[B]["engine_compiled"]
             notes.append(f"batch {B}: compiled engine's first call (compile + {c['max_new_tokens']} tokens): "
-                         f"{r['warmup_s']:.1f} s; fallback: {f['engine_compiled']['fallback']}")
+                         f"{r['warmup_s']:.1f} s; fallback: {r['engine']['fallback']}")
         if batches[B]["skipped"]:
-            notes.append(f"batch {B}: not run: {', '.join(batches[B]['skipped'])} ({next(iter(batches[B]['skipped'].values()))})")
+            why = next(iter(batches[B]["skipped"].values()))
+            notes.append(f"batch {B}: not run: {', '.join(batches[B]['skipped'])} ({why})")
     notes.append(f"set_adapter: {report['set_adapter_ms']:.2f} ms per call (the naive loop calls it "
                  f"{len(c['adapters'])}x per step)")
     notes.append(C.machine_note(report))
