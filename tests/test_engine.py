@@ -224,3 +224,21 @@ def test_an_almost_empty_pool_decodes_only_its_busy_slots_and_columns(engine):
             spans.add(pool._busy())
     assert got == alone
     assert spans == {(1, 64), (1, 128)}
+
+
+def test_a_freed_slot_below_a_running_one_is_not_written_past_the_busy_columns(engine):
+    """Slot 0 ends a long answer while slot 1's young request still needs few columns: the free
+    slot must stay out of the step (it once kept advancing its column past the busy span)."""
+    w = engine.one_hot("c", 1)[0]
+    first, second = _prompts(2, seed=11)
+    late = engine.generate([second], w[None], max_new_tokens=40)[0]
+    pool = engine.slots(16, 256, fresh=True)
+    a = pool.add(first, w, sampling(max_new_tokens=100))
+    got, step = [], 0
+    while pool.live():
+        if step == 75:
+            b = pool.add(second, w, sampling(max_new_tokens=40))
+        for events in pool.step(1):
+            got += [tok for s, tok, _ in events if step >= 75 and s is b]
+        step += 1
+    assert a.rows == [0] and b.rows == [1] and got == late

@@ -362,6 +362,8 @@ class Slots:
         self.pending: list[Seq] = []
         self.owner.fill_(S)
         self.row_w.zero_()
+        self.cols.zero_()
+        self.starts.zero_()
         self.done.fill_(True)
 
     # ------------------------------------------------------------------ joining and leaving
@@ -404,6 +406,8 @@ class Slots:
         rows = torch.tensor(seq.rows, device=self.owner.device)
         self.owner[rows] = self.n
         self.row_w[rows] = 0.0
+        self.cols[rows] = 0
+        self.starts[rows] = 0
         self.free_rows = sorted(self.free_rows + seq.rows)
         self.free_q.append(seq.q)
 
@@ -519,8 +523,9 @@ class Slots:
         mixed.index_add_(0, self.owner, logits.float() * self.row_w[:, None])
         which = torch.zeros(self.n + 1, dtype=torch.bool, device=logits.device)
         which[torch.tensor([s.q for s in live], device=logits.device, dtype=torch.long)] = True
-        self.pos.add_(1)
-        self.cols.add_(1).clamp_(max=self.length - 1)
+        busy = (self.owner < self.n).long()                   # free slots stay at column 0
+        self.pos.add_(busy[:, None])
+        self.cols.add_(busy).clamp_(max=self.length - 1)
         for seq in self.seqs.values():
             seq.col = min(seq.col + 1, self.length - 1)
         eng.stats.steps += 1
