@@ -136,8 +136,9 @@ def parse_caps(items: list[str], ap) -> dict[str, float]:
     return caps
 
 
-class TimeCap(Exception):
-    """A part reached its --cap."""
+class TimeCap(BaseException):
+    """A part reached its --cap. A BaseException, as KeyboardInterrupt is: code that handles
+    errors (the engine's eager fallback after a failed compile) must not swallow it."""
 
 
 @contextlib.contextmanager
@@ -394,7 +395,7 @@ def run_part(name: str, fn, args, record: dict) -> None:
             result = fn()
         if result is not None:
             record[name] = result
-    except Exception as e:  # noqa: BLE001 - one GPU session: a failing part must not lose the others
+    except (Exception, TimeCap) as e:  # noqa: BLE001 - one GPU session: a failing part must not lose the others
         if cap["fired"]:
             C.log(f"{name}: stopped by its time cap of {args.caps[name]:g} s")
             record.setdefault("stopped", {})[name] = f"time cap of {args.caps[name]:g} s reached"

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# benchmarks/gpu_all.sh -- the one prepared script for a GPU session (see ../shared/GPU.md).
+#
+#   on the device machine:  bash benchmarks/gpu_all.sh              # python3 = /opt/torch/.venv's
+#   on this CPU, to check:  bash benchmarks/gpu_all.sh --dry-run     # (or SMOKE=1) same steps, tiny settings
+#
+# Runs, in order of value, each step with its own `timeout` and within one overall budget
+# (BUDGET seconds, default 540: the device tool gives one command at most 600 s), writing JSON
+# and one log per step under $OUT (a temporary folder when OUT is not set):
+#   1. env          versions of torch, CUDA, transformers, PEFT; nvidia-smi
+#   2. decode-b1    issue 19: benchmarks/gpu.py decoding at batch 1, Llama-3.2-1B shapes, bf16,
+#                   128 new tokens: the engine with 5 adapters (compile="auto": CUDA graphs), with
+#                   1 adapter, the anchor (1 adapter merged, static cache, torch.compile
+#                   reduce-overhead), elrea before (eager), PEFT generate with 1 adapter
+#   3. tests        pytest tests/test_engine.py tests/test_device.py (the tiny model on CUDA,
+#                   the engine's CUDA graphs against eager and PEFT)
+#   4. decode-b32   the same methods at batch 32
+#   5. decode-b8-64 the same methods at batch 8 and 64
+#   6. tests-more   the other test files that run there (none import the missing packages:
+#                   datasets, gguf, bitsandbytes, lm-eval, fastapi/uvicorn, openai)
+#   7. features     gradient features, elrea vs the LESS way (measured before; lowest value)
+# A step is not started with under 30 s of the budget left; $OUT/gpu_all.txt says, per step,
+# its exit status and seconds, and which steps did not fit. gpu.py writes its JSON after every
+# part, so a step stopped by its timeout keeps what it measured (see "incomplete" in it).
+# Exit status: 0 when every step that ran passed.
+set -u
+cd "$(dirname "$0")/.."
+
+DRY=${SMOKE:-0}
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+if [[ "$DRY" == 1 ]]; then
+    PY=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}
+    GPU=(--smoke --batch-sizes 1)          # tiny model on the CPU, 4 new tokens
+    BIG=(--smoke --batch-sizes 2 3)
+    MID=(--smoke --batch-sizes 2)
+    ARCH=()
+    TESTS_MORE=(tests/test_fastlora.py)
+    SCALE=4                                # a CPU shared with other work: every cap x4
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
+    PY=${PYTHON:-python3}
+    GPU=(--batch-sizes 1)
+    MID=(--batch-sizes 32)
+    BIG=(--batch-sizes 8 64)
+    ARCH=(--archs llama-3.2-1b)
+    TESTS_MORE=(tests/test_fastlora.py tests/test_generation.py tests/test_ensemble.py tests/test_features.py
+                tests/test_routing.py tests/test_routers.py tests/test_precision.py -k "'not qlora'")
+    SCALE=1
+fi
+OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_all.XXXXXX")}
+BUDGET=${BUDGET:-$((540 * SCALE))}
+mkdir -p "$OUT"
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+SUMMARY="$OUT/gpu_all.txt"
+START=$SECONDS
+FAILED=0
+echo "gpu_all.sh $(date -u +%FT%TZ) dry_run=$DRY budget=${BUDGET}s python=$PY out=$OUT" | tee "$SUMMARY"
+
+# step NAME CAP CMD...: run CMD with `timeout` min(CAP, budget left), its output in $OUT/NAME.log.
+# $LEFT (seconds this step may run) is exported to the command line, which bash -c runs.
+step() {
+    local name=$1 cap=$(($2 * SCALE))
+    shift 2
+    export LEFT=$((BUDGET - (SECONDS - START)))
+    if ((LEFT < 30)); then
+        echo "$name: not run: ${LEFT}s of the ${BUDGET}s budget left" | tee -a "$SUMMARY"
+        return
+    fi
+    ((LEFT > cap)) && LEFT=$cap
+    local t0=$SECONDS rc
+    echo "[$(date +%T)] $name (cap ${LEFT}s) ..."
+    timeout -k 10 "$LEFT" bash -c "$*" >"$OUT/$name.log" 2>&1
+    rc=$?
+    local how="rc=$rc"
+    ((rc == 124 || rc == 137)) && how="timed out after ${LEFT}s"
+    ((rc != 0)) && FAILED=1
+    echo "$name: $how, $((SECONDS - t0))s; last line: $(tail -n 1 "$OUT/$name.log" | cut -c1-160)" | tee -a "$SUMMARY"
+}
+
+# gpu.py's own cap for its decoding part, a little under the step's, so that it writes its JSON
+decode() {
+    local name=$1 cap=$2
+    shift 2
+    step "$name" "$cap" "$PY benchmarks/gpu.py ${ARCH[*]} --parts decoding --repeats 2 --methods engine \
+        engine_single anchor_merged_static elrea_before single_adapter_peft --cap decoding=\$((LEFT - 20)) \
+        $* --out $OUT/gpu-$name.json"
+}
+
+step env 30 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c 'import sys, torch, \
+transformers, peft; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
+torch.cuda.is_available(), \"transformers\", transformers.__version__, \"peft\", peft.__version__)'"
+decode decode-b1 210 "${GPU[*]}"
+step tests 150 "$PY -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_device.py"
+decode decode-b32 150 "${MID[*]}"
+decode decode-b8-64 180 "${BIG[*]}"
+step tests-more 120 "$PY -m pytest -q -p no:cacheprovider ${TESTS_MORE[*]}"
+step features 120 "$PY benchmarks/gpu.py ${ARCH[*]} ${GPU[*]} --parts features --repeats 1 \
+    --cap features=\$((LEFT - 15)) --out $OUT/gpu-features.json"
+
+# one line per batch size measured: tokens/s of each method, the issue's ratios, tokens agreement
+$PY - "$OUT"/gpu-decode-*.json <<'PY' | tee -a "$SUMMARY"
+import json, sys
+for path in sys.argv[1:]:
+    try:
+        report = json.load(open(path))
+    except (OSError, ValueError) as e:
+        print(f"{path}: unreadable ({e})")
+        continue
+    for arch, r in report["archs"].items():
+        for B, res in r.get("decoding", {}).items():
+            if not B.isdigit():
+                continue
+            rates = {m: round(v["tokens_per_s"], 1) for m, v in res.items() if isinstance(v, dict) and "tokens_per_s" in v}
+            ratios = {k: round(v, 2) for k, v in res.get("ratios", {}).items()}
+            agree = {k: v for k, v in res.get("checks", {}).items() if "equals" in k}
+            print(f"{arch} b={B}: tokens/s {rates}; ratios {ratios}; tokens equal {agree}")
+        if r.get("stopped") or r.get("errors"):
+            print(f"{arch}: stopped {r.get('stopped')}, errors {r.get('errors')}")
+PY
+echo "total $((SECONDS - START))s of ${BUDGET}s; results under $OUT" | tee -a "$SUMMARY"
+exit $FAILED
