@@ -371,9 +371,6 @@ class Slots:
     def rows_needed(self, weights: torch.Tensor, mix: bool = False) -> int:
         return 1 if mix else int((weights > 0).sum())
 
-    def fits(self, rows: int) -> bool:
-        return rows <= len(self.free_rows)
-
     def live(self) -> list[Seq]:
         return list(self.seqs.values())
 
