@@ -53,6 +53,8 @@ def test_alternative_keys_input_and_messages(tmp_path):
     ('{"instruction": 3, "response": "b"}', r"x.jsonl:2: field 'instruction': expected a string, got int"),
     ('{"instruction": "a", "response": "b", "source": 5}', r"field 'source': expected a string"),
     ('[1, 2]', r"x.jsonl:2: expected a JSON object"),
+    ('{"instruction": "a", "response": "b", "references": "b"}', r"x.jsonl:2: field 'references': expected a list"),
+    ('{"instruction": "a", "response": "b", "references": ["b", 2]}', r"field 'references': expected a string"),
     ('{"messages": [{"role": "user", "content": "a"}]}', r"the last turn must be the assistant"),
 ])
 def test_bad_records_name_file_line_and_field(tmp_path, line, match):

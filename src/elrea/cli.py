@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import ElreaError
+from .errors import ConfigError, ElreaError
 
 log = logging.getLogger("elrea")
 
@@ -269,13 +269,32 @@ def cmd_config(args):
                ["field", "default", "meaning"], rows)
 
 
-def cmd_data_export(args):
-    from .tasks import export_mixture
+BIGBENCH_ONLY = ("bigbench", "tasks", "task", "bbh", "max_chars", "max_response_chars")
 
-    paths = export_mixture(args.name, args.out, train=args.train, validation=args.validation,
-                           test=args.test, seed=args.seed)
+
+def cmd_data_export(args):
+    if args.name == "bigbench-mix":
+        from . import bigbench
+
+        sizes = {k: v for k, v in (("train", args.train), ("validation", args.validation), ("test", args.test))
+                 if v is not None}
+        paths = bigbench.export(args.out, args.bigbench, n_tasks=_or(args.tasks, 12), bbh=_or(args.bbh, 50),
+                                seed=args.seed, include=args.task, max_chars=_or(args.max_chars, 1000),
+                                max_response_chars=_or(args.max_response_chars, 100), **sizes)
+    else:
+        given = [f"--{k.replace('_', '-')}" for k in BIGBENCH_ONLY if getattr(args, k) is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only for bigbench-mix, not {args.name}")
+        from .tasks import export_mixture
+
+        paths = export_mixture(args.name, args.out, train=_or(args.train, 2000), validation=_or(args.validation, 200),
+                               test=_or(args.test, 400), seed=args.seed)
     for split, p in paths.items():
         print(f"{split}: {p}")
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def cmd_demo(args):
@@ -479,15 +498,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="built-in data sets")
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    e = dsub.add_parser("export", help="write train/validation/test JSONL of a built-in mixture")
-    from .tasks import MIXTURES
+    e = dsub.add_parser("export", help="write train/validation/test JSONL of a built-in mixture",
+                        description="Write train/validation/test JSONL (and bbh.jsonl for bigbench-mix), a README "
+                                    "and mixture.json (for the checker 'auto') into --out.",
+                        epilog="examples:\n  elrea data export reasoning-mix --out data/mix\n"
+                               "  elrea data export bigbench-mix --out data/bb --tasks 12 --train 300\n"
+                               "  elrea data export bigbench-mix --out data/bb --bigbench ~/bigbench-1.0.0.tar.gz "
+                               "--task word_unscrambling --task implicatures",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .tasks import EXTERNAL_MIXTURES, MIXTURES
 
-    e.add_argument("name", choices=list(MIXTURES), help="which mixture")
+    e.add_argument("name", choices=[*MIXTURES, *EXTERNAL_MIXTURES], help="which mixture")
     e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--train", type=int, default=2000)
-    e.add_argument("--validation", type=int, default=200)
-    e.add_argument("--test", type=int, default=400)
+    e.add_argument("--train", type=int, help="training records (default 2000; bigbench-mix: per task, 300)")
+    e.add_argument("--validation", type=int, help="validation records (default 200; bigbench-mix: per task, 30)")
+    e.add_argument("--test", type=int, help="test records (default 400; bigbench-mix: in-distribution, per task, 60)")
     e.add_argument("--seed", type=int, default=0)
+    b = e.add_argument_group("bigbench-mix")
+    b.add_argument("--bigbench", metavar="PATH", help="the bigbench-1.0.0 sdist (.tar.gz) or the folder it unpacks "
+                   "to (default: fetched once from the package index into elrea's cache)")
+    b.add_argument("--tasks", type=int, help="training tasks, drawn with --seed among those with enough examples "
+                   "(default 12)")
+    b.add_argument("--task", action="append", metavar="NAME", help="a training task by name (repeat; instead of --tasks)")
+    b.add_argument("--bbh", type=int, help="held-out BIG-Bench-Hard records per BBH task (default 50)")
+    b.add_argument("--max-chars", type=int, help="longest instruction kept, in characters (default 1000)")
+    b.add_argument("--max-response-chars", type=int, help="longest response kept (default 100)")
     e.set_defaults(func=cmd_data_export)
     return ap
 

@@ -5,7 +5,8 @@ Accepted files: JSONL, JSON (a list of records), CSV, Parquet, or a `datasets` d
 
 Accepted records (docs/method.md, "Data"):
   {"instruction" | "prompt": str, "response" | "completion" | "output": str,
-   "input": str (optional, appended to the instruction), "source": str (optional)}
+   "input": str (optional, appended to the instruction), "source": str (optional),
+   "references": [str, ...] (optional: other accepted answers, for the exact-match check)}
   {"messages": [{"role": ..., "content": ...}, ...]}  (the last assistant turn is the response)
 
 Text files are UTF-8, with or without the byte-order mark that Windows tools write. A bad file
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 INSTRUCTION_KEYS = ("instruction", "prompt")
 RESPONSE_KEYS = ("response", "completion", "output")
-KNOWN_KEYS = set(INSTRUCTION_KEYS + RESPONSE_KEYS + ("input", "source", "messages", "id"))
+KNOWN_KEYS = set(INSTRUCTION_KEYS + RESPONSE_KEYS + ("input", "source", "messages", "id", "references"))
 PLAIN_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 # Values quoted in error messages: bounded in length and depth, whatever the record holds
 _SHOW = reprlib.Repr()
@@ -46,6 +47,12 @@ class Record:
     source: str | None = None
     where: str = ""               # "file:line" for error messages
     extra: dict = field(default_factory=dict)
+    references: list[str] = field(default_factory=list)   # other accepted answers
+
+    @property
+    def answers(self) -> list[str]:
+        """Every accepted answer: the response, then the references."""
+        return [a for a in [self.response, *self.references] if a is not None]
 
     @property
     def instruction(self) -> str:
@@ -254,7 +261,12 @@ def parse_record(row, loc: dict, require_response: bool = True) -> Record:
         elif require_response:
             raise DataError(f"missing response: expected one of {list(RESPONSE_KEYS)}; "
                             f"keys present: {_SHOW.repr(sorted(row))}", **loc)
-    return Record(messages=messages, response=response, source=source, where=where, extra=extra)
+    references = row.get("references") or []
+    if not isinstance(references, list):
+        raise DataError(f"expected a list of strings, got {type(references).__name__}", field="references", **loc)
+    references = [_string(r, "references", loc) for r in references]
+    return Record(messages=messages, response=response, source=source, where=where, extra=extra,
+                  references=references)
 
 
 def _string(value, key, loc) -> str:

@@ -52,9 +52,9 @@ def accuracy_table(rows: list[dict], methods: list[str]) -> dict:
 
 
 def exact_checker(source, prediction: str, record) -> bool:
-    """The default answer check: exact match against the record's response after normalisation.
-    (Built-in mixtures' own checks: elrea.tasks.checker.)"""
-    return exact_match(prediction, record.response)
+    """The default answer check: exact match after normalisation against the record's response
+    or any of its `references`. (Built-in mixtures' own checks: elrea.tasks.checker.)"""
+    return any(exact_match(prediction, a) for a in getattr(record, "answers", [record.response]))
 
 
 def evaluate(model, records, max_new_tokens: int | None = None, progress: bool = True,
@@ -115,5 +115,6 @@ def evaluation_key(model, records, *settings) -> str:
     generation = {k: v for k, v in dataclasses.asdict(model.config.generation).items()
                   if k not in ("compile", "sync_every")}
     parts = [{s: st.get("fingerprint") for s, st in stages.items()}, records_fingerprint(records),
+             [getattr(r, "references", []) for r in records],   # what counts as right is kept per row
              generation, dataclasses.asdict(model.config.routing), list(settings)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import ConfigError, ElreaError, unknown_name
-from .evaluation import exact_match
+from .evaluation import exact_checker, exact_match
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,9 @@ MIXTURES: dict[str, list[str]] = {
     "toy": list(TOY_SOURCES),
 }
 GYM_MIXTURES = {"reasoning-mix", "conflict-mix"}
+# mixtures built from files elsewhere (elrea.bigbench): their sources vary by export, and their
+# records carry every accepted answer, so they are checked by exact match against those
+EXTERNAL_MIXTURES = ("bigbench-mix",)
 ALLOW_REPEATS = {"toy"}       # mixtures whose small sources may repeat prompts within a split
 
 
@@ -367,7 +370,7 @@ def mixture_checker(source, prediction: str, record) -> bool:
     if source in GYM_SOURCES or source in TOY_SOURCES:
         return check_answer(source, prediction, {"instruction": record.instruction,
                                                  "response": record.response, "source": source})
-    return exact_match(prediction, record.response)
+    return exact_checker(source, prediction, record)
 
 
 def checker(name: str, data: str | Path | None = None) -> Callable:
@@ -376,11 +379,9 @@ def checker(name: str, data: str | Path | None = None) -> Callable:
     source exact match), or "auto": the mixture's checker when `data` is a file that `elrea data
     export` wrote (listed in the mixture.json beside it), else exact. A checker whose package is
     missing fails here, before any work starts."""
-    from .evaluation import exact_checker
-
     if name == "auto":
         name = exported_mixture(data) or "exact"
-    if name == "exact":
+    if name == "exact" or name in EXTERNAL_MIXTURES:
         return exact_checker
     if name in MIXTURES:
         if any(s in GYM_SOURCES for s in MIXTURES[name]):
@@ -399,7 +400,8 @@ def exported_mixture(data: str | Path | None) -> str | None:
     except (OSError, ValueError):
         return None
     name = info.get("mixture") if isinstance(info, dict) else None
-    return name if name in MIXTURES and Path(data).name in info.get("files", []) else None
+    known = name in MIXTURES or name in EXTERNAL_MIXTURES
+    return name if known and Path(data).name in info.get("files", []) else None
 
 
-CHECKER_NAMES = ["auto", "exact", *MIXTURES]
+CHECKER_NAMES = ["auto", "exact", *MIXTURES, *EXTERNAL_MIXTURES]
