@@ -35,9 +35,9 @@ answers are the same text as the static server's (greedy: they should be, up to 
 batched differently).
 
 The issue's target is on a GPU: continuous >= 3x static throughput at 64 clients with equal or
-better p95 latency. On a CPU, mind that every decode step computes all slots x max-length
-columns whatever the occupancy (fixed shapes), hence --max-length 256 here (prompt + 64 new
-tokens fit).
+better p95 latency. A decode step covers the busy prefix of slots and the columns written so
+far (on a CPU, eager, exactly those; compiled, rounded up to powers of two), so --max-length
+only bounds a request (256 here: prompt + 64 new tokens fit).
 
 --quick fits a tiny run in a temporary directory first (for tests; timings mean nothing).
 Writes benchmarks/results/serve.json (serve_quick.json with --quick).

@@ -204,25 +204,59 @@ def test_an_extra_adapter_is_there_only_inside(engine, peft_model, tmp_path):
         [_peft_generate(peft_model, "b", p, 6) for p in prompts]
 
 
+def test_arrow_equals_peft_create_arrow_model(engine, peft_model, tiny_model_dir, tmp_path):
+    """PEFT's Arrow routing over the loaded adapters, through the engine, gives the tokens that
+    PEFT's own create_arrow_model + generate give on the same adapter folders."""
+    from peft import ArrowConfig, create_arrow_model
+
+    from elrea.config import ModelConfig
+    from elrea.models import load_backbone
+
+    peft_model.save_pretrained(str(tmp_path))
+    folders = [str(tmp_path if n == "default" else tmp_path / n) for n in NAMES]
+    prompts = _prompts(3, seed=12)
+    with engine.arrow(NAMES, top_k=2, seed=0) as name:
+        assert engine.names == NAMES + [name] and engine.stack is None      # PEFT's forward, mixed batches
+        got = engine.generate(prompts, engine.one_hot(name, 3), max_new_tokens=6)
+    assert engine.names == NAMES and name not in peft_model.peft_config
+    ref_model = create_arrow_model(load_backbone(ModelConfig(name=str(tiny_model_dir))), folders,
+                                   ArrowConfig(top_k=2, rng_seed=0)).eval()
+    ref = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = ref_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        ref.append(out[0, len(p):].tolist())
+    assert got == ref
+    # Arrow is not any one adapter: it differs from each of them on some prompt
+    assert all(got != engine.generate(prompts, engine.one_hot(n, 3), max_new_tokens=6) for n in NAMES)
+    with pytest.raises(ValueError, match="not loaded"):
+        with engine.arrow(["nope"]):
+            pass
+
+
 def test_unknown_compile_setting_lists_the_valid_ones(peft_model):
     with pytest.raises(ValueError, match="reduce-overhead"):
         Ensemble(peft_model, NAMES, pad_id=0, compile="fast")
 
 
 def test_an_almost_empty_pool_decodes_only_its_busy_slots_and_columns(engine):
-    """One request of one row in a 16 x 256 pool: the step covers slot 0 and the first 64
-    columns, and grows to the next power of two as the answer does; same tokens as alone."""
+    """One request of one row in a 16 x 256 pool: eagerly, the step covers slot 0 and exactly the
+    columns written so far; a compiled step rounds them up (the first 64 columns, then the next
+    power of two as the answer grows); same tokens as alone."""
     prompt, w = _prompts(1, seed=10)[0], engine.one_hot("b", 1)[0]
     alone = engine.generate([prompt], w[None], max_new_tokens=70)[0]
     pool = engine.slots(16, 256, fresh=True)
     seq = pool.add(prompt, w, sampling(max_new_tokens=70))
-    got, spans = [], set()
+    got, spans, eager = [], set(), []
     while pool.live():
         for events in pool.step(1):
             got += [tok for s, tok, _ in events if s is seq]
         if pool.live():
-            spans.add(pool._busy())
+            eager.append(pool._busy())
+            spans.add(pool._busy(compiled=True))   # what a compiled step would cover
     assert got == alone
+    assert eager == [(1, len(prompt) + k) for k in range(1, len(eager) + 1)]   # one column more each step
     assert spans == {(1, 64), (1, 128)}
 
 

@@ -161,6 +161,39 @@ class Ensemble:
             self.model.delete_adapter(name)
 
     @contextlib.contextmanager
+    def arrow(self, experts: list[str], top_k: int = 3, temperature: float = 1.0, seed: int = 0,
+              name: str = "arrow_router"):
+        """PEFT's Arrow routing over the adapters `experts` (peft.ArrowConfig: training-free, per
+        token and per layer, the top_k experts whose prototype - the top right singular vector of
+        its B A - best matches the token's hidden state) as one more adapter `name` while inside;
+        decode with one_hot(name, n). What `create_arrow_model` builds, on the adapters already
+        loaded here. Rows then run PEFT's own forward (mixed batches), not the stacked one."""
+        from peft import ArrowConfig, LoraConfig
+        from peft.tuners.lora.arrow import (check_loaded_lora_compatibility_arrow,
+                                            ensure_adapters_target_linear_layers_only)
+
+        unknown = [e for e in experts if e not in self.names]
+        if unknown or not experts:
+            raise ValueError(f"arrow: adapters {unknown or experts} are not loaded; loaded: {self.names}")
+        if name in self.names:
+            raise ValueError(f"adapter {name!r} is already loaded")
+        cfg = ArrowConfig(top_k=min(top_k, len(experts)), router_temperature=temperature, rng_seed=seed)
+        cfg.task_adapter_names, cfg.gks_adapter_names = list(experts), []
+        targets, rank = check_loaded_lora_compatibility_arrow(self.model, adapter_names=list(experts))
+        ensure_adapters_target_linear_layers_only(self.model, adapter_names=list(experts))
+        self._restack()
+        self.model.add_adapter(name, LoraConfig(arrow_config=cfg, target_modules=targets, r=rank))
+        self.model.eval()
+        self.names.append(name)
+        try:
+            yield name
+        finally:
+            self.names.remove(name)
+            self._restack()
+            self.model.set_adapter(self.names[0])
+            self.model.delete_adapter(name)
+
+    @contextlib.contextmanager
     def only(self, name: str):
         """PEFT's own forward with adapter `name` active (gradient features train through it)."""
         self.model.set_adapter(name)
@@ -583,13 +616,18 @@ class Slots:
                         logits_to_keep=1, **{self._kw: self.cache}, **kw)
         return out.logits[:, -1]
 
-    def _busy(self) -> tuple[int, int]:
+    def _busy(self, compiled: bool | None = None) -> tuple[int, int]:
         """(slots, columns) the decode step must cover: the prefix of slots up to the last one in use
-        and the columns up to the furthest write, each rounded up to a power of two (the shapes
-        that compile)."""
+        and the columns up to the furthest write. A compiled step rounds each up to a power of two
+        (the shapes that compile, so recompiles stay bounded); an eager one (compile "off", the
+        CPU's default) takes them as they are: padding rows and columns would be work for nothing."""
         seqs = self.seqs.values()
         hi = max((r for s in seqs for r in s.rows), default=0) + 1
         span = max((s.col for s in seqs), default=0) + 1
+        if compiled is None:
+            compiled = self._step_fn != self._step and self.engine.compile != "off"
+        if not compiled:
+            return min(hi, self.n), min(span, self.length)
         return min(bucket(hi), self.n), min(bucket(span, 64), self.length)
 
     def _forward(self) -> torch.Tensor:
@@ -610,7 +648,7 @@ class Slots:
         with ctx:
             if self._step_fn is None:
                 self._step_fn = self._compiled()
-            if self._step_fn is not self._step:
+            if self._step_fn != self._step:
                 if shape not in self._shapes:          # a new bucket: this call compiles it
                     self._shapes.add(shape)
                     eng.stats.compiled.append(shape)
