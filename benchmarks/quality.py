@@ -2,6 +2,13 @@
 
     python benchmarks/quality.py --mixture reasoning-mix      # hours on 2 CPU cores: run it in the background
     python benchmarks/quality.py --mixture conflict-mix --tau-grid 1 2
+    python benchmarks/quality.py --mixture bigbench-mix --max-chars 600 \
+        generation.max_new_tokens=40 clustering.max_clusters=12 --tau-grid 1 2   # a day or more on 2 CPU cores
+
+bigbench-mix (elrea.bigbench): --tasks training tasks (default 12), --train / --validation /
+--test records per task (defaults 300 / 30 / 60), --bbh records per held-out BBH task (50),
+--bigbench PATH to the sdist (default: elrea's cache, fetched once); compare tests on the
+in-distribution test file and on bbh.jsonl (a table of its own).
 
 Exports the mixture's train / validation / test files (`elrea data export`), runs
 `elrea compare` on them with the demo config (SmolLM2-135M-Instruct) and the mixture's own
@@ -30,19 +37,33 @@ from elrea.tasks import MIXTURES, export_mixture  # noqa: E402
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mixture", default="reasoning-mix", choices=[m for m in MIXTURES if m != "toy"])
-    ap.add_argument("--train", type=int, default=640)
-    ap.add_argument("--validation", type=int, default=80)
-    ap.add_argument("--test", type=int, default=240)
+    ap.add_argument("--mixture", default="reasoning-mix", choices=[m for m in MIXTURES if m != "toy"] + ["bigbench-mix"])
+    ap.add_argument("--train", type=int, help="training records (default 640; bigbench-mix: per task, 300)")
+    ap.add_argument("--validation", type=int, help="validation records (default 80; bigbench-mix: per task, 30)")
+    ap.add_argument("--test", type=int, help="test records (default 240; bigbench-mix: per task, 60)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", type=int, default=12, help="bigbench-mix: training tasks")
+    ap.add_argument("--bbh", type=int, default=50, help="bigbench-mix: records per held-out BBH task")
+    ap.add_argument("--bigbench", help="bigbench-mix: the bigbench-1.0.0 sdist or its unpacked folder")
+    ap.add_argument("--max-chars", type=int, default=1000, help="bigbench-mix: longest instruction kept")
     ap.add_argument("--work", help="elrea compare's output directory (default benchmarks/work/quality-<mixture>)")
     ap.add_argument("--out", help="results JSON (default benchmarks/results/compare-<mixture>.json)")
     args, compare_args = ap.parse_known_args(argv)
     work = Path(args.work or f"benchmarks/work/quality-{args.mixture}")
-    paths = export_mixture(args.mixture, work / "data", train=args.train, validation=args.validation,
-                           test=args.test, seed=args.seed)
+    if args.mixture == "bigbench-mix":
+        from elrea import bigbench
+
+        sizes = {k: v for k, v in (("train", args.train), ("validation", args.validation), ("test", args.test))
+                 if v is not None}
+        paths = bigbench.export(work / "data", args.bigbench, n_tasks=args.tasks, bbh=args.bbh, seed=args.seed,
+                                max_chars=args.max_chars, **sizes)
+        tests = [str(paths["test"]), str(paths["bbh"])]
+    else:
+        paths = export_mixture(args.mixture, work / "data", train=args.train or 640,
+                               validation=args.validation or 80, test=args.test or 240, seed=args.seed)
+        tests = [str(paths["test"])]
     elrea_main(["compare", "--data", str(paths["train"]), "--validation", str(paths["validation"]),
-                "--test", str(paths["test"]), "--out", str(work), "--config", str(demo_config_path()),
+                "--test", *tests, "--out", str(work), "--config", str(demo_config_path()),
                 "--checker", args.mixture, "--seed", str(args.seed), *compare_args])
     report = json.loads((work / "compare.json").read_text())
     report = {"command": command_line(__file__, argv), "machine": machine(), "mixture": args.mixture, **report}

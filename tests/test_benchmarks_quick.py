@@ -116,8 +116,9 @@ def test_quality_benchmark_is_elrea_compare_on_a_mixture(tmp_path, tiny_model_di
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = json.loads(out.read_text())
     assert r["mixture"] == "reasoning-mix" and r["checker"] == "reasoning-mix" and "quality.py" in r["command"]
-    assert set(r["accuracy"]) == {"elrea-gradient", "elrea-gradient-top1", "elrea-learned", "elrea-learned-top1",
-                                  "lora", "lora-matched", "uniform", "random", "source"}
+    required = {"elrea-gradient", "elrea-gradient-top1", "elrea-learned", "elrea-learned-top1", "lora", "lora-matched",
+                "uniform", "random", "source", "arrow", "elrea-half"}
+    assert required <= set(r["accuracy"]) <= required | {"elrea-gradient-top2", "elrea-learned-top2"}
     assert r["clusterings"]["source"]["ari"] == 1.0 and r["data"]["validation_carved"] is False
     assert (tmp_path / "w" / "report.md").exists() and (tmp_path / "w" / "accuracy.png").exists()
 

@@ -22,7 +22,11 @@ def _compare(*args, timeout=900):
 @pytest.mark.slow
 def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     out = tmp_path / "cmp"
-    args = ["--model", tiny_model_dir, "--data", toy_data / "train.jsonl", "--test", toy_data / "test.jsonl",
+    from elrea.tasks import make_toy_records
+
+    held = tmp_path / "held.jsonl"    # a second test file: its own table and intervals
+    held.write_text("".join(json.dumps(r) + "\n" for r in make_toy_records(8, seed=11)))
+    args = ["--model", tiny_model_dir, "--data", toy_data / "train.jsonl", "--test", toy_data / "test.jsonl", held,
             "--out", out, *FAST, "--routers", "gradient", "learned", "--candidates", "", "features.center=true",
             "--tau-grid", "1", "2", "--cluster-settings", "clustering.signal=full"]
     r = _compare(*args)
@@ -31,8 +35,18 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     rep = json.loads((out / "compare.json").read_text())
     assert rep["data"]["validation_carved"] and rep["data"]["examples"]["train"] + \
         rep["data"]["examples"]["validation"] == 64
-    assert set(rep["accuracy"]) == {"elrea-gradient", "elrea-gradient-top1", "elrea-learned", "elrea-learned-top1",
-                                    "lora", "lora-matched", "uniform", "random", "source"}
+    assert set(rep["accuracy"]) == {"elrea-gradient", "elrea-gradient-top1", "elrea-gradient-top2", "elrea-learned",
+                                    "elrea-learned-top1", "elrea-learned-top2", "lora", "lora-matched", "uniform",
+                                    "random", "source", "elrea-half", "arrow"}
+    b = rep["budget"]["methods"]   # accuracy against training compute
+    assert b["lora-matched"]["steps"] == rep["compute_matched_steps"] == b["elrea-gradient"]["steps"]
+    assert b["lora"]["steps"] < b["lora-matched"]["steps"] and b["elrea-half"]["steps"] < b[rep["budget"]["elrea"]]["steps"]
+    assert all(v["seconds_per_prompt"] > 0 and v["test_mean"] == rep["accuracy"][m]["mean"] for m, v in b.items())
+    assert (out / "budget.png").stat().st_size > 1000
+    for t in rep["trials"]:   # top-2 ran at the temperature best for all experts of its run and router
+        if t["top_k"] == 2:
+            full = [u for u in rep["trials"] if (u["run"], u["router"], u["top_k"]) == (t["run"], t["router"], 0)]
+            assert t["tau"] == max(full, key=lambda u: u["validation"])["tau"]
     # every choice was made on validation: the chosen setting is the best validation trial
     for router, c in rep["chosen"].items():
         best = max((t for t in rep["trials"] if t["router"] == router), key=lambda t: t["validation"])
@@ -58,7 +72,13 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     # baselines shared ELREA's base adapter instead of training their own
     fp = lambda run: json.loads((runs / run / "elrea.json").read_text())["stages"]["base"]["fingerprint"]  # noqa: E731
     assert fp("random") == fp("source") == fp("elrea-center") == fp("elrea")
+    h = rep["held_out"]["held"]
+    assert h["examples"] == 8 and set(h["accuracy"]) == set(rep["accuracy"])
+    assert all(len(a["correct"]) == 8 for a in h["accuracy"].values()) and set(h["versus_lora_matched"]) == \
+        set(rep["versus_lora_matched"])
+    assert (out / "evals" / "test-held-lora.json").exists() and "accuracy on held (%)" in r.stdout
     report = (out / "report.md").read_text()
+    assert "## Accuracy on held (%), held out" in report
     assert "![accuracy](accuracy.png)" in report and (out / "accuracy.png").stat().st_size > 1000
     assert (out / "per_source.png").exists()
 

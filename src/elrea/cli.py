@@ -165,7 +165,7 @@ def cmd_compare(args):
     overrides = _overrides(args)
     opt = CompareOptions(routers=tuple(args.routers), checker=args.checker, seed=args.seed,
                          candidates=[[o for o in c.split(",") if o.strip()] for c in args.candidates],
-                         tau_grid=tuple(args.tau_grid),
+                         tau_grid=tuple(args.tau_grid), top_ks=tuple(args.top_k), budget_curve=not args.no_budget_curve,
                          cluster_settings=[[o for o in c.split(",") if o.strip()] for c in args.cluster_settings])
     report = compare(args.data, args.test, args.out, config=args.config, overrides=overrides,
                      validation=args.validation, options=opt)
@@ -273,7 +273,14 @@ BIGBENCH_ONLY = ("bigbench", "tasks", "task", "bbh", "max_chars", "max_response_
 
 
 def cmd_data_export(args):
-    if args.name == "bigbench-mix":
+    if args.name in RECIPE_NAMES:
+        from . import recipes
+
+        _no_bigbench_flags(args)
+        paths = recipes.export(args.name, args.out, train=args.train, validation=_or(args.validation, 100),
+                               test=_or(args.test, 500), seed=args.seed, hub_dir=args.hub_dir)
+        print(f"settings of the paper: {recipes.config_path(args.name)}")
+    elif args.name == "bigbench-mix":
         from . import bigbench
 
         sizes = {k: v for k, v in (("train", args.train), ("validation", args.validation), ("test", args.test))
@@ -282,15 +289,24 @@ def cmd_data_export(args):
                                 seed=args.seed, include=args.task, max_chars=_or(args.max_chars, 1000),
                                 max_response_chars=_or(args.max_response_chars, 100), **sizes)
     else:
-        given = [f"--{k.replace('_', '-')}" for k in BIGBENCH_ONLY if getattr(args, k) is not None]
-        if given:
-            raise ConfigError(f"{', '.join(given)}: only for bigbench-mix, not {args.name}")
+        _no_bigbench_flags(args)
+        if args.hub_dir is not None:
+            raise ConfigError(f"--hub-dir: only for {' and '.join(RECIPE_NAMES)}, not {args.name}")
         from .tasks import export_mixture
 
         paths = export_mixture(args.name, args.out, train=_or(args.train, 2000), validation=_or(args.validation, 200),
                                test=_or(args.test, 400), seed=args.seed)
     for split, p in paths.items():
         print(f"{split}: {p}")
+
+
+RECIPE_NAMES = ("paper-math", "less-mix")
+
+
+def _no_bigbench_flags(args):
+    given = [f"--{k.replace('_', '-')}" for k in BIGBENCH_ONLY if getattr(args, k) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: only for bigbench-mix, not {args.name}")
 
 
 def _or(value, default):
@@ -405,7 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "setting are chosen on validation, never on test. Writes OUT/report.md (tables, "
                        "pictures) and OUT/compare.json.")
     p.add_argument("--data", required=True, help="training records")
-    p.add_argument("--test", required=True, help="test records with responses (and optional source)")
+    p.add_argument("--test", required=True, nargs="+", metavar="TEST",
+                   help="test records with responses (and optional source); more files (e.g. held-out tasks: "
+                        "bigbench-mix's bbh.jsonl) get tables of their own")
     p.add_argument("--validation", help="validation records (default: 10%% per source carved from --data)")
     p.add_argument("--out", required=True, help="output directory (runs/, evals/, report.md; re-running resumes)")
     p.add_argument("--model", help="backbone (default smollm2-135m-instruct)")
@@ -420,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "experts): comma-separated overrides each (default: clustering.signal=full)")
     p.add_argument("--tau-grid", nargs="+", type=float, default=[0.5, 1.0, 2.0],
                    help="routing temperatures tried on validation")
+    p.add_argument("--top-k", nargs="*", type=int, default=[1, 2], metavar="K",
+                   help="sparse ensembles tried on validation besides all experts: top-1 (one expert per prompt), "
+                        "and top-K at the temperature best for all experts (default: 1 2)")
+    p.add_argument("--no-budget-curve", action="store_true",
+                   help="skip elrea-half (the chosen ELREA setting refitted at half the epochs, which draws accuracy "
+                        "against optimizer steps beside one LoRA's; one more fit)")
     p.add_argument("--seed", type=int, default=0, help="seed of the carved validation split and random clusters")
     _checker_arg(p)
     _device_arg(p)
@@ -510,9 +534,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     e.add_argument("name", choices=[*MIXTURES, *EXTERNAL_MIXTURES], help="which mixture")
     e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--train", type=int, help="training records (default 2000; bigbench-mix: per task, 300)")
-    e.add_argument("--validation", type=int, help="validation records (default 200; bigbench-mix: per task, 30)")
-    e.add_argument("--test", type=int, help="test records (default 400; bigbench-mix: in-distribution, per task, 60)")
+    e.add_argument("--train", type=int, help="training records (default 2000; bigbench-mix: per task, 300; "
+                   "paper recipes: per source, all)")
+    e.add_argument("--validation", type=int, help="validation records (default 200; bigbench-mix: per task, 30; "
+                   "paper recipes: per source, 100)")
+    e.add_argument("--test", type=int, help="test records (default 400; bigbench-mix: in-distribution, per task, 60; "
+                   "paper recipes: per source, 500)")
     e.add_argument("--seed", type=int, default=0)
     b = e.add_argument_group("bigbench-mix")
     b.add_argument("--bigbench", metavar="PATH", help="the bigbench-1.0.0 sdist (.tar.gz) or the folder it unpacks "
@@ -523,6 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bbh", type=int, help="held-out BIG-Bench-Hard records per BBH task (default 50)")
     b.add_argument("--max-chars", type=int, help="longest instruction kept, in characters (default 1000)")
     b.add_argument("--max-response-chars", type=int, help="longest response kept (default 100)")
+    h = e.add_argument_group("paper-math, less-mix (the paper's recipes; online, or a local copy)")
+    h.add_argument("--hub-dir", metavar="DIR", help="read the hub data sets from DIR/<org>/<name>/ (the hub's "
+                   "layout) instead of the hub")
     e.set_defaults(func=cmd_data_export)
     return ap
 

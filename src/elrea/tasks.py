@@ -186,9 +186,10 @@ MIXTURES: dict[str, list[str]] = {
     "toy": list(TOY_SOURCES),
 }
 GYM_MIXTURES = {"reasoning-mix", "conflict-mix"}
-# mixtures built from files elsewhere (elrea.bigbench): their sources vary by export, and their
-# records carry every accepted answer, so they are checked by exact match against those
-EXTERNAL_MIXTURES = ("bigbench-mix",)
+# mixtures built from files elsewhere (elrea.bigbench, elrea.recipes): their sources vary by
+# export, and their records carry every accepted answer; exact match against those, or for
+# paper-math the math-equivalence check (elrea.recipes.math_checker)
+EXTERNAL_MIXTURES = ("bigbench-mix", "paper-math", "less-mix")
 ALLOW_REPEATS = {"toy"}       # mixtures whose small sources may repeat prompts within a split
 
 
@@ -381,6 +382,10 @@ def checker(name: str, data: str | Path | None = None) -> Callable:
     missing fails here, before any work starts."""
     if name == "auto":
         name = exported_mixture(data) or "exact"
+    if name == "paper-math":
+        from .recipes import math_checker
+
+        return math_checker
     if name == "exact" or name in EXTERNAL_MIXTURES:
         return exact_checker
     if name in MIXTURES:

@@ -37,9 +37,17 @@ def _cluster_rows(report: dict) -> tuple[list[str], list[list]]:
     return cols, rows
 
 
+def _budget_rows(report: dict) -> tuple[list[str], list[list]]:
+    cols = ["method", "optimizer steps", "test mean (%)", "s per test prompt"]
+    b = report["budget"]["methods"]
+    rows = [[m, v["steps"], f"{100 * v['test_mean']:.1f}", f"{v['seconds_per_prompt']:.3f}"]
+            for m, v in sorted(b.items(), key=lambda kv: (kv[1]["steps"], kv[0]))]
+    return cols, rows
+
+
 def _choice_rows(report: dict) -> tuple[list[str], list[list]]:
     cols = ["run", "router", "tau", "experts", "validation mean (%)"]
-    rows = [[t["run"], t["router"], t["tau"], "top-1" if t["top_k"] == 1 else "all", f"{100 * t['validation']:.1f}"]
+    rows = [[t["run"], t["router"], t["tau"], f"top-{t['top_k']}" if t["top_k"] else "all", f"{100 * t['validation']:.1f}"]
             for t in report["trials"]]
     return cols, rows
 
@@ -52,8 +60,11 @@ def show(report: dict) -> None:
 
     console = Console(width=None if console_is_tty() else 200)
     n = report["data"]["examples"]
+    held = [(f"accuracy on {name} (%), held out, {h['examples']} prompts", _rows(h))
+            for name, h in report.get("held_out", {}).items()]
     for title, (cols, rows) in [
-            (f"accuracy on test (%), {n['test']} prompts; checker: {report['checker']}", _rows(report)),
+            (f"accuracy on test (%), {n['test']} prompts; checker: {report['checker']}", _rows(report)), *held,
+            ("accuracy against training compute", _budget_rows(report)),
             ("routing cost", _routing_rows(report)),
             ("clusters against sources", _cluster_rows(report)),
             (f"chosen on validation ({n['validation']} prompts)", _choice_rows(report))]:
@@ -88,14 +99,23 @@ def write_report(out: Path, report: dict) -> Path:
         f"test {n['test']} (`{d['test']}`). Answers checked by `{report['checker']}`. "
         f"Compute-matched LoRA: {report['compute_matched_steps']} optimizer steps (ELREA's base adapter + "
         f"all experts). Chosen on validation: run `{e['run']}`, router `{e['router']}`, tau {e['tau']}, "
-        f"{'top-1' if e['top_k'] == 1 else 'all experts'}.", "",
+        f"{'top-%d' % e['top_k'] if e['top_k'] else 'all experts'}.", "",
         "## Accuracy on test (%)", "",
         "Mean over sources; the last column is the difference to the compute-matched LoRA in points, "
         "with a 95% paired bootstrap interval (test prompts resampled within each source).", "",
         _md_table(*_rows(report)), "",
     ]
-    text += [f"![{p.stem}]({p.name})" for p in pictures] + [""]
-    text += ["## Routing cost", "",
+    text += [f"![{p.stem}]({p.name})" for p in pictures if p.stem != "budget"] + [""]
+    for name, h in report.get("held_out", {}).items():
+        text += [f"## Accuracy on {name} (%), held out", "", f"{h['examples']} prompts (`{h['path']}`); same "
+                 "methods, chosen on the same validation split; columns as above.", "", _md_table(*_rows(h)), ""]
+    text += ["## Accuracy against training compute", "",
+             "Optimizer steps of each method's adapters (base + experts), its test mean, and decoding seconds per "
+             "test prompt (the cost at inference). `elrea-half` is the chosen ELREA setting refitted with base and "
+             "experts at half their epochs, so that it meets `lora` at about equal steps, as ELREA meets "
+             "`lora-matched`. All runs share one batch size, so tokens seen are proportional to steps.", "",
+             _md_table(*_budget_rows(report)), "", "![budget](budget.png)", "",
+             "## Routing cost", "",
              f"One decoded token at batch 1: {report['routing_cost']['ms_per_decoded_token_batch1']:.1f} ms.", "",
              _md_table(*_routing_rows(report)), "",
              "## Clusters against sources", "", _md_table(*_cluster_rows(report)), "",
@@ -145,8 +165,35 @@ def _pictures(out: Path, report: dict) -> list[Path]:
     fig.colorbar(im, ax=ax, label="accuracy (%)")
     fig.tight_layout()
     paths.append(_save(fig, out / "per_source.png"))
+    paths.append(_budget_picture(out, report, plt))
     plt.close("all")
     return paths
+
+
+def _budget_picture(out: Path, report: dict, plt) -> Path:
+    b = report["budget"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    for (label, ms), color in zip(b["curves"].items(), ["tab:gray", "tab:orange"]):
+        ms = [m for m in ms if m in b["methods"]]
+        xs = [b["methods"][m]["steps"] for m in ms]
+        ys = [100 * b["methods"][m]["test_mean"] for m in ms]
+        ax.plot(xs, ys, "o-", color=color, label=label)
+        for m, x, y in zip(ms, xs, ys):
+            ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    others = [m for m in b["methods"] if not any(m in ms for ms in b["curves"].values())]
+    ax.scatter([b["methods"][m]["steps"] for m in others], [100 * b["methods"][m]["test_mean"] for m in others],
+               s=12, color="tab:blue", alpha=0.6, label="other methods")
+    ax.set_xlabel("optimizer steps (base + experts)")
+    ax.set_ylabel("test mean accuracy (%)")
+    ax.set_title("accuracy against training compute")
+    ax.legend(fontsize=8)
+    ms = list(b["methods"])
+    bx.barh(ms, [b["methods"][m]["seconds_per_prompt"] for m in ms],
+            color=["tab:orange" if m.startswith("elrea") else "tab:gray" for m in ms])
+    bx.set_xlabel("decoding seconds per test prompt")
+    bx.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return _save(fig, out / "budget.png")
 
 
 def _save(fig, path: Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,6 +21,7 @@ from ..rundir import RowLog, RunDir, RunLock, atomic_path, read_json, write_json
 from .stats import accuracy, paired_difference
 
 log = logging.getLogger(__name__)
+ARROW_TOP_K = 3   # PEFT's ArrowConfig default and the Arrow paper's choice
 
 
 @dataclass
@@ -27,33 +29,57 @@ class CompareOptions:
     routers: tuple = ("gradient", "embedding", "learned")
     candidates: list = field(default_factory=lambda: [[], ["features.center=true"]])
     tau_grid: tuple = (0.5, 1.0, 2.0)
+    # sparse ensembles tried on validation besides all experts: top-1 (tau 1; one expert), and
+    # top-k for k >= 2 at the temperature that was best for all experts
+    top_ks: tuple = (1, 2)
+    # the budget curve: ELREA refitted with base and experts at half their epochs, so that it meets
+    # one LoRA at (about) equal optimizer steps
+    budget_curve: bool = True
     checker: str = "auto"
     validation_share: float = 0.1
     seed: int = 0
-    baselines: tuple = ("uniform", "random", "source")
+    baselines: tuple = ("uniform", "random", "source", "arrow")
     # settings whose clusters are reported (against sources) without training experts on them
     cluster_settings: list = field(default_factory=lambda: [["clustering.signal=full"]])
 
 
-def compare(train: str | Path, test: str | Path, out: str | Path, config: str | None = None,
+def compare(train: str | Path, test: str | Path | list, out: str | Path, config: str | None = None,
             overrides: list[str] | None = None, validation: str | Path | None = None,
             options: CompareOptions | None = None) -> dict:
-    """Fit and evaluate every method; write OUT/compare.json and OUT/report.md; return the result."""
+    """Fit and evaluate every method; write OUT/compare.json and OUT/report.md; return the result.
+
+    `test` is one file or several: the first is "the" test set (the headline table, the pictures);
+    each further one (e.g. held-out tasks, bbh.jsonl) gets its own table and paired intervals,
+    under its file name in `report["held_out"]`."""
     from ..tasks import checker as make_checker
 
     opt = options or CompareOptions()
     overrides = list(overrides or [])
-    check = make_checker(opt.checker, test)  # a missing package fails before any work
+    paths = [Path(t) for t in (test if isinstance(test, (list, tuple)) else [test])]
+    names = _test_names(paths)
+    checks = {n: make_checker(opt.checker, p) for n, p in zip(names, paths)}  # a missing package fails first
     load_config(config, overrides)  # a bad config fails before anything is written
-    test_records = load_records(test)
+    tests = {n: (p, load_records(p), checks[n]) for n, p in zip(names, paths)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):  # one compare per directory; its fits lock their own runs
-        return _compare(train, test, out, config, overrides, validation, opt, check, test_records)
+        return _compare(train, tests, out, config, overrides, validation, opt)
 
 
-def _compare(train, test, out: Path, config, overrides: list[str], validation, opt: CompareOptions,
-             check, test_records) -> dict:
+def _test_names(paths: list[Path]) -> list[str]:
+    """"test" for the first file; each other its file name's stem, made unique."""
+    names = ["test"]
+    for p in paths[1:]:
+        name, i = p.stem, 2
+        while name in names:
+            name, i = f"{p.stem}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def _compare(train, tests: dict, out: Path, config, overrides: list[str], validation,
+             opt: CompareOptions) -> dict:
+    test, test_records, check = tests["test"]
     from .report import show, write_report
 
     train, val_path, carved = _validation_split(train, validation, out, opt)
@@ -89,7 +115,7 @@ def _compare(train, test, out: Path, config, overrides: list[str], validation, o
     first_name = next(iter(runs))
     first = runs[first_name]["run"]
     stages = read_json(first.manifest)["stages"]
-    steps = stages["base"]["steps"] + sum(e["steps"] for e in stages["experts"]["finished"].values())
+    steps = steps_of(first)
     matched = RunDir(out / "runs" / "lora-matched")
     t = time.time()
     _fit(train, matched, load_config(config, overrides + [f"base.max_steps={steps}"]), until="base")
@@ -112,6 +138,14 @@ def _compare(train, test, out: Path, config, overrides: list[str], validation, o
         times[f"fit {name}"] = round(time.time() - t, 1)
         extra_runs[name] = rd
 
+    if opt.budget_curve:   # ELREA at half its epochs (the chosen setting): one LoRA's steps, about
+        bc = best_run["config"]
+        half = RunDir(out / "runs" / "elrea-half")
+        t = time.time()
+        _fit(train, half, load_config(config, overrides + list(best_run["overrides"]) + [
+            f"base.epochs={bc.base.epochs / 2:g}", f"experts.epochs={bc.experts.epochs / 2:g}"]))
+        times["fit elrea-half"] = round(time.time() - t, 1)
+
     # clusters of other settings, reported only (features and clusters, no experts)
     cluster_runs = {}
     for setting in opt.cluster_settings:
@@ -122,27 +156,49 @@ def _compare(train, test, out: Path, config, overrides: list[str], validation, o
         times[f"fit {rd.root.name}"] = round(time.time() - t, 1)
         cluster_runs[rd.root.name] = rd
 
-    # test
+    # test, then each held-out file
     results, methods = {}, {}
     for router, c in chosen.items():
-        full = c if c["top_k"] == 0 else _best(trials, router, top1=False)
-        top1 = _best(trials, router, top1=True)
+        full = _best(trials, router, 0)
         methods[f"elrea-{router}"] = (runs[full["run"]]["run"], {"router": router, "tau": full["tau"], "top_k": 0})
-        methods[f"elrea-{router}-top1"] = (runs[top1["run"]]["run"], {"router": router, "tau": 1.0, "top_k": 1})
+        for k in opt.top_ks:
+            if any(t["router"] == router and t["top_k"] == k for t in trials):
+                top = _best(trials, router, k)
+                methods[f"elrea-{router}-top{k}"] = (runs[top["run"]]["run"],
+                                                     {"router": router, "tau": top["tau"], "top_k": k})
     methods["lora"] = (first, {"onehot": 0})
     methods["lora-matched"] = (first, {"adapter": matched.base})
     if "uniform" in opt.baselines:
         methods["uniform"] = (best_run["run"], {"router": "uniform", "tau": 1.0, "top_k": 0})
+    if "arrow" in opt.baselines:   # a peer: PEFT's Arrow routing over the chosen run's experts
+        methods["arrow"] = (best_run["run"], {"arrow": ARROW_TOP_K})
     g = chosen.get("gradient", best)
     for name, rd in extra_runs.items():
         methods[name] = (rd, {"router": "gradient", "tau": g["tau"], "top_k": 0})
+    best_method = f"elrea-{best['router']}" + (f"-top{best['top_k']}" if best["top_k"] else "")
+    if opt.budget_curve:
+        methods["elrea-half"] = (half, {k: best[k] for k in ("router", "tau", "top_k")})
+    seconds = {}
     for m, (rd, how) in methods.items():
         outputs = work.outputs("test", m, rd, test_records, how)
         results[m] = accuracy(test_records, outputs["correct"])
+        seconds[m] = outputs.get("seconds", 0.0) / max(1, len(test_records))
         log.info("test %s: mean accuracy %.3f", m, results[m]["mean"])
-    base = results["lora-matched"]["correct"]
-    versus = {m: paired_difference(test_records, r["correct"], base, seed=opt.seed)
-              for m, r in results.items() if m != "lora-matched"}
+    budget = {m: {"steps": stages["base"]["steps"] if m == "lora" else
+                  (steps_of(matched) if m == "lora-matched" else steps_of(rd)),
+                  "test_mean": results[m]["mean"], "seconds_per_prompt": round(seconds[m], 4)}
+              for m, (rd, _) in methods.items()}
+    versus = _versus(test_records, results, opt.seed)
+    held_out = {}
+    for name, (path, records, file_check) in tests.items():
+        if name == "test":
+            continue
+        acc = {}
+        for m, (rd, how) in methods.items():
+            acc[m] = accuracy(records, work.outputs(f"test-{name}", m, rd, records, how, check=file_check)["correct"])
+            log.info("%s %s: mean accuracy %.3f", name, m, acc[m]["mean"])
+        held_out[name] = {"path": str(path), "examples": len(records), "accuracy": acc,
+                          "versus_lora_matched": _versus(records, acc, opt.seed)}
 
     report = {
         "data": {"train": str(train), "validation": str(val_path), "validation_carved": carved,
@@ -151,12 +207,15 @@ def _compare(train, test, out: Path, config, overrides: list[str], validation, o
         "checker": opt.checker, "options": _jsonable(dataclasses.asdict(opt)),
         "compute_matched_steps": steps, "chosen": {k: _clean(v) for k, v in chosen.items()},
         "elrea": _clean(best), "trials": [_clean(t) for t in trials], "accuracy": results,
-        "versus_lora_matched": versus, "clusterings": _clusterings(runs, {**cluster_runs, **extra_runs}, train_records,
-                                                                 best_run["config"]),
+        "versus_lora_matched": versus, "held_out": held_out,
+        "budget": {"methods": budget, "elrea": best_method, "curves": {
+            "one LoRA": ["lora", "lora-matched"],
+            "ELREA (chosen)": (["elrea-half"] if opt.budget_curve else []) + [best_method]}},
+        "clusterings": _clusterings(runs, {**cluster_runs, **extra_runs}, train_records, best_run["config"]),
         "routing_cost": work.routing_cost(runs[best["run"]]["run"], test_records, opt.routers),
         "stage_seconds": {name: _stage_seconds(rd) for name, rd in
                           [(n, r["run"]) for n, r in runs.items()] + [("lora-matched", matched)]
-                          + list(extra_runs.items())},
+                          + list(extra_runs.items()) + ([("elrea-half", half)] if opt.budget_curve else [])},
         "seconds": times,
     }
     with atomic_path(out / "compare.json") as tmp:
@@ -172,6 +231,19 @@ def _fit(train, rd: RunDir, cfg, **kw):
     from ..pipeline import fit
 
     return fit(train, rd.root, cfg, **kw)
+
+
+def steps_of(rd: RunDir) -> int:
+    """Optimizer steps a run's adapters took: its base adapter's and all its experts'."""
+    stages = read_json(rd.manifest)["stages"]
+    experts = stages.get("experts", {}).get("finished", {})
+    return stages["base"]["steps"] + sum(e["steps"] for e in experts.values())
+
+
+def _versus(records, results: dict, seed: int) -> dict:
+    base = results["lora-matched"]["correct"]
+    return {m: paired_difference(records, r["correct"], base, seed=seed) for m, r in results.items()
+            if m != "lora-matched"}
 
 
 def _run_name(overrides: list[str]) -> str:
@@ -232,8 +304,8 @@ def _choose(trials: list[dict], routers) -> dict:
     return chosen
 
 
-def _best(trials, router, top1: bool) -> dict:
-    mine = [t for t in trials if t["router"] == router and (t["top_k"] == 1) == top1]
+def _best(trials, router, top_k: int) -> dict:
+    mine = [t for t in trials if t["router"] == router and t["top_k"] == top_k]
     return max(mine, key=lambda t: t["validation"])
 
 
@@ -319,8 +391,10 @@ class _Work:
             self.loaded = rd.root
         return self.model
 
-    def outputs(self, split: str, key: str, rd: RunDir, records, how: dict, signal=None) -> dict:
-        """Decoded outputs and 0/1 results of one method on one split (cached)."""
+    def outputs(self, split: str, key: str, rd: RunDir, records, how: dict, signal=None, check=None) -> dict:
+        """Decoded outputs and 0/1 results (by `check`, default the test file's) of one method on
+        one split (cached)."""
+        check = check or self.check
         path = self.out / "evals" / f"{split}-{key}.json"
         if path.exists():
             cached = read_json(path)
@@ -341,6 +415,8 @@ class _Work:
             batch = [enc[i] for i in idx]
             if "adapter" in how:
                 texts = _single_adapter(model, batch, how["adapter"])
+            elif "arrow" in how:
+                texts = _greedy(model, batch, arrow)
             else:
                 if "onehot" in how:
                     w = torch.zeros(len(idx), len(model.adapters))
@@ -349,13 +425,14 @@ class _Work:
                     w = model.route(batch if signal is None else None, router=how["router"], temperature=how["tau"],
                                     top_k=how["top_k"], features=None if signal is None else signal[idx])
                 texts = model.generate(batch, weights=w)
-            return [{"output": o, "correct": int(self.check(records[i].source, o, records[i]))}
+            return [{"output": o, "correct": int(check(records[i].source, o, records[i]))}
                     for i, o in zip(idx, texts)]
 
         t = time.time()
-        rows = map_batches(Processes(0, 1, model.device), list(range(len(records))),
-                           model.config.generation.batch_size, run, desc=f"{split} {key}",
-                           done=rows_log.done(), on_batch=rows_log.add)
+        with _arrow(model, how["arrow"]) if "arrow" in how else contextlib.nullcontext() as arrow:
+            rows = map_batches(Processes(0, 1, model.device), list(range(len(records))),
+                               model.config.generation.batch_size, run, desc=f"{split} {key}",
+                               done=rows_log.done(), on_batch=rows_log.add)
         result = {"run": str(rd.root), "how": _how_key(how), "outputs": [r["output"] for r in rows],
                   "correct": [r["correct"] for r in rows], "seconds": round(time.time() - t, 2)}
         write_json(path, result)
@@ -363,15 +440,23 @@ class _Work:
         return result
 
     def validate(self, name: str, rd: RunDir, val, opt: CompareOptions) -> list[dict]:
-        """Validation accuracy of every router x temperature (all experts) and of top-1."""
+        """Validation accuracy of every router x temperature (all experts), of top-1 (tau 1) and of
+        each other top-k of `opt.top_ks` (at the temperature best for all experts)."""
         from ..errors import RunDirError
 
         model = self.load(rd)
         trials = []
         signals = {}
+        n_experts = len(model.adapters) - 1
         for router in opt.routers:
-            settings = [(tau, 0) for tau in opt.tau_grid] + [(1.0, 1)]
+            settings = [(tau, 0) for tau in opt.tau_grid] + [(1.0, 1)] * (1 in opt.top_ks)
+            settings += [(None, k) for k in opt.top_ks if 1 < k < n_experts]
             for tau, k in settings:
+                if tau is None:   # sparse: the temperature that served all experts best
+                    full = [t for t in trials if t["router"] == router and t["top_k"] == 0]
+                    if not full:
+                        break
+                    tau = max(full, key=lambda t: t["validation"])["tau"]
                 how = {"router": router, "tau": tau, "top_k": k}
                 key = f"{name}-{router}-tau{tau:g}-top{k}"
                 path = self.out / "evals" / f"validation-{key}.json"
@@ -389,7 +474,7 @@ class _Work:
                 res = self.outputs("validation", key, rd, val, how, signal=sig)
                 trials.append({"run": name, "router": router, "tau": tau, "top_k": k,
                                "validation": accuracy(val, res["correct"])["mean"],
-                               "num_clusters": len(model.adapters) - 1})
+                               "num_clusters": n_experts})
                 log.info("validation %s: %.3f", key, trials[-1]["validation"])
         return trials
 
@@ -429,6 +514,20 @@ def _hash_json(obj) -> str:
 
 def _how_key(how: dict) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in how.items()}
+
+
+def _arrow(model, top_k: int):
+    """While inside, PEFT's Arrow routing (per token and layer, the top_k of the run's experts;
+    Ostapenko et al. 2024) as one more adapter of the engine; yields its name."""
+    experts = model.adapters[1:]
+    return model.engine.arrow(experts, top_k=min(top_k, len(experts)))
+
+
+def _greedy(model, enc, name: str) -> list[str]:
+    """Greedy outputs of the engine's adapter `name` alone."""
+    ids = [e.input_ids for e in enc]
+    toks = model.engine.generate(ids, model.engine.one_hot(name, len(ids)), model.decoding())
+    return [model.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
 
 
 def _single_adapter(model, enc, adapter_dir: Path) -> list[str]:
