@@ -62,9 +62,11 @@ def main(argv=None):
         paths = export_mixture(args.mixture, work / "data", train=args.train or 640,
                                validation=args.validation or 80, test=args.test or 240, seed=args.seed)
         tests = [str(paths["test"])]
-    elrea_main(["compare", "--data", str(paths["train"]), "--validation", str(paths["validation"]),
-                "--test", *tests, "--out", str(work), "--config", str(demo_config_path()),
-                "--checker", args.mixture, "--seed", str(args.seed), *compare_args])
+    rc = elrea_main(["compare", "--data", str(paths["train"]), "--validation", str(paths["validation"]),
+                     "--test", *tests, "--out", str(work), "--config", str(demo_config_path()),
+                     "--checker", args.mixture, "--seed", str(args.seed), *compare_args])
+    if rc:   # stopped (a signal: re-run to resume) or refused: compare said why
+        sys.exit(rc)
     report = json.loads((work / "compare.json").read_text())
     report = {"command": command_line(__file__, argv), "machine": machine(), "mixture": args.mixture, **report}
     out = Path(args.out or RESULTS / f"compare-{args.mixture}.json")
