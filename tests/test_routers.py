@@ -20,13 +20,13 @@ def test_config_names_match_the_registries():
     from elrea.clustering import CLUSTERERS
     from elrea.features import PRECONDITIONERS
     from elrea.projection import PROJECTORS
-    from elrea.tasks import CHECKER_NAMES, MIXTURES
+    from elrea.tasks import CHECKER_NAMES, EXTERNAL_MIXTURES, MIXTURES
 
     assert set(ROUTERS) == set(C.ROUTER_NAMES)
     assert set(CLUSTERERS) == set(C.CLUSTER_METHODS)
     assert set(PROJECTORS) == set(C.PROJECTIONS)
     assert set(PRECONDITIONERS) == set(C.PRECONDITIONER_NAMES)
-    assert set(CHECKER_NAMES) == {"auto", "exact", *MIXTURES}
+    assert set(CHECKER_NAMES) == {"auto", "exact", *MIXTURES, *EXTERNAL_MIXTURES}
 
 
 def test_no_import_circles():

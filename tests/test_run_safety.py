@@ -23,7 +23,10 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 
 def _start(cmd):
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # Ctrl-C as in a terminal: a shell without job control starts background jobs (and so this
+    # test run, and its children) with SIGINT ignored, and Python then never raises KeyboardInterrupt
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait(proc, ready, timeout=300):
