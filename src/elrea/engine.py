@@ -146,14 +146,21 @@ class Ensemble:
     @contextlib.contextmanager
     def extra_adapter(self, path, name: str):
         """Load a PEFT adapter folder as one more adapter (last weight column) while inside."""
+        with self._added(name, lambda: self.model.load_adapter(str(path), adapter_name=name)):
+            yield name
+
+    @contextlib.contextmanager
+    def _added(self, name: str, add):
+        """Run add() (which puts adapter `name` on the PEFT model) and make it the last weight
+        column while inside; on the way out delete it and give the others back as they were."""
         if name in self.names:
             raise ValueError(f"adapter {name!r} is already loaded")
-        self.model.load_adapter(str(path), adapter_name=name)
-        self.model.eval()
         self._restack()
+        add()
+        self.model.eval()
         self.names.append(name)
         try:
-            yield name
+            yield
         finally:
             self.names.remove(name)
             self._restack()
@@ -175,23 +182,13 @@ class Ensemble:
         unknown = [e for e in experts if e not in self.names]
         if unknown or not experts:
             raise ValueError(f"arrow: adapters {unknown or experts} are not loaded; loaded: {self.names}")
-        if name in self.names:
-            raise ValueError(f"adapter {name!r} is already loaded")
         cfg = ArrowConfig(top_k=min(top_k, len(experts)), router_temperature=temperature, rng_seed=seed)
         cfg.task_adapter_names, cfg.gks_adapter_names = list(experts), []
         targets, rank = check_loaded_lora_compatibility_arrow(self.model, adapter_names=list(experts))
         ensure_adapters_target_linear_layers_only(self.model, adapter_names=list(experts))
-        self._restack()
-        self.model.add_adapter(name, LoraConfig(arrow_config=cfg, target_modules=targets, r=rank))
-        self.model.eval()
-        self.names.append(name)
-        try:
+        with self._added(name, lambda: self.model.add_adapter(
+                name, LoraConfig(arrow_config=cfg, target_modules=targets, r=rank))):
             yield name
-        finally:
-            self.names.remove(name)
-            self._restack()
-            self.model.set_adapter(self.names[0])
-            self.model.delete_adapter(name)
 
     @contextlib.contextmanager
     def only(self, name: str):
