@@ -24,7 +24,8 @@ from .errors import ConfigError
 QUANTIZATIONS = ("none", "4bit", "8bit")
 _DEVICE = re.compile(r"auto|mps|(cpu|cuda|xpu)(:[0-9]+)?")  # matched whole: no trailing newline
 EXECUTION_FIELDS = ("model.device", "base.gradient_checkpointing", "experts.gradient_checkpointing",
-                    "features.checkpoint_every", "base.report_to", "experts.report_to")
+                    "features.checkpoint_every", "base.report_to", "experts.report_to",
+                    "base.checkpoint_every", "experts.checkpoint_every")
 # Fields added after runs existed: they enter a fingerprint only when set to something else than
 # their default, so that a run fitted before they existed still resumes.
 ADDED_LATER = ("features.block_norm", "features.center", "clustering.signal")
@@ -43,7 +44,7 @@ LEARNED_CLASSIFIERS = ("logistic", "mlp")
 POOLINGS = ("mean", "last")
 # TrainingArguments that elrea sets from its own fields (or manages): not accepted in trainer_args
 TRAINER_OWNED = ("output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
-                 "num_train_epochs", "max_steps", "seed", "data_seed", "save_strategy", "report_to", "use_cpu",
+                 "num_train_epochs", "max_steps", "seed", "data_seed", "save_strategy", "save_steps", "save_total_limit", "report_to", "use_cpu",
                  "bf16", "fp16", "gradient_checkpointing", "remove_unused_columns")
 
 
@@ -116,6 +117,9 @@ class TrainConfig:
     max_steps: int = _f(-1, "If > 0, stop after this many optimizer steps (overrides epochs).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, "
                                       "about a third more compute. Not part of any stage fingerprint.")
+    checkpoint_every: int = _f(50, "Save a resumable checkpoint (adapter, optimizer, scheduler, RNG) every this many "
+                               "optimizer steps; an interrupted fit resumes from the last one. 0: never. "
+                               "Not part of any stage fingerprint.")
     report_to: Any = _f([], "Where Trainer also sends its logs: [] (the run directory only), [tensorboard] "
                         "(into RUN/logs/), [wandb], ... Not part of any stage fingerprint.")
     trainer_args: Any = _f({}, "Extra transformers TrainingArguments, e.g. {lr_scheduler_type: cosine, "
@@ -126,6 +130,8 @@ class TrainConfig:
         _positive(p, "epochs", self.epochs)
         _positive(p, "batch_size", self.batch_size)
         _positive(p, "micro_batch_size", self.micro_batch_size)
+        if self.checkpoint_every < 0:
+            raise ConfigError(f"{p}.checkpoint_every: must be >= 0 (0: never), got {self.checkpoint_every!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"{p}.weight_decay: must be >= 0, got {self.weight_decay!r}")
         if not 0 <= self.warmup_ratio < 1:

@@ -123,7 +123,8 @@ def stage_base(ctx: _Context) -> dict:
     ctx.model.peft_config["base"].base_model_name_or_path = portable_name(ctx.cfg.model.name)
     return train_adapter(ctx.model, ctx.encode_train(), ctx.cfg.base, ctx.run.base, ctx.tok.pad_token_id,
                          seed=seed, save_moments=True, desc="base adapter", precision=ctx.cfg.model.dtype,
-                         fingerprint=ctx.fp["base"], logs_dir=ctx.run.logs("base"))
+                         fingerprint=ctx.fp["base"], logs_dir=ctx.run.logs("base"),
+                         checkpoint_dir=ctx.run.checkpoints("base"), resume="base" not in ctx.fresh)
 
 
 def stage_features(ctx: _Context) -> dict:
@@ -208,6 +209,7 @@ def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
                 train_adapter(model, ctx.encode_train(np.flatnonzero(labels == c)), ctx.cfg.experts, out_dir,
                               ctx.tok.pad_token_id, seed=seed, desc=f"expert {c}/{C}",
                               precision=ctx.cfg.model.dtype, fingerprint=fp, logs_dir=ctx.run.logs(f"expert-{c}"),
+                              checkpoint_dir=ctx.run.checkpoints(f"expert-{c}"), resume="experts" not in ctx.fresh,
                               meta={"processes": [procs.rank] if mode == "experts" else list(range(procs.world))})
         finally:
             model.set_adapter("base")

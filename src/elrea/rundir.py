@@ -176,6 +176,11 @@ class RunDir:
     def logs(self, name: str) -> Path:
         return self.root / "logs" / name
 
+    def checkpoints(self, name: str) -> Path:
+        """Where training stage `name` ("base", "expert-3") keeps its resumable Trainer
+        checkpoints while it runs; removed once its adapter is saved."""
+        return self.root / "checkpoints" / name
+
     @property
     def card(self) -> Path:
         return self.root / "README.md"

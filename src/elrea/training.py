@@ -7,7 +7,10 @@ weights stay float32), and optional gradient checkpointing. The adapter is saved
 standard PEFT folder, written atomically, with `training.json` (the summary and the stage
 fingerprint that says it is finished); the base adapter also keeps its AdamW moments
 (exp_avg, exp_avg_sq) in `adam_moments.safetensors`, which the Adam-preconditioned gradient
-features need. Trainer checkpoints (pickles) are never written.
+features need. Given a checkpoint folder, Trainer saves a resumable checkpoint every
+`checkpoint_every` steps there (transformers loads them back with weights_only=True), and a
+stage interrupted by Ctrl-C, a crash or the end of a working day resumes from the last one with
+the same optimizer, scheduler, RNG and data order; the folder is removed once the adapter is saved.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ import torch
 from .config import TrainConfig
 from .data import Encoded, collate
 from .models import model_device
-from .rundir import atomic_path
+from .rundir import atomic_path, out_of_space
 
 log = logging.getLogger(__name__)
 MOMENTS_FILE = "adam_moments.safetensors"
@@ -50,14 +54,18 @@ class _ListDataset(torch.utils.data.Dataset):
 def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir: str | Path,
                   pad_id: int, seed: int, save_moments: bool = False, desc: str = "train",
                   precision: str = "float32", fingerprint: str | None = None, meta: dict | None = None,
-                  logs_dir: str | Path | None = None) -> dict:
+                  logs_dir: str | Path | None = None, checkpoint_dir: str | Path | None = None,
+                  resume: bool = True, callbacks: list | None = None) -> dict:
     """Train the active adapter of `peft_model` on `examples`; save it to `out_dir`.
 
     `precision` is the backbone's dtype: bfloat16 trains under bf16 autocast, float16 under
     fp16 autocast with loss scaling (CUDA only; elsewhere the fp16 backbone runs as it is).
     Returns a summary: optimizer steps, final training loss, seconds (also saved, with
     `fingerprint`, `meta` and Trainer's loss history, as out_dir/training.json). With
-    cfg.report_to including tensorboard, its event files go to `logs_dir`.
+    cfg.report_to including tensorboard, its event files go to `logs_dir`. With
+    `checkpoint_dir` and cfg.checkpoint_every > 0, training saves resumable checkpoints there and
+    (with `resume`) continues from the last one left by an interrupted call with the same
+    fingerprint; `callbacks` are extra transformers TrainerCallbacks.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -67,13 +75,14 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     accum = max(1, cfg.batch_size // (cfg.micro_batch_size * world))
     steps = _steps(len(examples), cfg, accum)
     scratch = tempfile.TemporaryDirectory(prefix="elrea-trainer-")  # Trainer wants one; we save ourselves
+    checkpoints, last = _checkpoints(checkpoint_dir, cfg, fingerprint, len(examples), world, resume)
     settings = dict(
-        output_dir=scratch.name, per_device_train_batch_size=cfg.micro_batch_size,
+        output_dir=str(checkpoints or scratch.name), per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=accum, learning_rate=cfg.lr, num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps, lr_scheduler_type="linear",
         warmup_steps=int(cfg.warmup_ratio * steps),
         weight_decay=cfg.weight_decay, optim="adamw_torch", adam_beta1=ADAM_BETAS[0],
-        adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, save_strategy="no", report_to=list(cfg.report_to),
+        adam_beta2=ADAM_BETAS[1], adam_epsilon=ADAM_EPS, report_to=list(cfg.report_to),
         run_name=f"{out_dir.parent.name}/{out_dir.name}",
         logging_steps=max(1, steps // 10), seed=seed, data_seed=seed,
         use_cpu=device.type == "cpu", bf16=precision == "bfloat16",
@@ -83,7 +92,9 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
         ddp_find_unused_parameters=False,  # every LoRA factor of the active adapter is used
         remove_unused_columns=False, dataloader_num_workers=0,
         dataloader_pin_memory=device.type == "cuda",
-        disable_tqdm=not logging.getLogger("elrea").isEnabledFor(logging.INFO))  # `elrea -q`: no bars
+        disable_tqdm=not logging.getLogger("elrea").isEnabledFor(logging.INFO),  # `elrea -q`: no bars
+        **(dict(save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=1)
+           if checkpoints else dict(save_strategy="no")))
     settings.update(cfg.trainer_args)
     try:
         args = TrainingArguments(**settings)
@@ -93,12 +104,14 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
         raise ConfigError(f"trainer_args: {e} (see transformers.TrainingArguments for the valid fields)") from None
     pin_to_device(args, device)
     trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(examples),
-                      data_collator=lambda b: collate(b, pad_id, side="right"))
+                      data_collator=lambda b: collate(b, pad_id, side="right"),
+                      callbacks=[*(callbacks or []), *([_no_final_checkpoint()] if checkpoints else [])])
     t0 = time.time()
-    log.info("%s: %d examples, %d optimizer steps of %d sequences on %s", desc, len(examples),
-             steps, cfg.micro_batch_size * accum * world, device)
-    with _tensorboard_dir(cfg, logs_dir):
-        result = trainer.train()
+    log.info("%s: %d examples, %d optimizer steps of %d sequences on %s%s", desc, len(examples),
+             steps, cfg.micro_batch_size * accum * world, device,
+             f", resuming from step {last.name.rsplit('-', 1)[-1]}" if last else "")
+    with _tensorboard_dir(cfg, logs_dir), out_of_space(checkpoints) if checkpoints else contextlib.nullcontext():
+        result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.time() - t0
     summary = {"steps": int(result.global_step), "train_loss": float(result.training_loss),
                "seconds": round(seconds, 2), "examples": len(examples)}
@@ -106,11 +119,57 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
         history = [h for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
         save_adapter(peft_model, out_dir, trainer.optimizer if save_moments else None,
                      meta={**summary, **(meta or {}), "fingerprint": fingerprint, "log_history": history})
+        if checkpoints:
+            shutil.rmtree(checkpoints, ignore_errors=True)
     if cfg.gradient_checkpointing:
         peft_model.base_model.model.gradient_checkpointing_disable()
     peft_model.eval()
     scratch.cleanup()
     return summary
+
+
+def _no_final_checkpoint():
+    """A callback: Trainer also checkpoints after the last step, which the adapter saved next
+    makes moot (and which a nearly full disk may not hold)."""
+    from transformers import TrainerCallback
+
+    class NoFinalCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:
+                control.should_save = False
+            return control
+
+    return NoFinalCheckpoint()
+
+
+def _checkpoints(checkpoint_dir, cfg: TrainConfig, fingerprint, n: int, world: int, resume: bool):
+    """(the folder Trainer checkpoints into, the checkpoint to resume from), or (None, None).
+
+    The folder's `stage.json` says which training its checkpoints belong to (the stage
+    fingerprint, the number of examples, the processes): checkpoints of any other training,
+    or all of them when not `resume`, are removed rather than resumed.
+    """
+    if checkpoint_dir is None or cfg.checkpoint_every <= 0:
+        return None, None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(checkpoint_dir)
+    want = {"fingerprint": fingerprint, "examples": n, "processes": world}
+    marker = folder / "stage.json"
+    rank = int(os.environ.get("RANK", "0"))
+    last = None
+    if folder.is_dir():
+        try:
+            same = json.loads(marker.read_text(encoding="utf-8")) == want
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            same = False
+        last = get_last_checkpoint(str(folder)) if same and resume else None
+        if last is None and rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+    if last is None and rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(want) + "\n", encoding="utf-8")
+    return folder, Path(last) if last else None
 
 
 @contextlib.contextmanager

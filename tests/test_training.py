@@ -1,0 +1,91 @@
+"""Training (elrea.training): an interrupted training resumes from its last checkpoint and ends
+with the very adapter and Adam moments an uninterrupted one reaches."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from elrea.config import TrainConfig
+from elrea.data import PromptFormatter, encode_all, load_records
+from elrea.config import ModelConfig
+from elrea.models import load_tokenizer
+from elrea.training import MOMENTS_FILE, train_adapter
+
+from conftest import lora_model
+
+
+class _Crash(TrainerCallback):
+    """Stops training with an exception right after the checkpoint of step `at` is saved."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+class _Steps(TrainerCallback):
+    """Records the optimizer steps this call runs."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, args, state, control, **kw):
+        self.seen.append(state.global_step)
+
+
+@pytest.fixture(scope="module")
+def examples(tiny_model_dir, toy_data):
+    tok = load_tokenizer(ModelConfig(name=str(tiny_model_dir)))
+    return encode_all(PromptFormatter(tok, max_length=128), load_records(toy_data / "train.jsonl")[:48], "train"), tok
+
+
+def _train(model_dir, examples, out, ckpt, fingerprint="fp", callbacks=None, resume=True):
+    enc, tok = examples
+    cfg = TrainConfig(lr=2e-3, batch_size=8, micro_batch_size=4, max_steps=6, checkpoint_every=2)
+    model = lora_model(model_dir, randomize_b=False)
+    return train_adapter(model, enc, cfg, out, tok.pad_token_id, seed=3, save_moments=True, fingerprint=fingerprint,
+                         checkpoint_dir=ckpt, resume=resume, callbacks=callbacks)
+
+
+def _saved(d):
+    return load_file(str(d / "adapter_model.safetensors")), load_file(str(d / MOMENTS_FILE))
+
+
+def _same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir, examples):
+    _train(tiny_model_dir, examples, tmp_path / "whole", tmp_path / "ck-whole")
+    assert not (tmp_path / "ck-whole").exists()  # removed once the adapter is saved
+
+    ckpt = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_model_dir, examples, tmp_path / "resumed", ckpt, callbacks=[_Crash(4)])
+    assert not (tmp_path / "resumed").exists() and (ckpt / "checkpoint-4").is_dir()
+    steps = _Steps()
+    summary = _train(tiny_model_dir, examples, tmp_path / "resumed", ckpt, callbacks=[steps])
+    assert steps.seen == [5, 6] and summary["steps"] == 6 and not ckpt.exists()
+    for whole, resumed in zip(_saved(tmp_path / "whole"), _saved(tmp_path / "resumed")):
+        _same(whole, resumed)
+
+
+def test_checkpoints_of_another_training_are_not_resumed(tmp_path, tiny_model_dir, examples):
+    ckpt = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_model_dir, examples, tmp_path / "a", ckpt, fingerprint="other", callbacks=[_Crash(4)])
+    steps = _Steps()
+    _train(tiny_model_dir, examples, tmp_path / "a", ckpt, fingerprint="fp", callbacks=[steps])
+    assert steps.seen == [1, 2, 3, 4, 5, 6]
+
+    # resume=False (`elrea fit --from base`) starts over too, and leaves no checkpoints behind
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_model_dir, examples, tmp_path / "b", ckpt, callbacks=[_Crash(2)])
+    steps = _Steps()
+    _train(tiny_model_dir, examples, tmp_path / "b", ckpt, resume=False, callbacks=[steps])
+    assert steps.seen == [1, 2, 3, 4, 5, 6] and not ckpt.exists()
