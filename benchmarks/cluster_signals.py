@@ -25,7 +25,7 @@ from elrea.config import RunConfig, _from_dict  # noqa: E402
 from elrea.data import load_records  # noqa: E402
 from elrea.pipeline import purity  # noqa: E402
 from elrea.routers.embedding import embed  # noqa: E402
-from elrea.rundir import RunDir, atomic_path, load_features, read_json  # noqa: E402
+from elrea.rundir import Run, atomic_path, load_features, read_json  # noqa: E402
 
 
 def describe(X, labels, sources) -> dict:
@@ -46,7 +46,7 @@ def main(argv=None):
     report = {"command": command_line(__file__, argv), "machine": machine(), "runs": {}}
     rows = []
     for run in args.runs:
-        rd = RunDir(run)
+        rd = Run(run)
         man = read_json(rd.manifest)
         cfg = _from_dict(RunConfig, man["config"]).validate()
         records = load_records(man["data"])

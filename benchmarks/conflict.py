@@ -44,7 +44,7 @@ from elrea.features import iter_per_example_gradients, num_lora_params  # noqa: 
 from elrea.models import load_backbone, load_tokenizer  # noqa: E402
 from elrea.pipeline import fit  # noqa: E402
 from elrea.projection import make_projector  # noqa: E402
-from elrea.rundir import atomic_path, load_features  # noqa: E402
+from elrea.rundir import Run, atomic_path, load_features  # noqa: E402
 from elrea.tasks import export_mixture  # noqa: E402
 
 log = logging.getLogger("conflict")
@@ -152,7 +152,7 @@ def main(argv=None):
 
     tok = load_tokenizer(cfg.model)
     fmt = PromptFormatter(tok, cfg.data.system_prompt, cfg.data.max_length, cfg.data.truncation)
-    model = PeftModel.from_pretrained(load_backbone(cfg.model), str(run / "base"), is_trainable=True).eval()
+    model = PeftModel.from_pretrained(load_backbone(cfg.model), str(Run(run).base), is_trainable=True).eval()
     projector = make_projector("sjlt", num_lora_params(model), args.dim, cfg.stage_seed("projection"))
     t1 = time.time()
     sums, proj = training_gradients(model, [fmt.encode_train(r) for r in records], source_ids, k,
@@ -163,7 +163,7 @@ def main(argv=None):
     rest = (sums.double().sum(0, keepdim=True) - sums.double()) / (len(records) - counts)
     grad_cos = cosine_matrix(G)
     vs_rest = np.diag(cosine_matrix(G, rest))
-    feat_cos = cosine_matrix(source_means(load_features(run / "features" / "train.npy"), source_ids, k))
+    feat_cos = cosine_matrix(source_means(load_features(Run(run).features), source_ids, k))
 
     pairs = pair_stats(F.normalize(proj, dim=1), source_ids)
     off = ~np.eye(k, dtype=bool)

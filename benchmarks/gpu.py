@@ -355,6 +355,7 @@ def decoding_phase(model, adapters, args, vocab: int, out: dict) -> None:
 
 def e2e_phase(args) -> dict:
     """`elrea fit` + `elrea eval` of a real model on the device, as a user would run them."""
+    from elrea.rundir import Run
     from elrea import ELREA
     from elrea.config import load_config
     from elrea.data import load_records
@@ -371,7 +372,7 @@ def e2e_phase(args) -> dict:
     result = evaluate(m, load_records(data / "test.jsonl"), progress=False)
     return {"fit_s": t_fit, "eval_s": time.time() - t0, "accuracy": result["accuracy"],
             "stage_seconds": {k: v.get("seconds") for k, v in
-                              json.loads((out / "elrea.json").read_text())["stages"].items()}}
+                              json.loads(Run(out).manifest.read_text())["stages"].items()}}
 
 
 # ----------------------------------------------------------------------------- the run

@@ -51,7 +51,6 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -338,14 +337,17 @@ def modes(args, run: Path) -> dict[str, int]:
 
 def run_adapters(run: Path) -> int:
     """Adapters of a fitted run (base + one expert per cluster), from its elrea.json."""
-    info = json.loads((run / "elrea.json").read_text())
+    from elrea.rundir import Run
+
+    info = json.loads(Run(run).manifest.read_text())
     return 1 + int(info["stages"]["clusters"]["num_clusters"])
 
 
 def run(args) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="elrea-serve-bench-")
     run_dir = quick_run(Path(tmp.name)) if args.quick else Path(args.run)
-    if not (run_dir / "elrea.json").exists():
+    from elrea.rundir import Run
+    if not Run(run_dir).manifest.exists():
         raise SystemExit(f"{run_dir}: not a fitted run; run `make demo` first, or pass --run RUN (or --quick)")
     n_max = max(args.requests)
     texts, origin = bench_prompts(args, run_dir, n_max)

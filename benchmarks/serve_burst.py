@@ -219,7 +219,8 @@ def disconnect(base: str, max_tokens: int) -> dict:
 def run(args) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="elrea-serve-burst-")
     run_dir = Path(args.run) if args.run else quick_run(Path(tmp.name))
-    if not (run_dir / "elrea.json").exists():
+    from elrea.rundir import Run
+    if not Run(run_dir).manifest.exists():
         raise SystemExit(f"{run_dir}: not a fitted run (omit --run for a tiny one)")
     C.log(f"starting elrea serve {run_dir} ...")
     proc, base = start_server(run_dir, args.max_batch_size, args.threads)

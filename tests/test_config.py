@@ -11,7 +11,7 @@ def test_defaults_follow_the_method():
     assert (c.lora.rank, c.lora.alpha, c.lora.dropout, c.lora.target_modules) == (8, 16.0, 0.05, "all-linear")
     assert (c.base.lr, c.experts.lr, c.base.epochs, c.base.batch_size) == (5e-5, 2e-5, 2.0, 16)
     assert (c.features.dim, c.features.train_preconditioner, c.features.test_preconditioner) == (8192, "adam", "sgd")
-    assert (c.clustering.method, c.clustering.max_clusters, c.routing.temperature) == ("birch", 8, 1.0)
+    assert (c.clustering.method, c.clustering.max_clusters, c.routing.tau) == ("birch", 8, 1.0)
 
 
 def test_yaml_then_overrides_and_json_round_trip(tmp_path):
@@ -27,7 +27,7 @@ def test_yaml_then_overrides_and_json_round_trip(tmp_path):
 @pytest.mark.parametrize("override, match", [
     ("lora.rank=-1", r"lora.rank: must be > 0, got -1"),
     ("clustering.method=dbscan", r"clustering.method: unknown value 'dbscan'; valid: birch, kmeans"),
-    ("routing.temperature=0", r"routing.temperature: must be > 0"),
+    ("routing.tau=0", r"routing.tau: must be > 0"),
     ("features.projection=gauss", r"valid: rademacher, sjlt"),
     ("lora.rnak=4", r"lora.rnak: unknown field; valid: rank, alpha"),
     ("lora.rank=abc", r"lora.rank: expected an integer, got 'abc'"),
@@ -88,3 +88,17 @@ def test_bad_overrides_fail_with_one_line(override, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_config(None, [override])
     assert "\n" not in str(e.value)
+
+
+def test_the_routing_temperature_is_tau_and_its_old_name_still_reads(caplog):
+    from elrea.config import RunConfig
+
+    with caplog.at_level("WARNING", logger="elrea.config"):
+        cfg = load_config(None, ["routing.temperature=0.5"])
+    assert cfg.routing.tau == 0.5 and "routing.temperature is deprecated; use routing.tau" in caplog.text
+    caplog.clear()
+    old = RunConfig().to_dict()
+    old["routing"]["temperature"] = old["routing"].pop("tau") * 3   # a run_config.json written before
+    assert RunConfig.from_dict(old).routing.tau == 3.0 and not caplog.text
+    with pytest.raises(ConfigError, match="routing.temperature and routing.tau are the same setting"):
+        load_config(None, ["routing.temperature=0.5", "routing.tau=2"])

@@ -61,6 +61,12 @@ def test_simple_evaluate_with_an_elrealm_and_rolling_loglikelihood(fitted_run, e
     w = elrea_model.route([elrea_model.formatter.encode_raw(doc, add_special_tokens=False)])[0]
     direct = lm.model.engine.score([lm.tok.eos_token_id], [ids], w)[0]
     assert abs(one_window - direct) < 1e-4  # a document shorter than max_length: one window after EOS
+    lm.model.config.routing.router = "uniform"  # the backend routes with the run's router unless told
+    uniform = lm.loglikelihood_rolling([SimpleNamespace(args=(doc,))], disable_tqdm=True)[0]
+    w = elrea_model.route([elrea_model.formatter.encode_raw(doc, add_special_tokens=False)], router="uniform")[0]
+    assert abs(uniform - lm.model.engine.score([lm.tok.eos_token_id], [ids], w)[0]) < 1e-4
+    assert abs(uniform - one_window) > 1e-4
+    lm.model.config.routing.router = "gradient"
     lm.max_length = 6  # many windows: still every token predicted once
     many = lm.loglikelihood_rolling([SimpleNamespace(args=(doc,))], disable_tqdm=True)[0]
     assert many < 0 and many != one_window

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import FAST
 from elrea.errors import DataError, RunDirError
@@ -73,6 +74,33 @@ def test_push_dry_run_lists_what_inference_needs(fitted_run, tmp_path):
         assert f in r.stdout, f
     assert "train.jsonl" not in r.stdout and "features" not in r.stdout
     assert "ELREA.from_pretrained('me/my-run')" in (run / "README.md").read_text()
+
+
+def test_a_pushed_run_loads_back_by_hub_id_with_its_routers(fitted_run, elrea_model, tmp_path):
+    """What `elrea push` uploads, laid out as the hub cache holds a downloaded repository, loads
+    back by its hub id with the learned and embedding routers' files and routes as the run does."""
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    r = elrea("push", run, "me/my-run", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    listed = [line.strip("│| ").strip() for line in r.stdout.splitlines()]
+    assert "router/learned.safetensors" in listed and "router/learned.json" in listed
+    snapshot = tmp_path / "hub" / "models--me--my-run" / "snapshots" / ("0" * 40)
+    for f in [f for f in listed if (run / f).is_file()]:
+        (snapshot / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run / f, snapshot / f)
+    (tmp_path / "hub" / "models--me--my-run" / "refs").mkdir()
+    (tmp_path / "hub" / "models--me--my-run" / "refs" / "main").write_text("0" * 40)
+    prompts = [rec["instruction"] for rec in make_toy_records(6, seed=3)]
+    code = ("import json, sys; from elrea import ELREA; m = ELREA.from_pretrained('me/my-run', device='cpu'); "
+            "print(json.dumps({'dir': str(m.run_dir), 'w': m.route(json.loads(sys.argv[1]), router='learned').tolist()}))")
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(prompts)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["dir"] == str(snapshot)
+    want = elrea_model.route(prompts, router="learned")
+    assert torch.allclose(torch.tensor(got["w"]), want, atol=1e-5)
 
 
 def test_datasets_directory_splits_and_parallel_tokenisation(tmp_path, tiny_model_dir):

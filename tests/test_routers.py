@@ -16,17 +16,64 @@ from elrea.routers import ROUTERS, similarity_weights
 PROMPTS = ["Add 3 and 4.", "Reverse the word abc.", "Uppercase the word dog.", "Subtract 2 from 9."]
 
 
-def test_config_names_match_the_registries():
-    from elrea.clustering import CLUSTERERS
-    from elrea.features import PRECONDITIONERS
-    from elrea.projection import PROJECTORS
+def test_registries_list_their_plugins_and_resolve_them_lazily():
+    from elrea.clustering import birch
+    from elrea.features import adam_from_run
+    from elrea.projection import SparseProjector
+    from elrea.registry import CLUSTERERS, PRECONDITIONERS, PROJECTORS
+    from elrea.routers.learned import LearnedRouter
     from elrea.tasks import CHECKER_NAMES, EXTERNAL_MIXTURES, MIXTURES
 
-    assert set(ROUTERS) == set(C.ROUTER_NAMES)
-    assert set(CLUSTERERS) == set(C.CLUSTER_METHODS)
-    assert set(PROJECTORS) == set(C.PROJECTIONS)
-    assert set(PRECONDITIONERS) == set(C.PRECONDITIONER_NAMES)
+    # one router per module of elrea/routers/ (not the "_" helpers)
+    assert ROUTERS.names() == ("embedding", "gradient", "learned", "uniform")
+    assert ROUTERS.get("learned").build is LearnedRouter and ROUTERS.get("learned").fit_fields
+    assert ROUTERS.get("gradient").fit is None
+    assert PROJECTORS.names() == ("rademacher", "sjlt") and PROJECTORS.get("sjlt") is SparseProjector
+    assert PRECONDITIONERS.names() == ("adam", "sgd") and PRECONDITIONERS.get("adam") is adam_from_run
+    assert CLUSTERERS.names() == ("birch", "kmeans") and CLUSTERERS.get("birch") is birch
     assert set(CHECKER_NAMES) == {"auto", "exact", *MIXTURES, *EXTERNAL_MIXTURES}
+
+
+def test_a_plugin_is_one_module_of_its_package(tmp_path, monkeypatch):
+    from elrea.registry import Registry
+
+    pkg = tmp_path / "my_plugins"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "_helper.py").write_text("X = 1\n")
+    (pkg / "doubler.py").write_text("PLUGIN = lambda x: 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reg = Registry("thing", package="my_plugins")
+    assert reg.names() == ("doubler",) and "my_plugins.doubler" not in sys.modules  # listed, not imported
+    assert reg.get("doubler")(21) == 42
+    with pytest.raises(C.ConfigError, match="unknown thing 'tripler'; valid: doubler"):
+        reg.get("tripler")
+
+
+def test_a_router_registered_from_outside_is_validated_and_routes(elrea_model):
+    from elrea.routers import RouterPlugin
+
+    class LastExpert:
+        name = "last"
+
+        def __init__(self, model):
+            self.k = len(model.adapters)
+
+        def signal(self, examples):
+            return torch.zeros(len(examples), 0)
+
+        def weights(self, signal, n, tau=1.0, top_k=0):
+            return F.one_hot(torch.full((n,), self.k - 1), self.k).float()
+
+    ROUTERS.register("last", RouterPlugin(build=LastExpert))
+    try:
+        assert C.load_config(None, ["routing.router=last"]).routing.router == "last"
+        w = elrea_model.route(PROMPTS, router="last")
+        assert (w[:, -1] == 1).all()
+    finally:
+        ROUTERS.unregister("last")
+    with pytest.raises(C.ConfigError, match="valid: embedding, gradient, learned, uniform"):
+        C.load_config(None, ["routing.router=last"])
 
 
 def test_no_import_circles():
@@ -102,9 +149,9 @@ def test_learned_router_weights_are_the_classifier_probabilities(elrea_model):
 def test_learned_router_fits_the_clusters_it_learned(fitted_run, elrea_model):
     """On its own training instructions the classifier reproduces its recorded training accuracy."""
     from elrea.data import load_records
-    from elrea.rundir import RunDir
+    from elrea.rundir import Run
 
-    rd = RunDir(fitted_run)
+    rd = Run(fitted_run)
     labels = rd.labels()
     recs = load_records(json.loads((fitted_run / "elrea.json").read_text())["data"])
     w = elrea_model.route([r.messages for r in recs], router="learned")
@@ -128,7 +175,7 @@ def test_embedding_router_matches_its_definition(fitted_run, elrea_model):
     labels = torch.tensor(json.loads((fitted_run / "clusters" / "clusters.json").read_text())["labels"])
     assert torch.allclose(rd_cent[0], X.mean(0), atol=1e-5)
     assert torch.allclose(rd_cent[2], X[labels == 2].mean(0), atol=1e-5)
-    w = elrea_model.route(PROMPTS, router="embedding", temperature=0.5)
+    w = elrea_model.route(PROMPTS, router="embedding", tau=0.5)
     ref = similarity_weights(embed(instruction_texts(elrea_model.tokenizer, elrea_model.encode(PROMPTS))), rd_cent, 0.5)
     assert torch.allclose(w, ref, atol=1e-5)
 
@@ -183,9 +230,9 @@ def test_centred_run_stores_the_mean_and_routes_in_that_space(tmp_path, toy_data
     from elrea import ELREA
     from elrea.config import load_config
     from elrea.pipeline import fit
-    from elrea.rundir import RunDir, load_features
+    from elrea.rundir import Run, load_features
 
-    rd = RunDir(tmp_path / "c")
+    rd = Run(tmp_path / "c")
     fit(toy_data / "train.jsonl", rd.root, load_config(None, fast_overrides + ["clustering.num_clusters=4",
                                                                               "features.center=true"]))
     X = np.asarray(load_features(rd.features)[:])
@@ -205,10 +252,10 @@ def test_given_labels_are_the_clusters_and_fingerprinted_by_partition(tmp_path, 
                                                                       fast_overrides):
     from elrea.config import load_config
     from elrea.pipeline import fit
-    from elrea.rundir import Manifest, RunDir
+    from elrea.rundir import Manifest, Run
 
     cfg = load_config(None, fast_overrides + ["clustering.num_clusters=4"])
-    rd = RunDir(tmp_path / "src").share(fitted_run, ("base", "features"))
+    rd = Run(tmp_path / "src").share(fitted_run, ("base", "features"))
     sources = [r["source"] for r in toy_rows]
     fit(toy_data / "train.jsonl", rd.root, cfg, labels=sources, until="clusters")
     info = json.loads(rd.clusters_json.read_text())

@@ -9,19 +9,18 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
 from . import ensemble
 from .engine import Ensemble, is_text
-from .config import RunConfig, _from_dict
+from .config import RunConfig
 from .data import PromptFormatter
 from .errors import ConfigError, RunDirError
 from .features import Featurizer
 from .models import load_backbone, load_tokenizer, model_device
-from .rundir import MANIFEST, RUN_CONFIG, Manifest, RunDir, atomic_path, check_readable, read_json, run_config_path
+from .rundir import Manifest, Run, atomic_path, check_readable
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,8 @@ class ELREA:
         self.centroids = centroids.to(self.device, torch.float32)   # (C+1, d)
         # the mean training feature when the run centred its features (features.center), else None
         self.feature_mean = None if feature_mean is None else feature_mean.to(self.device, torch.float32)
-        self.run_dir = Path(run_dir)
+        self.run = Run(run_dir)
+        self.run_dir = self.run.root
         self._routers: dict = {}
         self.adapters = ["base"] + [f"expert_{c}" for c in range(1, centroids.shape[0])]
         c = config
@@ -48,7 +48,7 @@ class ELREA:
         self.engine = Ensemble(model, self.adapters, tokenizer.pad_token_id, compile=c.generation.compile,
                                sync_every=c.generation.sync_every)
         self.formatter = PromptFormatter(tokenizer, c.data.system_prompt, c.data.max_length, "left")
-        self.featurizer = Featurizer.for_run(model, c, self.run_dir / "base", tokenizer.pad_token_id,
+        self.featurizer = Featurizer.for_run(model, c, self.run.base, tokenizer.pad_token_id,
                                              c.features.test_preconditioner, batch_size=c.routing.batch_size)
 
     # ------------------------------------------------------------------ loading / saving
@@ -64,11 +64,11 @@ class ELREA:
         from peft import PeftModel
         from safetensors.torch import load_file
 
-        run_dir = _local_run(run_dir)
-        manifest = Manifest.load(run_dir)
-        check_readable(run_dir, manifest)  # no stage being rewritten or left half-done
-        RunDir(run_dir).check_consistent(manifest)
-        config = _from_dict(RunConfig, read_json(run_config_path(run_dir))).validate()
+        run = Run(_local_run(run_dir))
+        manifest = Manifest.load(run.root)
+        check_readable(run.root, manifest)  # no stage being rewritten or left half-done
+        run.check_consistent(manifest)
+        config = run.config()
         tokenizer = load_tokenizer(config.model)
         if backbone is None:
             from .distributed import resolve_device
@@ -76,33 +76,27 @@ class ELREA:
             if not isinstance(device, torch.device):  # a name: resolve it (a torch.device is already placed)
                 device = resolve_device(device or config.model.device)
             backbone = load_backbone(config.model, device)
-        cpath = RunDir(run_dir).centroids
+        cpath = run.centroids
         try:
             stored = load_file(str(cpath))
             centroids, mean = stored["centroids"], stored.get("feature_mean")
         except Exception as e:  # noqa: BLE001 - missing or truncated file
             raise RunDirError(f"{cpath}: missing or corrupt ({e}); re-run `elrea fit --from clusters`") from None
-        model = _load_adapter(PeftModel.from_pretrained, backbone, run_dir / "base", "base")
+        model = _load_adapter(PeftModel.from_pretrained, backbone, run.base, "base")
         for c in range(1, centroids.shape[0]):
-            _load_adapter(model.load_adapter, None, run_dir / "experts" / str(c), f"expert_{c}")
+            _load_adapter(model.load_adapter, None, run.expert(c), f"expert_{c}")
         model.set_adapter("base")
         model.eval()
-        return cls(model, tokenizer, config, centroids, run_dir, feature_mean=mean)
+        return cls(model, tokenizer, config, centroids, run.root, feature_mean=mean)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Copy what inference needs (manifest, config, adapters, clusters) to `out_dir`."""
+        """Copy what a run ships (Run.SHIPPED: manifest, config, adapters, clusters, routers,
+        card, evaluation) to `out_dir`."""
         from .card import write_model_card
 
         out_dir = Path(out_dir)
         with atomic_path(out_dir, is_dir=True) as tmp:
-            shutil.copy2(self.run_dir / MANIFEST, tmp / MANIFEST)
-            shutil.copy2(run_config_path(self.run_dir), tmp / RUN_CONFIG)
-            for name in ("eval.json",):
-                if (self.run_dir / name).exists():
-                    shutil.copy2(self.run_dir / name, tmp / name)
-            for sub in ("base", "experts", "clusters", "router"):
-                if (self.run_dir / sub).exists():
-                    shutil.copytree(self.run_dir / sub, tmp / sub)
+            self.run.copy_shipped(tmp)
             write_model_card(tmp)
         return out_dir
 
@@ -151,18 +145,24 @@ class ELREA:
             self._routers[name] = build_router(name, self)
         return self._routers[name]
 
-    def route(self, prompts=None, router: str | None = None, temperature: float | None = None,
-              top_k: int | None = None, features: torch.Tensor | None = None) -> torch.Tensor:
+    def route(self, prompts=None, router: str | None = None, tau: float | None = None,
+              top_k: int | None = None, features: torch.Tensor | None = None, temperature: float | None = None
+              ) -> torch.Tensor:
         """Routing weights [n, C+1] (column 0 = base adapter), float32 on the CPU; rows sum to 1.
 
-        router: a name of elrea.routers.ROUTERS (default: the run's routing.router); temperature and
-        top_k default to the run's. features: the router's signal, computed before by
-        `self.router(name).signal(...)` (then `prompts` may be None): try many temperatures
-        without recomputing it."""
+        router: a name of elrea.registry.ROUTERS (default: the run's routing.router); tau (the
+        routing temperature) and top_k default to the run's. features: the router's signal,
+        computed before by `self.router(name).signal(...)` (then `prompts` may be None): try many
+        values of tau without recomputing it. `temperature` is tau's old name (deprecated)."""
+        if temperature is not None:
+            import warnings
+
+            warnings.warn("route(temperature=...) is deprecated; use tau=...", DeprecationWarning, stacklevel=2)
+            tau = temperature if tau is None else tau
         r = self.config.routing
-        t = r.temperature if temperature is None else temperature
+        t = r.tau if tau is None else tau
         if t <= 0:
-            raise ConfigError(f"routing.temperature: must be > 0, got {t!r}")
+            raise ConfigError(f"routing.tau: must be > 0, got {t!r}")
         k = r.top_k if top_k is None else top_k
         chosen = self.router(router)
         if features is None:
@@ -246,7 +246,7 @@ class ELREA:
         on its own tokens (or `weights` [n, C+1]). Contexts shared by several requests are
         scored together. Tokenisation as lm-eval's HF backend: trailing spaces of the context
         move to the continuation, and the continuation is what the pair's tokens add.
-        route_kwargs: router, temperature, top_k (as for `route`)."""
+        route_kwargs: router, tau, top_k (as for `route`)."""
         pairs = [self._split_pair(c, x, add_special_tokens) for c, x in requests]
         by_context: dict[tuple, list[int]] = {}
         for i, (ctx, _) in enumerate(pairs):
@@ -286,8 +286,7 @@ def _local_run(run_dir) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.md", "base/*",
-                                                            "experts/*/*", "clusters/*"]))
+        return Path(snapshot_download(name, allow_patterns=list(Run.SHIPPED)))
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, no access
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunDirError(f"{name}: not a local run directory, and the hub repository could not be downloaded "

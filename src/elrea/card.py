@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .rundir import MANIFEST, atomic_path, read_json, run_config_path
+from .rundir import Run, atomic_path, read_json
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -31,11 +31,11 @@ def cluster_rows(clusters: dict) -> tuple[list[str], list[list]]:
 def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
     from .models import portable_name
 
-    run = Path(run_dir)
-    manifest = read_json(run / MANIFEST)
-    cfg = read_json(run_config_path(run))
+    run = Run(run_dir)
+    manifest = read_json(run.manifest)
+    cfg = run.config_dict()
     base_model = portable_name(cfg["model"]["name"])
-    name = repo_id or run.resolve().name
+    name = repo_id or run.root.resolve().name
     stages = manifest.get("stages", {})
     out = ["---", "library_name: peft", f"base_model: {base_model}", "tags:", "- elrea", "- lora", "- peft",
            "- mixture-of-experts", "---", "", f"# {name}", "",
@@ -50,9 +50,8 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
             f"{cfg['experts']['lr']} for {cfg['experts']['epochs']} epochs; backbone dtype {cfg['model']['dtype']}"
             + (f", quantization {cfg['model']['quantization']}" if cfg["model"].get("quantization", "none") != "none"
                else "") + ".", ""]
-    clusters_path = run / "clusters" / "clusters.json"
-    if clusters_path.exists():
-        cl = read_json(clusters_path)
+    if run.clusters_json.exists():
+        cl = read_json(run.clusters_json)
         sources, rows = cluster_rows(cl)
         out += ["## Experts", "", f"{cl['num_clusters']} clusters of the training examples' gradient features "
                 "(examples per cluster, by source where the data names one):", "",
@@ -60,11 +59,10 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
     r = cfg["routing"]
     out += ["## Routing", "", f"Each input's instruction-only gradient feature is compared with the cluster "
             f"centroids (cosine), standardised and turned into weights by a softmax at temperature "
-            f"{r['temperature']}" + (f", keeping the top {r['top_k']}" if r.get("top_k") else "") +
+            f"tau = {r['tau']}" + (f", keeping the top {r['top_k']}" if r.get("top_k") else "") +
             "; column 0 of the weights is the base adapter.", ""]
-    eval_path = run / "eval.json"
-    if eval_path.exists():
-        acc = read_json(eval_path)["accuracy"]
+    if run.eval.exists():
+        acc = read_json(run.eval)["accuracy"]
         srcs = list(acc["elrea"]["per_source"])
         rows = [[m] + [f"{100 * acc[m]['per_source'][s]:.1f}" for s in srcs] + [f"{100 * acc[m]['overall']:.1f}"]
                 for m in acc]
@@ -73,7 +71,7 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
     if stages:
         out += ["## Stages", "", _table(["stage", "status", "seconds"],
                                         [[k, v.get("status"), v.get("seconds", "")] for k, v in stages.items()]), ""]
-    where = repo_id or str(run)
+    where = repo_id or str(run.root)
     out += ["## Use", "", "```python", "from elrea import ELREA", "",
             f"model = ELREA.from_pretrained({where!r})   # a local directory or a hub id",
             'model.generate(["Compute 12 * 7. Answer with the number only."], max_new_tokens=32)',
@@ -85,15 +83,10 @@ def model_card(run_dir: str | Path, repo_id: str | None = None) -> str:
 
 
 def write_model_card(run_dir: str | Path, repo_id: str | None = None) -> Path:
-    path = Path(run_dir) / "README.md"
+    path = Run(run_dir).card
     with atomic_path(path) as tmp:
         tmp.write_text(model_card(run_dir, repo_id), encoding="utf-8")
     return path
-
-
-# What `elrea push` uploads: what inference needs and the card; never the training data or features.
-PUSH_PATTERNS = ["README.md", MANIFEST, "run_config.json", "eval.json", "base/*", "experts/*/*",
-                 "clusters/*", "report.md", "report/*.png"]
 
 
 def push(run_dir: str | Path, repo_id: str, private: bool = False, token: str | None = None,
@@ -103,20 +96,17 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False, token: str | 
     dry_run lists them without the network. Needs `huggingface_hub` (installed with transformers)."""
     import shutil
 
-    from .rundir import RUN_CONFIG
-
-    run = Path(run_dir)
-    if not (run / RUN_CONFIG).exists():  # a run from before run_config.json: upload it under the new name
-        shutil.copy2(run_config_path(run), run / RUN_CONFIG)
-    write_model_card(run, repo_id)
-    files = sorted({str(p.relative_to(run)) for pat in PUSH_PATTERNS for p in run.glob(pat) if p.is_file()
-                    and not p.name.startswith(".")})
+    run = Run(run_dir)
+    if run.config_path != run.new_config_path:  # a run from before run_config.json: upload it under the new name
+        shutil.copy2(run.config_path, run.new_config_path)
+    write_model_card(run.root, repo_id)
+    files = run.shipped()  # Run.SHIPPED: what save_pretrained copies and loading a hub id downloads
     if dry_run:
         return files
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(run), allow_patterns=files,
+    api.upload_folder(repo_id=repo_id, folder_path=str(run.root), allow_patterns=files,
                       commit_message="Upload ELREA run (elrea push)")
     return files

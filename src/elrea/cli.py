@@ -82,12 +82,12 @@ def _load(args):
     """(ELREA on this process's device, Processes): --device, else the run's model.device."""
     from .api import ELREA
     from .distributed import processes
-    from .rundir import read_json, run_config_path
+    from .rundir import Run
 
     device = args.device
     if device is None:
-        cfg_path = run_config_path(args.run)
-        device = read_json(cfg_path).get("model", {}).get("device", "auto") if cfg_path.exists() else "auto"
+        run = Run(args.run)
+        device = run.config_dict().get("model", {}).get("device", "auto") if run.config_path.exists() else "auto"
     procs = processes(device)
     return ELREA.from_pretrained(args.run, device=procs.device), procs
 
@@ -122,7 +122,7 @@ def cmd_generate(args):
 
     def run(batch):  # route and decode one batch; under N processes each runs its share
         enc = model.encode(batch)  # once, for routing and decoding
-        w = model.route(enc, router=args.router, temperature=args.tau, top_k=args.top_k)
+        w = model.route(enc, router=args.router, tau=args.tau, top_k=args.top_k)
         outs = model.generate(enc, weights=w, max_new_tokens=args.max_new_tokens,
                               temperature=args.temperature, top_p=args.top_p, seed=args.seed, mode=args.mode)
         return list(zip(outs, w.tolist()))
@@ -150,7 +150,7 @@ def cmd_route(args):
     prompts = _read_prompts(args)
     model, procs = _load(args)
     w = map_batches(procs, prompts, model.config.routing.batch_size,
-                    lambda batch: model.route(batch, router=args.router, temperature=args.tau,
+                    lambda batch: model.route(batch, router=args.router, tau=args.tau,
                                               top_k=args.top_k).tolist(),
                     desc="routing" if len(prompts) > 1 else None)
     if not procs.is_main:
@@ -176,14 +176,15 @@ def cmd_compare(args):
 def cmd_eval(args):
     from .data import load_records
     from .evaluation import evaluate
-    from .rundir import RunLock, write_json
+    from .rundir import Run, RunLock, write_json
     from .tasks import checker
 
     records = load_records(args.data)
     if args.limit:
         records = records[: args.limit]
     check = checker(args.checker, args.data)  # a missing package fails before the model loads
-    out = Path(args.output) if args.output else Path(args.run) / "eval.json"
+    run = Run(args.run)
+    out = Path(args.output) if args.output else run.eval
     partial = out.with_name(out.name + ".partial")  # finished batches: a re-run continues after them
     model, procs = _load(args)
     with RunLock(partial, "elrea eval") if procs.is_main else contextlib.nullcontext():
@@ -195,7 +196,7 @@ def cmd_eval(args):
     in_run = out.resolve().parent == Path(args.run).resolve()
     with RunLock(args.run, "elrea eval") if in_run else contextlib.nullcontext():
         write_json(out, result)
-        if out.resolve() == (Path(args.run) / "eval.json").resolve():
+        if out.resolve() == run.eval.resolve():
             from .card import write_model_card
 
             write_model_card(args.run)  # the model card shows the evaluation table
@@ -229,14 +230,14 @@ def cmd_push(args):
 
 
 def cmd_info(args):
-    from .rundir import Manifest, read_json
+    from .rundir import Manifest, Run, read_json
 
     m = Manifest.load(args.run)
     print(f"run {args.run}: backbone {m.data.get('backbone')}, {m.data.get('num_examples')} examples "
           f"from {m.data.get('data')}")
     _table("stages", ["stage", "status", "seconds"],
            [[s, st.get("status", "-"), st.get("seconds", "-")] for s, st in m.data.get("stages", {}).items()])
-    cpath = Path(args.run) / "clusters" / "clusters.json"
+    cpath = Run(args.run).clusters_json
     if cpath.exists():
         from .card import cluster_rows
 
@@ -344,9 +345,9 @@ def _device_arg(p):
 
 
 def _router_arg(p):
-    from .config import ROUTER_NAMES
+    from .registry import ROUTERS
 
-    p.add_argument("--router", choices=ROUTER_NAMES,
+    p.add_argument("--router", choices=ROUTERS.names(),
                    help="router (default: the run's routing.router; see docs/method.md, step 5)")
 
 
@@ -360,7 +361,7 @@ def _checker_arg(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .rundir import STAGES
+    from .stages import STAGE_NAMES as STAGES
 
     ap = argparse.ArgumentParser(prog="elrea", description="Ensembles of Low-Rank Expert Adapters: "
                                  "cluster training examples by gradient, train one LoRA expert per "
@@ -410,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="mix expert logits (default) or expert weights inside each layer")
             p.add_argument("--show-weights", action="store_true", help="print the routing weights")
 
-    from .config import ROUTER_NAMES
+    from .registry import ROUTERS
 
     p = sub.add_parser("compare", help="does ELREA help on my data? ELREA vs one LoRA (same compute) and "
                        "baselines, settings chosen on validation",
@@ -429,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="backbone (default smollm2-135m-instruct)")
     p.add_argument("--config", help="YAML run config shared by every fit")
     p.add_argument("--routers", nargs="+", default=["gradient", "embedding", "learned"],
-                   choices=[r for r in ROUTER_NAMES if r != "uniform"], help="routers to compare")
+                   choices=[r for r in ROUTERS.names() if r != "uniform"], help="routers to compare")
     p.add_argument("--candidates", nargs="+", default=["", "features.center=true"], metavar="OVERRIDES",
                    help="ELREA settings chosen among on validation: comma-separated overrides each, '' = "
                         "the config itself (default: '' features.center=true)")

@@ -20,6 +20,7 @@ import numpy as np
 
 from .config import ClusterConfig
 from .errors import ConfigError
+from .registry import CLUSTERERS  # re-exported: the clustering methods by name
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Clusters:
         return [int((self.labels == c).sum()) for c in range(1, self.num_clusters + 1)]
 
 
-def _birch(X: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict]:
+def birch(X: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict]:
     """0-based labels of X from BIRCH, with the silhouette search when C is automatic."""
     from sklearn.cluster import Birch
     from sklearn.exceptions import ConvergenceWarning
@@ -75,7 +76,7 @@ def _birch(X: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, di
                      "chosen": best[0]}
 
 
-def _kmeans(X: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict]:
+def kmeans(X: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, dict]:
     from sklearn.cluster import KMeans
     from sklearn.metrics import silhouette_score
 
@@ -90,7 +91,6 @@ def _kmeans(X: np.ndarray, cfg: ClusterConfig, seed: int) -> tuple[np.ndarray, d
     return best[1], {"silhouette": scores, "chosen": best[0]}
 
 
-CLUSTERERS = {"birch": _birch, "kmeans": _kmeans}
 
 
 def feature_mean(X, chunk: int = 8192) -> np.ndarray:
@@ -131,10 +131,6 @@ def given_clusters(X, labels) -> Clusters:
 
 def cluster_features(X: np.ndarray, cfg: ClusterConfig, seed: int) -> Clusters:
     """Cluster unit feature rows X [N, d] into Clusters with labels 1..C."""
-    from .errors import unknown_name
-
-    if cfg.method not in CLUSTERERS:
-        raise unknown_name("clustering method", cfg.method, CLUSTERERS)
     n = len(X)
     need = max(2, cfg.num_clusters) * cfg.min_cluster_size
     if n < need:
@@ -144,7 +140,7 @@ def cluster_features(X: np.ndarray, cfg: ClusterConfig, seed: int) -> Clusters:
     rng = np.random.default_rng(seed)
     fit_idx = np.sort(rng.choice(n, cfg.sample_size, replace=False)) if n > cfg.sample_size else np.arange(n)
     Xs = np.asarray(X[fit_idx], dtype=np.float32)
-    sample_labels, info = CLUSTERERS[cfg.method](Xs, cfg, seed)
+    sample_labels, info = CLUSTERERS.get(cfg.method)(Xs, cfg, seed)
     info["fit_examples"] = int(len(fit_idx))
     labels = assign_rest(X, fit_idx, sample_labels)
     labels, merges = merge_small(X, labels, cfg.min_cluster_size)

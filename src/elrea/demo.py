@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from .config import load_config
-from .rundir import write_json
+from .rundir import Run, write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def run_demo(out: str | Path, train: int = 320, test: int = 128, seed: int = 0,
     model = ELREA.from_pretrained(out)
     test_records = load_records(paths["test"])
     result = evaluate(model, test_records, checker=checker("reasoning-mix"))
-    write_json(out / "eval.json", result)
+    write_json(Run(out).eval, result)
     write_model_card(out)  # with the evaluation table
     sources = [r.source for r in load_records(paths["train"])]
     extra = (f"Backbone `{cfg.model.name}`, {train} training examples of the built-in reasoning-mix "
@@ -50,5 +50,5 @@ def run_demo(out: str | Path, train: int = 320, test: int = 128, seed: int = 0,
              f"Fit {t_fit / 60:.1f} min, total {(time.time() - t0) / 60:.1f} min on this machine. "
              f"Config: `{demo_config_path().name}` (shipped in the package).")
     write_report(out, result, model.adapters, sources, title="elrea demo", extra=extra)
-    log.info("report: %s", out / "report.md")
+    log.info("report: %s", Run(out).report)
     return result

@@ -168,7 +168,7 @@ class Ensemble:
             self.model.delete_adapter(name)
 
     @contextlib.contextmanager
-    def arrow(self, experts: list[str], top_k: int = 3, temperature: float = 1.0, seed: int = 0,
+    def arrow(self, experts: list[str], top_k: int = 3, tau: float = 1.0, seed: int = 0,
               name: str = "arrow_router"):
         """PEFT's Arrow routing over the adapters `experts` (peft.ArrowConfig: training-free, per
         token and per layer, the top_k experts whose prototype - the top right singular vector of
@@ -182,7 +182,7 @@ class Ensemble:
         unknown = [e for e in experts if e not in self.names]
         if unknown or not experts:
             raise ValueError(f"arrow: adapters {unknown or experts} are not loaded; loaded: {self.names}")
-        cfg = ArrowConfig(top_k=min(top_k, len(experts)), router_temperature=temperature, rng_seed=seed)
+        cfg = ArrowConfig(top_k=min(top_k, len(experts)), router_temperature=tau, rng_seed=seed)
         cfg.task_adapter_names, cfg.gks_adapter_names = list(experts), []
         targets, rank = check_loaded_lora_compatibility_arrow(self.model, adapter_names=list(experts))
         ensure_adapters_target_linear_layers_only(self.model, adapter_names=list(experts))

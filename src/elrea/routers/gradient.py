@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .similarity import similarity_weights
+from . import RouterPlugin
+from ._similarity import similarity_weights
 
 
 class GradientRouter:
@@ -25,8 +26,8 @@ class GradientRouter:
         f = self.model.features(examples)
         return center(f, self.mean)
 
-    def weights(self, signal: torch.Tensor, n: int, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
-        return similarity_weights(signal, self.centroids, temperature, top_k).cpu()
+    def weights(self, signal: torch.Tensor, n: int, tau: float = 1.0, top_k: int = 0) -> torch.Tensor:
+        return similarity_weights(signal, self.centroids, tau, top_k).cpu()
 
 
 def center(features: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
@@ -34,3 +35,6 @@ def center(features: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:
     if mean is None:
         return features
     return F.normalize(features.float() - mean.to(features.device, torch.float32), dim=1)
+
+
+PLUGIN = RouterPlugin(build=GradientRouter)  # its centroids are the clusters stage's: nothing to fit

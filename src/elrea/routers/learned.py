@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import RunDirError
-from .similarity import keep_top_k
+from . import RouterPlugin
+from ._similarity import keep_top_k
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +140,19 @@ def classifier_logits(t: dict, x: torch.Tensor) -> torch.Tensor:
     return z @ t["w"].T + t["b"]
 
 
-def fit_learned_router(out_dir: Path, model, examples: list, labels: np.ndarray, routing, pad_id: int,
-                       seed: int) -> dict:
-    """Fit the classifier on the training instructions' hidden states; save it in out_dir."""
+def fit_learned_router(job) -> dict:
+    """Fit the classifier on the training instructions' hidden states (an elrea.routers.RouterFit);
+    save it in job.folder."""
     from safetensors.numpy import save_file
 
     from ..rundir import atomic_path, write_json
 
     t0 = time.time()
+    model, examples, routing, out_dir = job.model, job.instructions, job.cfg, job.folder
     layer = resolve_layer(model, routing.learned_layer)
-    H = hidden_states(model, examples, layer, routing.learned_pooling, pad_id, routing.batch_size).cpu().numpy()
-    tensors, info = fit_classifier(H, labels, routing.learned_classifier, routing.learned_hidden, seed)
+    H = hidden_states(model, examples, layer, routing.learned_pooling, job.tokenizer.pad_token_id,
+                      routing.batch_size).cpu().numpy()
+    tensors, info = fit_classifier(H, job.labels, routing.learned_classifier, routing.learned_hidden, job.seed)
     info.update(layer=layer, pooling=routing.learned_pooling, examples=len(examples), hidden_size=int(H.shape[1]),
                 seconds=round(time.time() - t0, 2))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -171,7 +173,7 @@ class LearnedRouter:
 
         from ..rundir import read_json
 
-        d = model.run_dir / "router"
+        d = model.run.router
         if not (d / WEIGHTS).exists():
             raise RunDirError(f"{d / WEIGHTS}: missing; the learned router is fitted in the router stage: "
                               f"run `elrea fit` again on this run directory (it resumes at that stage)")
@@ -185,9 +187,13 @@ class LearnedRouter:
         return hidden_states(m.model, examples, self.meta["layer"], self.meta["pooling"],
                              m.tokenizer.pad_token_id, self.batch_size)
 
-    def weights(self, signal: torch.Tensor, n: int, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    def weights(self, signal: torch.Tensor, n: int, tau: float = 1.0, top_k: int = 0) -> torch.Tensor:
         logp = torch.log_softmax(classifier_logits(self.tensors, signal.float()), dim=1)
-        p = torch.softmax(logp / temperature, dim=1).cpu()
+        p = torch.softmax(logp / tau, dim=1).cpu()
         w = torch.zeros(n, self.num_adapters, device="cpu")
         w[:, self.meta["classes"]] = p
         return keep_top_k(w, top_k)
+
+
+PLUGIN = RouterPlugin(build=LearnedRouter, fit=fit_learned_router,
+                      fit_fields=("learned_classifier", "learned_layer", "learned_pooling", "learned_hidden"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import RouterPlugin
+
 
 class UniformRouter:
     name = "uniform"
@@ -14,5 +16,8 @@ class UniformRouter:
     def signal(self, examples: list) -> torch.Tensor:
         return torch.zeros(len(examples), 0, device="cpu")   # reads nothing; the shape carries the count
 
-    def weights(self, signal, n: int, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    def weights(self, signal, n: int, tau: float = 1.0, top_k: int = 0) -> torch.Tensor:
         return torch.full((n, self.num_adapters), 1.0 / self.num_adapters, device="cpu")
+
+
+PLUGIN = RouterPlugin(build=UniformRouter)

@@ -138,7 +138,7 @@ def create_app(model, served_name: str, api_key: str | None = None, slots: int =
         decoding = model.decoding(seed=seed, **sampling)
         return Job(enc, decoding, emit=None, weights=weights, router=(ext.router if ext and ext.router else
                                                                       model.config.routing.router),
-                   tau=ext.temperature if ext else None, top_k=ext.top_k if ext else None, stop=req.stops(),
+                   tau=ext.routing_tau() if ext else None, top_k=ext.top_k if ext else None, stop=req.stops(),
                    stream=bool(req.stream))
 
     watchers: set[asyncio.Task] = set()   # asyncio holds only weak references to running tasks

@@ -34,7 +34,7 @@ import torch
 from ..engine import PoolFull, is_text
 from ..ensemble import Decoding, sampling
 from ..generation import TextStream
-from ..routers.similarity import keep_top_k
+from ..routers._similarity import keep_top_k
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class Engine:
                 groups.setdefault((j.router, j.tau, j.top_k), []).append(j)
         for (router, tau, top_k), group in groups.items():
             try:
-                W = self.model.route([j.enc for j in group], router=router, temperature=tau, top_k=top_k)
+                W = self.model.route([j.enc for j in group], router=router, tau=tau, top_k=top_k)
             except Exception as e:  # noqa: BLE001 - a router that fails fails its requests only
                 log.exception("routing %d requests failed", len(group))
                 for j in group:

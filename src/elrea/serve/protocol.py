@@ -3,8 +3,8 @@
 Requests are pydantic models that ignore fields they do not know (clients send many), refuse
 values elrea cannot honour (n > 1, best_of, echo, logprobs) and numbers that are not finite
 (JSON parsers accept NaN and Infinity), and carry elrea's extension
-field `"elrea": {"weights": [...], "router": "gradient" | "uniform", "top_k": k,
-"temperature": tau}`. Errors are OpenAI's JSON `{"error": {"message", "type", "param",
+field `"elrea": {"weights": [...], "router": "gradient" | "uniform" | ..., "top_k": k,
+"tau": tau}` ("temperature" is tau's old name, still accepted). Errors are OpenAI's JSON `{"error": {"message", "type", "param",
 "code"}}` with a 4xx status.
 """
 
@@ -34,9 +34,13 @@ class Extension(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     weights: list[float] | None = Field(None, description="weights over [base, expert_1, ...]; sum to 1")
-    router: str | None = Field(None, description="a router name (see elrea.routers.ROUTERS)")
+    router: str | None = Field(None, description="a router name (see elrea.registry.ROUTERS)")
     top_k: int | None = Field(None, ge=0, description="keep the k largest routing weights")
-    temperature: float | None = Field(None, gt=0, description="routing softmax temperature tau")
+    tau: float | None = Field(None, gt=0, description="routing temperature")
+    temperature: float | None = Field(None, gt=0, description="deprecated: tau's old name")
+
+    def routing_tau(self) -> float | None:
+        return self.tau if self.tau is not None else self.temperature
 
 
 class _Sampling(BaseModel):

@@ -14,17 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
-def similarity_weights(signal: torch.Tensor, centroids: torch.Tensor, temperature: float = 1.0,
+def similarity_weights(signal: torch.Tensor, centroids: torch.Tensor, tau: float = 1.0,
                        top_k: int = 0) -> torch.Tensor:
     """Routing weights [n, C+1] from signals [n, d] and centroids [C+1, d], on the signal's device."""
     s = F.normalize(signal.float(), dim=1) @ F.normalize(centroids.float().to(signal.device), dim=1).T
-    return standardized_softmax(s, temperature, top_k)
+    return standardized_softmax(s, tau, top_k)
 
 
-def standardized_softmax(s: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+def standardized_softmax(s: torch.Tensor, tau: float = 1.0, top_k: int = 0) -> torch.Tensor:
     std = s.std(dim=1, unbiased=False, keepdim=True)
     z = torch.where(std > 1e-12, (s - s.mean(1, keepdim=True)) / std.clamp(min=1e-12), torch.zeros_like(s))
-    return keep_top_k(torch.softmax(z / temperature, dim=1), top_k)
+    return keep_top_k(torch.softmax(z / tau, dim=1), top_k)
 
 
 def keep_top_k(w: torch.Tensor, k: int) -> torch.Tensor:

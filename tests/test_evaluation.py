@@ -1,0 +1,58 @@
+"""Evaluation (elrea.evaluation): answer normalisation, the Method objects every evaluation
+(`elrea eval`, `elrea compare`) answers with, checked against the engine and PEFT's own adapter,
+and the resumable evaluator both use."""
+
+import pytest
+import torch
+
+from elrea.evaluation import Method, RowLog, answer_all, evaluate, evaluation_key, normalize_answer
+from elrea.testing import make_toy_records, write_jsonl
+
+
+@pytest.mark.parametrize("raw, norm", [(" 3.0 ", "3"), ("1,000", "1000"), ("-0.50", "-0.5"), ("'Yes.'", "yes"),
+                                       ("A  b", "a b"), ("-0", "0")])
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    from elrea.data import load_records
+
+    path = write_jsonl(tmp_path_factory.mktemp("eval") / "test.jsonl", make_toy_records(10, seed=11))
+    return load_records(path)
+
+
+def _answers(model, records, method):
+    return [r["m_output"] for r in answer_all(model, records, {"m": method}, desc=None)]
+
+
+def test_methods_answer_as_the_engine_and_the_adapter_folder_do(elrea_model, records):
+    m = elrea_model
+    enc = m.encode([r.messages for r in records])
+    base = torch.zeros(len(records), len(m.adapters))
+    base[:, 0] = 1.0
+    assert _answers(m, records, Method(column=0)) == m.generate(enc, weights=base)
+    # the base adapter's folder decoded alone (an extra adapter) answers as its column does
+    assert _answers(m, records, Method(adapter=str(m.run.base))) == m.generate(enc, weights=base)
+    routed = Method(router="gradient", tau=0.5, top_k=2)
+    assert _answers(m, records, routed) == m.generate(enc, weights=m.route(enc, tau=0.5, top_k=2))
+    assert routed.key() == {"router": "gradient", "tau": 0.5, "top_k": 2}
+    assert "arrow_router" not in m.engine.names and "lora_single" not in m.engine.names  # removed after
+
+
+def test_evaluation_resumes_from_its_finished_batches(elrea_model, records, tmp_path, monkeypatch):
+    m = elrea_model
+    whole = evaluate(m, records, progress=False)
+    assert set(whole["examples"][0]) >= {"elrea_output", "base_output", "elrea", "base", "weights", "source"}
+    # a run interrupted after its first batch: the second run decodes only the rest
+    methods = {"elrea": Method(), "base": Method(column=0)}
+    key = evaluation_key(m, records, methods, None, m.config.generation.batch_size, "")
+    first = answer_all(m, records[: m.config.generation.batch_size], methods, desc=None)
+    RowLog(tmp_path / "partial", key).add(0, first)
+    calls = []
+    original = m.generate
+    monkeypatch.setattr(m, "generate", lambda enc, **kw: calls.append(len(enc)) or original(enc, **kw))
+    resumed = evaluate(m, records, progress=False, resume=tmp_path / "partial")
+    assert sum(calls) == 2 * (len(records) - m.config.generation.batch_size)  # ensemble and base, rest only
+    assert resumed == whole
