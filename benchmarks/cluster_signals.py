@@ -15,27 +15,19 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, machine, print_table  # noqa: E402
 
-from elrea.clustering import CenteredFeatures, cluster_features, feature_mean  # noqa: E402
-from elrea.config import RunConfig, _from_dict  # noqa: E402
+from elrea.clustering import CenteredFeatures, cluster_features, cluster_metrics, feature_mean  # noqa: E402
+from elrea.config import RunConfig  # noqa: E402
 from elrea.data import load_records  # noqa: E402
-from elrea.pipeline import purity  # noqa: E402
 from elrea.routers.embedding import embed  # noqa: E402
 from elrea.rundir import Run, atomic_path, load_features, read_json  # noqa: E402
 
 
 def describe(X, labels, sources) -> dict:
-    from sklearn.metrics import silhouette_score
-
-    X = np.asarray(X[:], dtype=np.float32)
-    sil = float(silhouette_score(X, labels, sample_size=min(len(X), 5000), random_state=0)) \
-        if len(set(labels.tolist())) > 1 else None
-    return {"num_clusters": int(labels.max()), "sizes": np.bincount(labels)[1:].tolist(),
-            **purity(labels, sources), "silhouette": sil}
+    return cluster_metrics(X, labels, sources)
 
 
 def main(argv=None):
@@ -48,7 +40,7 @@ def main(argv=None):
     for run in args.runs:
         rd = Run(run)
         man = read_json(rd.manifest)
-        cfg = _from_dict(RunConfig, man["config"]).validate()
+        cfg = RunConfig.from_dict(man["config"]).validate()
         records = load_records(man["data"])
         sources = [r.source for r in records]
         X = load_features(rd.features)

@@ -12,7 +12,7 @@
 #                   128 new tokens: the engine with 5 adapters (compile="auto": CUDA graphs), with
 #                   1 adapter, the anchor (1 adapter merged, static cache, torch.compile
 #                   reduce-overhead), elrea before (eager), PEFT generate with 1 adapter
-#   3. tests        pytest tests/test_engine.py tests/test_device.py (the tiny model on CUDA,
+#   3. tests        pytest tests/test_engine.py tests/test_api.py (the tiny model on CUDA,
 #                   the engine's CUDA graphs against eager and PEFT)
 #   4. decode-b32   the same methods at batch 32
 #   5. decode-b8-64 the same methods at batch 8 and 64
@@ -49,7 +49,7 @@ else
     BIG=(--batch-sizes 8 64)
     ARCH=(--archs llama-3.2-1b)
     TESTS_MORE=(tests/test_fastlora.py tests/test_generation.py tests/test_ensemble.py tests/test_features.py
-                tests/test_routing.py tests/test_routers.py tests/test_precision.py -k "'not qlora'")
+                tests/test_routers.py tests/test_models.py -k "'not qlora'")
     SCALE=1
 fi
 OUT=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/gpu_all.XXXXXX")}
@@ -99,7 +99,7 @@ step env 30 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=cs
 transformers, peft; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
 torch.cuda.is_available(), \"transformers\", transformers.__version__, \"peft\", peft.__version__)'"
 decode decode-b1 210 "${GPU[*]}"
-step tests 150 "$PY -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_device.py"
+step tests 150 "$PY -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_api.py"
 decode decode-b32 150 "${MID[*]}"
 decode decode-b8-64 180 "${BIG[*]}"
 step tests-more 120 "$PY -m pytest -q -p no:cacheprovider ${TESTS_MORE[*]}"

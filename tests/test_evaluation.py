@@ -9,7 +9,7 @@ from elrea.evaluation import Method, RowLog, answer_all, evaluate, evaluation_ke
 from elrea.testing import make_toy_records, write_jsonl
 
 
-@pytest.mark.parametrize("raw, norm", [(" 3.0 ", "3"), ("1,000", "1000"), ("-0.50", "-0.5"), ("'Yes.'", "yes"),
+@pytest.mark.parametrize("raw, norm", [(" 3.0 ", "3"), ("1,000", "1000"), ("-0.50", "-0.5"), ("'Yes'.", "yes"),
                                        ("A  b", "a b"), ("-0", "0")])
 def test_normalize_answer(raw, norm):
     assert normalize_answer(raw) == norm

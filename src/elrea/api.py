@@ -145,6 +145,33 @@ class ELREA:
             self._routers[name] = build_router(name, self)
         return self._routers[name]
 
+    def check_routing(self, weights=None, router: str | None = None, tau: float | None = None,
+                      top_k: int | None = None) -> None:
+        """Refuse routing settings this run cannot honour, before any work: weights (rows over
+        [base, experts], non-negative, summing to 1), a router name (elrea.registry.ROUTERS), tau
+        (> 0) and top_k (>= 0). Each refusal is a ConfigError whose `param` names the field."""
+        from .registry import ROUTERS
+
+        def refuse(param, message):
+            e = ConfigError(f"{param}: {message}")
+            e.param = param
+            raise e
+
+        if weights is not None:
+            rows = torch.as_tensor(weights, dtype=torch.float32)
+            rows = rows[None] if rows.dim() == 1 else rows
+            try:
+                check_weights(rows, len(rows), len(self.adapters))
+            except ConfigError:
+                refuse("weights", f"{len(self.adapters)} non-negative numbers summing to 1 (base + "
+                                  f"{len(self.adapters) - 1} experts), got {weights}")
+        if router is not None and router not in ROUTERS:
+            refuse("router", f"unknown {router!r}; valid: {', '.join(ROUTERS.names())}")
+        if tau is not None and not tau > 0:
+            refuse("tau", f"must be > 0, got {tau!r}")
+        if top_k is not None and top_k < 0:
+            refuse("top_k", f"must be >= 0 (0: all), got {top_k!r}")
+
     def route(self, prompts=None, router: str | None = None, tau: float | None = None,
               top_k: int | None = None, features: torch.Tensor | None = None, temperature: float | None = None
               ) -> torch.Tensor:
@@ -196,7 +223,7 @@ class ELREA:
         """
         enc = self.encode(prompts, raw=raw)
         decoding = self.decoding(generation_config, seed=seed, **kwargs)
-        weights = self.route(enc) if weights is None else _check_weights(weights, len(enc), len(self.adapters))
+        weights = self.route(enc) if weights is None else check_weights(weights, len(enc), len(self.adapters))
         if streamer is not None and len(enc) != 1:
             raise ConfigError(f"generate: a streamer takes one prompt at a time, got {len(enc)}")
         if mode not in ("logits", "weights"):
@@ -222,7 +249,7 @@ class ELREA:
         if len(enc) != 1:
             raise ConfigError(f"stream: one prompt at a time, got {len(enc)}")
         decoding = self.decoding(generation_config, seed=seed, **kwargs)
-        w = self.route(enc) if weights is None else _check_weights(
+        w = self.route(enc) if weights is None else check_weights(
             torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1), 1, len(self.adapters))
         text = TextStream(self.tokenizer)
         for tokens, reasons in self.engine.decode_steps([enc[0].input_ids], w, decoding, stream=True):
@@ -234,7 +261,7 @@ class ELREA:
 
     def score(self, prompt, continuations: list[str], weights: torch.Tensor | None = None) -> list[float]:
         """Summed log-probability of each continuation after `prompt`, under the ensemble."""
-        w = self.route([prompt])[0] if weights is None else _check_weights(
+        w = self.route([prompt])[0] if weights is None else check_weights(
             torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1), 1, len(self.adapters))[0]
         conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
         return self.engine.score(self.prompt_ids(prompt), conts, w)
@@ -257,7 +284,7 @@ class ELREA:
 
             w = self.route([Encoded(c, [-100] + c[1:]) for c in contexts], **route_kwargs)
         else:
-            w = _check_weights(weights, len(requests), len(self.adapters))
+            w = check_weights(weights, len(requests), len(self.adapters))
             w = torch.stack([w[idx[0]] for idx in by_context.values()])
         out: list[tuple[float, bool] | None] = [None] * len(requests)
         for k, (ctx, idx) in enumerate(zip(contexts, by_context.values())):
@@ -293,7 +320,7 @@ def _local_run(run_dir) -> Path:
                           f"({type(e).__name__}: {first})") from None
 
 
-def _check_weights(weights, n: int, k: int) -> torch.Tensor:
+def check_weights(weights, n: int, k: int) -> torch.Tensor:
     """Weights [n, k] as float32 on the CPU, each row non-negative and summing to 1."""
     w = torch.as_tensor(weights, dtype=torch.float32, device="cpu")
     if w.shape != (n, k):

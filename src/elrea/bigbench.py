@@ -364,7 +364,8 @@ def export(out: str | Path, source: str | Path | None = None, n_tasks: int = 12,
            validation: int = 30, test: int = 60, bbh: int = 50, seed: int = 0, include: list[str] | None = None,
            max_chars: int = 1000, max_response_chars: int = 100) -> dict[str, Path]:
     """Write train/validation/test/bbh JSONL, README.md and mixture.json of bigbench-mix into `out`."""
-    from .tasks import EXPORT_NOTE, _write_atomic
+    from .rundir import write_text
+    from .tasks import EXPORT_NOTE
 
     for flag, v in (("--tasks", n_tasks), ("--train", train), ("--validation", validation), ("--test", test),
                     ("--bbh", bbh), ("--max-chars", max_chars), ("--max-response-chars", max_response_chars)):
@@ -381,10 +382,10 @@ def export(out: str | Path, source: str | Path | None = None, n_tasks: int = 12,
         buf = io.StringIO()
         for r in rows:
             buf.write(json.dumps(r, ensure_ascii=False) + "\n")
-        paths[split] = _write_atomic(out / f"{split}.jsonl", buf.getvalue())
+        paths[split] = write_text(out / f"{split}.jsonl", buf.getvalue())
     info.update(source=str(src), max_chars=max_chars, max_response_chars=max_response_chars)
-    _write_atomic(out / "README.md", _readme(info))
-    _write_atomic(out / EXPORT_NOTE, json.dumps({"mixture": NAME, "seed": seed, "files": [p.name for p in paths.values()],
+    write_text(out / "README.md", _readme(info))
+    write_text(out / EXPORT_NOTE, json.dumps({"mixture": NAME, "seed": seed, "files": [p.name for p in paths.values()],
                                                  **{k: info[k] for k in ("tasks", "bbh_tasks", "bbh_inputs_dropped")}},
                                                 indent=2) + "\n")
     log.info("wrote %s (%s) to %s in %.1fs", NAME, ", ".join(f"{s} {len(r)}" for s, r in splits.items()),

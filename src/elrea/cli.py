@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -175,34 +174,21 @@ def cmd_compare(args):
 
 def cmd_eval(args):
     from .data import load_records
-    from .evaluation import evaluate
-    from .rundir import Run, RunLock, write_json
+    from .evaluation import evaluate_to_file
+    from .rundir import Run
     from .tasks import checker
 
     records = load_records(args.data)
     if args.limit:
         records = records[: args.limit]
     check = checker(args.checker, args.data)  # a missing package fails before the model loads
-    run = Run(args.run)
-    out = Path(args.output) if args.output else run.eval
-    partial = out.with_name(out.name + ".partial")  # finished batches: a re-run continues after them
+    out = Path(args.output) if args.output else Run(args.run).eval
     model, procs = _load(args)
-    with RunLock(partial, "elrea eval") if procs.is_main else contextlib.nullcontext():
-        result = evaluate(model, records, max_new_tokens=args.max_new_tokens, procs=procs, checker=check,
-                          router=args.router, resume=partial, resume_key=args.checker)
-    if not procs.is_main:
+    result = evaluate_to_file(model, records, out, check, args.checker, router=args.router,
+                              max_new_tokens=args.max_new_tokens, procs=procs)
+    if result is None:  # not the main process
         return
     _accuracy_table(f"accuracy (%) on {args.data} ({len(records)} examples)", result["accuracy"])
-    in_run = out.resolve().parent == Path(args.run).resolve()
-    with RunLock(args.run, "elrea eval") if in_run else contextlib.nullcontext():
-        write_json(out, result)
-        if out.resolve() == run.eval.resolve():
-            from .card import write_model_card
-
-            write_model_card(args.run)  # the model card shows the evaluation table
-    import shutil
-
-    shutil.rmtree(partial, ignore_errors=True)
     print(f"wrote {out}")
 
 

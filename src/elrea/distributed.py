@@ -141,7 +141,7 @@ def map_batches(procs: Processes, items: list, batch_size: int, fn, desc: str | 
     Each process runs `fn` on its contiguous share of the batches (fn returns one result per
     item of its batch); the batches are the same whatever the number of processes. `done`
     holds results of batches finished earlier ({batch index: results}, not recomputed);
-    `on_batch(index, results)` is called as each new batch finishes (elrea.rundir.RowLog).
+    `on_batch(index, results)` is called as each new batch finishes (elrea.evaluation.RowLog).
     """
     from tqdm.auto import tqdm
 

@@ -9,11 +9,18 @@ Answer normalisation (docs/method.md, "Evaluation"), applied to prediction and r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
+import os
 import re
+import shutil
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
+
+from .rundir import out_of_space
 
 log = logging.getLogger(__name__)
 _NUMBER = re.compile(r"^[+-]?(\d{1,3}(,\d{3})+|\d+)(\.\d+)?$")
@@ -57,53 +64,150 @@ def exact_checker(source, prediction: str, record) -> bool:
     return any(exact_match(prediction, a) for a in getattr(record, "answers", [record.response]))
 
 
-def evaluate(model, records, max_new_tokens: int | None = None, progress: bool = True,
-             checker=exact_checker, procs=None, router: str | None = None,
-             resume: str | Path | None = None, resume_key: str = "") -> dict:
-    """Accuracy of the ELREA ensemble and of the base adapter alone on `records`.
+@dataclass(frozen=True)
+class Method:
+    """One way of answering with a loaded run (elrea.api.ELREA): its ensemble routed by `router`
+    (default the run's) at `tau` keeping `top_k` (None: the run's), one of its adapters alone
+    (`column`: 0 = the base adapter, c = expert c), a LoRA adapter folder alone on its backbone
+    (`adapter`), or PEFT's Arrow routing over its experts with top-k `arrow`."""
 
-    With `procs` (elrea.distributed.Processes) of N processes, each evaluates its contiguous
-    share of the batches and every process returns the whole result, rows in input order.
-    With `resume` (a directory), each finished batch of rows is kept there (elrea.rundir.RowLog)
-    and a re-run with the same model, records and settings (and `resume_key`, e.g. the checker's
-    name) continues after them: the result equals an uninterrupted run's.
-    """
-    import torch
+    router: str | None = None
+    tau: float | None = None
+    top_k: int | None = None
+    column: int | None = None
+    adapter: str | None = None
+    arrow: int | None = None
 
+    def key(self) -> dict:
+        """The fields that are set: what a cached answer must share."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @contextlib.contextmanager
+    def answering(self, model, max_new_tokens: int | None = None):
+        """While inside: answer(encoded batch, signal rows or None) -> (texts, weights [n, C+1] or None).
+        An extra adapter (a folder, or Arrow's) is added to the model for that time only."""
+        import torch
+
+        def alone(name):
+            decoding = model.decoding(**({} if max_new_tokens is None else {"max_new_tokens": max_new_tokens}))
+
+            def answer(batch, signal=None):
+                ids = [e.input_ids for e in batch]
+                toks = model.engine.generate(ids, model.engine.one_hot(name, len(ids)), decoding)
+                return [model.tokenizer.decode(t, skip_special_tokens=True) for t in toks], None
+            return answer
+
+        if self.adapter is not None:
+            with model.engine.extra_adapter(Path(self.adapter), "lora_single") as name:
+                yield alone(name)
+        elif self.arrow is not None:
+            experts = model.adapters[1:]
+            with model.engine.arrow(experts, top_k=min(self.arrow, len(experts))) as name:
+                yield alone(name)
+        else:
+            def answer(batch, signal=None):
+                if self.column is not None:
+                    w = torch.zeros(len(batch), len(model.adapters))
+                    w[:, self.column] = 1.0
+                else:
+                    w = model.route(batch if signal is None else None, router=self.router, tau=self.tau,
+                                    top_k=self.top_k, features=signal)
+                return model.generate(batch, weights=w, max_new_tokens=max_new_tokens), w
+            yield answer
+
+
+def answer_all(model, records, methods: dict[str, Method], checker=exact_checker, procs=None,
+               max_new_tokens: int | None = None, resume: str | Path | None = None, key: str = "",
+               signal=None, desc: str | None = "evaluating") -> list[dict]:
+    """Each record answered by each of `methods` ({name: Method}) and checked: rows in input order,
+    {"source", "reference", "<name>_output": text, "<name>": right or not, "<name>_weights":
+    the routing weights, for the methods that route}.
+
+    With `procs` (elrea.distributed.Processes) of N processes, each answers its contiguous share
+    of the batches and every process returns every row. With `resume` (a directory), each
+    finished batch of rows is kept there (RowLog) and a re-run with the same `key` (say, the
+    evaluation_key) continues after them: the rows equal an uninterrupted run's. `signal` [n, d]:
+    the routers' signal computed before for every record (one routed method only)."""
     from .distributed import Processes, map_batches
-    from .rundir import RowLog
 
     procs = procs or Processes(0, 1, model.device)
+    enc_all = None if signal is None else model.encode([r.messages for r in records])
 
-    def run(recs):
-        chunk = model.encode([r.messages for r in recs])  # once, for routing and both decodings
-        w = model.route(chunk, router=router)
-        base_w = torch.zeros_like(w)
-        base_w[:, 0] = 1.0
-        ens = model.generate(chunk, weights=w, max_new_tokens=max_new_tokens)
-        base = model.generate(chunk, weights=base_w, max_new_tokens=max_new_tokens)
-        return [{"source": r.source, "reference": r.response, "elrea_output": e, "base_output": b,
-                 "elrea": checker(r.source, e, r), "base": checker(r.source, b, r),
-                 "weights": [round(float(x), 4) for x in wr]}
-                for r, e, b, wr in zip(recs, ens, base, w)]
+    def run(idx: list[int]) -> list[dict]:
+        recs = [records[i] for i in idx]
+        batch = [enc_all[i] for i in idx] if enc_all is not None else model.encode([r.messages for r in recs])
+        rows = [{"source": r.source, "reference": r.response} for r in recs]
+        for name, answer in answers.items():
+            texts, w = answer(batch, None if signal is None else signal[idx])
+            for row, r, t, i in zip(rows, recs, texts, range(len(recs))):
+                row[f"{name}_output"], row[name] = t, bool(checker(r.source, t, r))
+                if w is not None and methods[name].column is None:
+                    row[f"{name}_weights"] = [round(float(x), 4) for x in w[i]]
+        return rows
 
     batch_size = model.config.generation.batch_size
-    rows_log = None
-    if resume is not None:
-        key = evaluation_key(model, records, router, max_new_tokens, batch_size, resume_key)
-        rows_log = RowLog(resume, key, procs.rank)
+    rows_log = RowLog(resume, key, procs.rank) if resume is not None else None
     done = rows_log.done() if rows_log else {}
     if done and procs.is_main:
         log.info("evaluation: resuming after %d finished batches of %d examples kept in %s",
                  len(done), batch_size, resume)
-    rows = map_batches(procs, list(records), batch_size, run, desc="evaluating" if progress else None,
-                       done=done, on_batch=rows_log.add if rows_log else None)
+    with contextlib.ExitStack() as stack:
+        answers = {n: stack.enter_context(m.answering(model, max_new_tokens)) for n, m in methods.items()}
+        rows = map_batches(procs, list(range(len(records))), batch_size, run, desc=desc,
+                           done=done, on_batch=rows_log.add if rows_log else None)
+    return rows
+
+
+def evaluate(model, records, max_new_tokens: int | None = None, progress: bool = True,
+             checker=exact_checker, procs=None, router: str | None = None,
+             resume: str | Path | None = None, resume_key: str = "") -> dict:
+    """Accuracy of the ELREA ensemble (routed by `router`, default the run's) and of its base
+    adapter alone on `records`: {"accuracy": table, "examples": rows with "elrea_output",
+    "base_output", "elrea", "base" and the ensemble's "weights"}. Processes and resuming as
+    answer_all (resume_key: e.g. the checker's name)."""
+    methods = {"elrea": Method(router=router), "base": Method(column=0)}
+    key = evaluation_key(model, records, methods, max_new_tokens, model.config.generation.batch_size, resume_key)
+    rows = answer_all(model, list(records), methods, checker, procs, max_new_tokens, resume, key,
+                      desc="evaluating" if progress else None)
+    for row in rows:
+        row["weights"] = row.pop("elrea_weights")
     return {"accuracy": accuracy_table(rows, ["elrea", "base"]), "examples": rows}
 
 
-def evaluation_key(model, records, *settings) -> str:
-    """What a resumed evaluation must share with the interrupted one: the run's stage
-    fingerprints, the records, the generation config and `settings`."""
+def evaluate_to_file(model, records, out: str | Path, checker=exact_checker, checker_name: str = "auto",
+                     router: str | None = None, max_new_tokens: int | None = None, procs=None) -> dict | None:
+    """`elrea eval`: evaluate (as `evaluate`) and write the result to `out`, resumably.
+
+    Finished batches are kept in OUT.partial/ (a re-run with the same settings continues after
+    them), under a lock that one evaluation holds at a time; the result is written atomically,
+    under the run's lock when `out` is in the run directory, and the run's eval.json also
+    refreshes its model card. Returns the result on the main process, None on the others."""
+    from .rundir import Run, RunLock, write_json
+
+    out = Path(out)
+    run = Run(model.run_dir)
+    partial = out.with_name(out.name + ".partial")
+    is_main = procs is None or procs.is_main
+    with RunLock(partial, "elrea eval") if is_main else contextlib.nullcontext():
+        result = evaluate(model, records, max_new_tokens=max_new_tokens, procs=procs, checker=checker,
+                          router=router, resume=partial, resume_key=checker_name)
+    if not is_main:
+        return None
+    in_run = out.resolve().parent == run.root.resolve()
+    with RunLock(run.root, "elrea eval") if in_run else contextlib.nullcontext():
+        write_json(out, result)
+        if out.resolve() == run.eval.resolve():
+            from .card import write_model_card
+
+            write_model_card(run.root)  # the model card shows the evaluation table
+    RowLog(partial, "").clear()
+    return result
+
+
+def evaluation_key(model, records, methods: dict, *settings) -> str:
+    """What a resumed evaluation must share with the interrupted one: the run (its directory and
+    stage fingerprints), the records and what counts as right for each, the generation and
+    routing config, the methods and `settings`."""
     import hashlib
     import json
 
@@ -114,7 +218,62 @@ def evaluation_key(model, records, *settings) -> str:
     # how fast the engine decodes (compile, sync_every) does not change what it decodes
     generation = {k: v for k, v in dataclasses.asdict(model.config.generation).items()
                   if k not in ("compile", "sync_every")}
-    parts = [{s: st.get("fingerprint") for s, st in stages.items()}, records_fingerprint(records),
+    parts = [str(model.run_dir), {s: st.get("fingerprint") for s, st in stages.items()}, records_fingerprint(records),
              [getattr(r, "references", []) for r in records],   # what counts as right is kept per row
-             generation, dataclasses.asdict(model.config.routing), list(settings)]
+             generation, dataclasses.asdict(model.config.routing), {n: m.key() for n, m in methods.items()},
+             list(settings)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class RowLog:
+    """Finished batches of JSON rows that survive interruption: a directory of
+    `batches-<rank>.jsonl` files, one line per batch ({"key", "batch", "rows"}) appended and
+    fsynced as each batch finishes. A kill mid-write leaves at most a torn last line, which is
+    cut off when the file is next opened; lines of another `key` (other model, data or
+    settings) are ignored. Batches are numbered over the whole input, so a re-run resumes
+    whatever the number of processes that wrote them.
+
+        rows = RowLog(path, key, rank)
+        done = rows.done()          # {batch index: rows}
+        rows.add(i, batch_rows)     # durable before it returns
+        rows.clear()                # after the final result is written
+    """
+
+    def __init__(self, directory: str | Path, key: str, rank: int = 0):
+        self.dir, self.key = Path(directory), key
+        self.file = self.dir / f"batches-{rank}.jsonl"
+        self._cut = False  # torn tail of an earlier run removed (once, before the first append)
+
+    def done(self) -> dict[int, list]:
+        out: dict[int, list] = {}
+        for f in sorted(self.dir.glob("batches-*.jsonl")) if self.dir.is_dir() else []:
+            for line in f.read_bytes().split(b"\n"):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line (or an empty one)
+                if isinstance(rec, dict) and rec.get("key") == self.key:
+                    out[int(rec["batch"])] = rec["rows"]
+        return out
+
+    def add(self, batch: int, rows: list) -> None:
+        line = json.dumps({"key": self.key, "batch": batch, "rows": rows}, ensure_ascii=False) + "\n"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with out_of_space(self.file), open(self.file, "ab") as fh:
+            if not self._cut:
+                self._cut_torn_line(fh)
+                self._cut = True
+            fh.write(line.encode("utf-8"))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    @staticmethod
+    def _cut_torn_line(fh) -> None:
+        """Truncate an appended-to file after its last complete line."""
+        with open(fh.name, "rb") as r:
+            data = r.read()
+        if data and not data.endswith(b"\n"):
+            fh.truncate(data.rfind(b"\n") + 1)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .card import write_model_card
-from .clustering import CenteredFeatures, cluster_features, feature_mean, given_clusters
+from .clustering import CenteredFeatures, cluster_features, feature_mean, given_clusters, purity
 from .config import RunConfig
 from .data import PromptFormatter, encode_all, load_records, records_fingerprint
 from .distributed import Processes, alone, processes
@@ -253,17 +253,6 @@ def stage_router(ctx: _Context) -> dict:
             if summary is not None:
                 info[name] = summary
     return info
-
-
-def purity(labels: np.ndarray, sources: list) -> dict:
-    """Adjusted Rand index and NMI of the clusters against the records' sources, when they have them."""
-    if not all(s is not None for s in sources) or len(set(sources)) < 2:
-        return {}
-    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
-
-    src = [str(s) for s in sources]
-    return {"ari_vs_source": round(float(adjusted_rand_score(src, labels)), 4),
-            "nmi_vs_source": round(float(normalized_mutual_info_score(src, labels)), 4)}
 
 
 def _finished_experts(run: Run, C: int, fingerprint: str) -> dict:

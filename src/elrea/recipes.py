@@ -285,13 +285,14 @@ def build(name: str, train: int | None, validation: int | None, test: int | None
 def export(name: str, out: str | Path, train: int | None = None, validation: int | None = 100,
            test: int | None = 500, seed: int = 0, hub_dir: str | Path | None = None) -> dict[str, Path]:
     """Write recipe `name`'s train/validation/test JSONL, README.md and mixture.json into `out`."""
-    from .tasks import EXPORT_NOTE, _write_atomic
+    from .rundir import write_text
+    from .tasks import EXPORT_NOTE
 
     recipe = RECIPES.get(name) or {}
     splits = build(name, train, validation, test, seed, hub_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {s: _write_atomic(out / f"{s}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    paths = {s: write_text(out / f"{s}.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
              for s, rows in splits.items()}
     config = config_path(name)
     counts = {s: {src.name: sum(r["source"] == src.name for r in rows) for src in recipe.sources}
@@ -303,8 +304,8 @@ def export(name: str, out: str | Path, train: int | None = None, validation: int
               f"{counts['test'][src.name]} |" for src in recipe.sources]
     lines += ["", f"The paper's settings: `elrea fit --config {config} --data {out / 'train.jsonl'} --out RUN`; "
               f"then `elrea lm-eval RUN --tasks {','.join(recipe.lm_eval_tasks)}`.", ""]
-    _write_atomic(out / "README.md", "\n".join(lines))
-    _write_atomic(out / EXPORT_NOTE, json.dumps({"mixture": name, "seed": seed, "files": [p.name for p in paths.values()],
+    write_text(out / "README.md", "\n".join(lines))
+    write_text(out / EXPORT_NOTE, json.dumps({"mixture": name, "seed": seed, "files": [p.name for p in paths.values()],
                                                  "config": str(config), "lm_eval_tasks": list(recipe.lm_eval_tasks)},
                                                 indent=2) + "\n")
     return paths

@@ -103,6 +103,16 @@ def out_of_space(path: str | Path):
         raise OutOfSpace(path) from None
 
 
+def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8, "\\n" line ends) to `path` atomically, on disk before the rename."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
@@ -540,60 +550,6 @@ class FeatureShard:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-class RowLog:
-    """Finished batches of JSON rows that survive interruption: a directory of
-    `batches-<rank>.jsonl` files, one line per batch ({"key", "batch", "rows"}) appended and
-    fsynced as each batch finishes. A kill mid-write leaves at most a torn last line, which is
-    cut off when the file is next opened; lines of another `key` (other model, data or
-    settings) are ignored. Batches are numbered over the whole input, so a re-run resumes
-    whatever the number of processes that wrote them.
-
-        rows = RowLog(path, key, rank)
-        done = rows.done()          # {batch index: rows}
-        rows.add(i, batch_rows)     # durable before it returns
-        rows.clear()                # after the final result is written
-    """
-
-    def __init__(self, directory: str | Path, key: str, rank: int = 0):
-        self.dir, self.key = Path(directory), key
-        self.file = self.dir / f"batches-{rank}.jsonl"
-        self._cut = False  # torn tail of an earlier run removed (once, before the first append)
-
-    def done(self) -> dict[int, list]:
-        out: dict[int, list] = {}
-        for f in sorted(self.dir.glob("batches-*.jsonl")) if self.dir.is_dir() else []:
-            for line in f.read_bytes().split(b"\n"):
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line (or an empty one)
-                if isinstance(rec, dict) and rec.get("key") == self.key:
-                    out[int(rec["batch"])] = rec["rows"]
-        return out
-
-    def add(self, batch: int, rows: list) -> None:
-        line = json.dumps({"key": self.key, "batch": batch, "rows": rows}, ensure_ascii=False) + "\n"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with out_of_space(self.file), open(self.file, "ab") as fh:
-            if not self._cut:
-                self._cut_torn_line(fh)
-                self._cut = True
-            fh.write(line.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    @staticmethod
-    def _cut_torn_line(fh) -> None:
-        """Truncate an appended-to file after its last complete line."""
-        with open(fh.name, "rb") as r:
-            data = r.read()
-        if data and not data.endswith(b"\n"):
-            fh.truncate(data.rfind(b"\n") + 1)
-
-    def clear(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class FeatureFile:

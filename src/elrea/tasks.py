@@ -48,9 +48,7 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,6 +56,7 @@ from typing import Callable, Iterator
 
 from .errors import ConfigError, ElreaError, unknown_name
 from .evaluation import exact_checker, exact_match
+from .rundir import write_text
 
 log = logging.getLogger(__name__)
 
@@ -295,20 +294,6 @@ def make_split(name: str, split: str, n: int, seed: int = 0) -> list[dict]:
 
 # ----------------------------------------------------------------------------- export
 
-def _write_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _readme(name: str, seed: int, splits: dict[str, list[dict]]) -> str:
     lines = [f"# {name}", "", f"Built by `elrea.tasks.export_mixture` with seed {seed}.", "",
              "| source | config | " + " | ".join(splits) + " |",
@@ -334,9 +319,9 @@ def export_mixture(name: str, out: str | Path, train: int = 2000, validation: in
     paths = {}
     for split, rows in splits.items():
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        paths[split] = _write_atomic(out / f"{split}.jsonl", text)
-    _write_atomic(out / "README.md", _readme(name, seed, splits))
-    _write_atomic(out / EXPORT_NOTE, json.dumps({"mixture": name, "seed": seed,
+        paths[split] = write_text(out / f"{split}.jsonl", text)
+    write_text(out / "README.md", _readme(name, seed, splits))
+    write_text(out / EXPORT_NOTE, json.dumps({"mixture": name, "seed": seed,
                                                  "files": [p.name for p in paths.values()]}, indent=2) + "\n")
     log.info("wrote %s (%s) to %s in %.1fs", name,
              ", ".join(f"{s} {len(r)}" for s, r in splits.items()), out,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -12,12 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import load_config
 from ..data import load_records
 from ..errors import ConfigError, ElreaError
-from ..rundir import RowLog, Run, RunLock, atomic_path, read_json, write_json
+from ..evaluation import Method, RowLog, answer_all, evaluation_key
+from ..rundir import Run, RunLock, atomic_path, read_json, write_json
 from .stats import accuracy, paired_difference
 
 log = logging.getLogger(__name__)
@@ -160,27 +159,27 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     results, methods = {}, {}
     for router, c in chosen.items():
         full = _best(trials, router, 0)
-        methods[f"elrea-{router}"] = (runs[full["run"]]["run"], {"router": router, "tau": full["tau"], "top_k": 0})
+        methods[f"elrea-{router}"] = (runs[full["run"]]["run"], Method(router=router, tau=full["tau"], top_k=0))
         for k in opt.top_ks:
             if any(t["router"] == router and t["top_k"] == k for t in trials):
                 top = _best(trials, router, k)
                 methods[f"elrea-{router}-top{k}"] = (runs[top["run"]]["run"],
-                                                     {"router": router, "tau": top["tau"], "top_k": k})
-    methods["lora"] = (first, {"onehot": 0})
-    methods["lora-matched"] = (first, {"adapter": matched.base})
+                                                     Method(router=router, tau=top["tau"], top_k=k))
+    methods["lora"] = (first, Method(column=0))
+    methods["lora-matched"] = (first, Method(adapter=str(matched.base)))
     if "uniform" in opt.baselines:
-        methods["uniform"] = (best_run["run"], {"router": "uniform", "tau": 1.0, "top_k": 0})
+        methods["uniform"] = (best_run["run"], Method(router="uniform", tau=1.0, top_k=0))
     if "arrow" in opt.baselines:   # a peer: PEFT's Arrow routing over the chosen run's experts
-        methods["arrow"] = (best_run["run"], {"arrow": ARROW_TOP_K})
+        methods["arrow"] = (best_run["run"], Method(arrow=ARROW_TOP_K))
     g = chosen.get("gradient", best)
     for name, rd in extra_runs.items():
-        methods[name] = (rd, {"router": "gradient", "tau": g["tau"], "top_k": 0})
+        methods[name] = (rd, Method(router="gradient", tau=g["tau"], top_k=0))
     best_method = f"elrea-{best['router']}" + (f"-top{best['top_k']}" if best["top_k"] else "")
     if opt.budget_curve:
-        methods["elrea-half"] = (half, {k: best[k] for k in ("router", "tau", "top_k")})
+        methods["elrea-half"] = (half, Method(router=best["router"], tau=best["tau"], top_k=best["top_k"]))
     seconds = {}
-    for m, (rd, how) in methods.items():
-        outputs = work.outputs("test", m, rd, test_records, how)
+    for m, (rd, method) in methods.items():
+        outputs = work.outputs("test", m, rd, test_records, method)
         results[m] = accuracy(test_records, outputs["correct"])
         seconds[m] = outputs.get("seconds", 0.0) / max(1, len(test_records))
         log.info("test %s: mean accuracy %.3f", m, results[m]["mean"])
@@ -194,8 +193,8 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
         if name == "test":
             continue
         acc = {}
-        for m, (rd, how) in methods.items():
-            acc[m] = accuracy(records, work.outputs(f"test-{name}", m, rd, records, how, check=file_check)["correct"])
+        for m, (rd, method) in methods.items():
+            acc[m] = accuracy(records, work.outputs(f"test-{name}", m, rd, records, method, check=file_check)["correct"])
             log.info("%s %s: mean accuracy %.3f", name, m, acc[m]["mean"])
         held_out[name] = {"path": str(path), "examples": len(records), "accuracy": acc,
                           "versus_lora_matched": _versus(records, acc, opt.seed)}
@@ -324,49 +323,41 @@ def _stage_seconds(rd: Run) -> dict:
 def _clusterings(runs: dict, extra: dict, records, cfg) -> dict:
     """C, sizes, ARI / NMI against sources, and silhouette of every run's clusters; and, for
     reference, BIRCH with the same settings on the instructions' sentence embeddings."""
-    from sklearn.metrics import silhouette_score
-
-    from ..pipeline import purity
-
     from ..clustering import CenteredFeatures
     from ..rundir import load_features
 
     out = {}
+    sources = [r.source for r in records]
     for name, rd in [(n, r["run"]) for n, r in runs.items()] + list(extra.items()):
         info = read_json(rd.clusters_json)
-        labels = np.asarray(info["labels"])
         X = load_features(rd.features)
         mean = _stored_mean(rd)
-        Xs = np.asarray(CenteredFeatures(X, mean)[:] if mean is not None else X[:], dtype=np.float32)
-        sil = float(silhouette_score(Xs, labels, sample_size=min(len(Xs), 5000), random_state=0)) \
-            if len(set(labels.tolist())) > 1 else None
-        p = purity(labels, [r.source for r in records])
-        out[name] = {"num_clusters": info["num_clusters"], "sizes": info["sizes"],
-                     "ari": p.get("ari_vs_source"), "nmi": p.get("nmi_vs_source"), "silhouette": sil,
-                     "centered": info.get("centered", False), "signal": read_json(rd.manifest)["stages"]
-                     ["features"].get("signal", "instruction")}
+        out[name] = {**_metrics(CenteredFeatures(X, mean) if mean is not None else X, info["labels"], sources),
+                     "centered": info.get("centered", False),
+                     "signal": read_json(rd.manifest)["stages"]["features"].get("signal", "instruction")}
     out.update(_embedding_clusters(records, cfg))
     return out
 
 
+def _metrics(X, labels, sources) -> dict:
+    from ..clustering import cluster_metrics
+
+    m = cluster_metrics(X, np.asarray(labels), sources)
+    return {"num_clusters": m["num_clusters"], "sizes": m["sizes"], "ari": m.get("ari_vs_source"),
+            "nmi": m.get("nmi_vs_source"), "silhouette": m["silhouette"]}
+
+
 def _embedding_clusters(records, cfg) -> dict:
     """BIRCH (the run's clustering settings) on unit sentence embeddings of the instructions."""
-    from sklearn.metrics import silhouette_score
-
     from ..clustering import cluster_features
-    from ..pipeline import purity
     from ..routers.embedding import available, embed
 
     if not available(cfg.routing.embedding_model):
         return {}
     X = embed([r.instruction for r in records], cfg.routing.embedding_model).numpy()
     cl = cluster_features(X, cfg.clustering, cfg.stage_seed("clustering"))
-    p = purity(cl.labels, [r.source for r in records])
-    sil = float(silhouette_score(X, cl.labels, sample_size=min(len(X), 5000), random_state=0)) \
-        if cl.num_clusters > 1 else None
-    return {"sentence-embedding clusters": {"num_clusters": cl.num_clusters, "sizes": cl.sizes,
-                                            "ari": p.get("ari_vs_source"), "nmi": p.get("nmi_vs_source"),
-                                            "silhouette": sil, "centered": False, "signal": "embedding"}}
+    return {"sentence-embedding clusters": {**_metrics(X, cl.labels, [r.source for r in records]),
+                                            "centered": False, "signal": "embedding"}}
 
 
 def _stored_mean(rd: Run):
@@ -391,52 +382,26 @@ class _Work:
             self.loaded = rd.root
         return self.model
 
-    def outputs(self, split: str, key: str, rd: Run, records, how: dict, signal=None, check=None) -> dict:
+    def outputs(self, split: str, key: str, rd: Run, records, method: Method, signal=None, check=None) -> dict:
         """Decoded outputs and 0/1 results (by `check`, default the test file's) of one method on
-        one split (cached)."""
+        one split, answered by elrea.evaluation.answer_all (cached in OUT/evals; finished batches
+        survive interruption)."""
         check = check or self.check
         path = self.out / "evals" / f"{split}-{key}.json"
         if path.exists():
             cached = read_json(path)
-            if cached.get("run") == str(rd.root) and cached.get("how") == _how_key(how) \
+            if cached.get("run") == str(rd.root) and cached.get("how") == method.key() \
                     and len(cached.get("outputs", [])) == len(records):
                 return cached
-        from ..data import records_fingerprint
-        from ..distributed import Processes, map_batches
-
         model = self.load(rd)
-        enc = model.encode([r.messages for r in records])
-        stages = read_json(rd.manifest).get("stages", {})
-        rows_log = RowLog(path.with_suffix(".partial"), _hash_json(
-            [str(rd.root), _how_key(how), records_fingerprint(records), model.config.generation,
-             {s: st.get("fingerprint") for s, st in stages.items()}]))
-
-        def run(idx: list[int]) -> list[dict]:  # one batch; finished batches survive interruption
-            batch = [enc[i] for i in idx]
-            if "adapter" in how:
-                texts = _single_adapter(model, batch, how["adapter"])
-            elif "arrow" in how:
-                texts = _greedy(model, batch, arrow)
-            else:
-                if "onehot" in how:
-                    w = torch.zeros(len(idx), len(model.adapters))
-                    w[:, how["onehot"]] = 1.0
-                else:
-                    w = model.route(batch if signal is None else None, router=how["router"], tau=how["tau"],
-                                    top_k=how["top_k"], features=None if signal is None else signal[idx])
-                texts = model.generate(batch, weights=w)
-            return [{"output": o, "correct": int(check(records[i].source, o, records[i]))}
-                    for i, o in zip(idx, texts)]
-
+        partial = path.with_suffix(".partial")
         t = time.time()
-        with _arrow(model, how["arrow"]) if "arrow" in how else contextlib.nullcontext() as arrow:
-            rows = map_batches(Processes(0, 1, model.device), list(range(len(records))),
-                               model.config.generation.batch_size, run, desc=f"{split} {key}",
-                               done=rows_log.done(), on_batch=rows_log.add)
-        result = {"run": str(rd.root), "how": _how_key(how), "outputs": [r["output"] for r in rows],
-                  "correct": [r["correct"] for r in rows], "seconds": round(time.time() - t, 2)}
+        rows = answer_all(model, records, {"m": method}, check, resume=partial, signal=signal, desc=f"{split} {key}",
+                          key=evaluation_key(model, records, {"m": method}))
+        result = {"run": str(rd.root), "how": method.key(), "outputs": [r["m_output"] for r in rows],
+                  "correct": [int(r["m"]) for r in rows], "seconds": round(time.time() - t, 2)}
         write_json(path, result)
-        rows_log.clear()
+        RowLog(partial, "").clear()
         return result
 
     def validate(self, name: str, rd: Run, val, opt: CompareOptions) -> list[dict]:
@@ -457,7 +422,7 @@ class _Work:
                     if not full:
                         break
                     tau = max(full, key=lambda t: t["validation"])["tau"]
-                how = {"router": router, "tau": tau, "top_k": k}
+                method = Method(router=router, tau=tau, top_k=k)
                 key = f"{name}-{router}-tau{tau:g}-top{k}"
                 path = self.out / "evals" / f"validation-{key}.json"
                 sig = None
@@ -471,7 +436,7 @@ class _Work:
                     if signals[router] is False:
                         break
                     sig = signals[router]
-                res = self.outputs("validation", key, rd, val, how, signal=sig)
+                res = self.outputs("validation", key, rd, val, method, signal=sig)
                 trials.append({"run": name, "router": router, "tau": tau, "top_k": k,
                                "validation": accuracy(val, res["correct"])["mean"],
                                "num_clusters": n_experts})
@@ -504,39 +469,3 @@ class _Work:
         for v in out.values():
             v["ratio_to_one_token"] = v["ms_per_prompt_batch1"] / token_ms
         return {"routers": out, "ms_per_decoded_token_batch1": token_ms}
-
-
-def _hash_json(obj) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _how_key(how: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in how.items()}
-
-
-def _arrow(model, top_k: int):
-    """While inside, PEFT's Arrow routing (per token and layer, the top_k of the run's experts;
-    Ostapenko et al. 2024) as one more adapter of the engine; yields its name."""
-    experts = model.adapters[1:]
-    return model.engine.arrow(experts, top_k=min(top_k, len(experts)))
-
-
-def _greedy(model, enc, name: str) -> list[str]:
-    """Greedy outputs of the engine's adapter `name` alone."""
-    ids = [e.input_ids for e in enc]
-    toks = model.engine.generate(ids, model.engine.one_hot(name, len(ids)), model.decoding())
-    return [model.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
-
-
-def _single_adapter(model, enc, adapter_dir: Path) -> list[str]:
-    """Greedy outputs of one LoRA adapter folder on the loaded model's backbone."""
-    decoding = model.decoding()
-    bs, texts = model.config.generation.batch_size, []
-    with model.engine.extra_adapter(adapter_dir, "lora_single") as name:
-        for s in range(0, len(enc), bs):
-            ids = [e.input_ids for e in enc[s:s + bs]]
-            toks = model.engine.generate(ids, model.engine.one_hot(name, len(ids)), decoding)
-            texts += [model.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
-    return texts

@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..errors import ConfigError
 from .engine import Engine, Job, QueueFull
 from .protocol import ChatRequest, CompletionRequest, OpenAIError, new_id, now
 
@@ -111,19 +112,12 @@ def create_app(model, served_name: str, api_key: str | None = None, slots: int =
             raise OpenAIError(f"max_tokens must be in [1, {limit or 'inf'}] for this prompt of {n_prompt} tokens "
                               f"(context {context}), got {max_tokens}", param="max_tokens")
         ext = req.elrea
-        weights = None
-        if ext and ext.weights is not None:
-            weights = ext.weights
-            k = len(model.adapters)
-            if len(weights) != k or any(w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-4:
-                raise OpenAIError(f"elrea.weights: {k} non-negative numbers summing to 1 (base + "
-                                  f"{k - 1} experts), got {weights}", param="elrea.weights")
-        if ext and ext.router is not None:
-            from ..routers import ROUTERS
-
-            if ext.router not in ROUTERS:
-                raise OpenAIError(f"elrea.router: unknown {ext.router!r}; valid: {', '.join(sorted(ROUTERS))}",
-                                  param="elrea.router")
+        weights = ext.weights if ext else None
+        if ext:
+            try:  # the library's own checks, reported as OpenAI errors on the `elrea` field
+                model.check_routing(weights=weights, router=ext.router, tau=ext.routing_tau(), top_k=ext.top_k)
+            except ConfigError as e:
+                raise OpenAIError(f"elrea.{e}", param=f"elrea.{e.param}") from None
         sampling = {"max_new_tokens": max_tokens}
         if req.temperature is not None:
             sampling["do_sample"] = req.temperature > 0

@@ -1,4 +1,5 @@
-"""The device rule: every inference path builds its tensors on the backbone's device.
+"""The inference facade (elrea.api.ELREA): the routing checks every caller shares, and the device
+rule: every inference path builds its tensors on the backbone's device.
 
 With `torch.set_default_device("meta")` active while the model sits on the CPU, any tensor
 created without naming a device lands on "meta" and the first operation mixing it with the
@@ -97,3 +98,18 @@ def test_device_is_not_part_of_any_fingerprint():
     for sections in [("model",), ("base",), ("features",), ("seed", "model", "data", "lora", "base")]:
         assert a.section_hash(*sections) == b.section_hash(*sections)
     assert load_config(None, ["model.dtype=bfloat16"]).section_hash("model") != a.section_hash("model")
+
+
+def test_routing_settings_are_checked_once_for_every_caller(elrea_model):
+    k = len(elrea_model.adapters)
+    elrea_model.check_routing(weights=[1.0] + [0.0] * (k - 1), router="learned", tau=0.5, top_k=1)
+    for kwargs, param, message in [
+        (dict(weights=[1.0]), "weights", f"{k} non-negative numbers summing to 1"),
+        (dict(weights=[0.5] * k), "weights", "summing to 1"),
+        (dict(router="magic"), "router", "unknown 'magic'; valid: embedding, gradient, learned, uniform"),
+        (dict(tau=0.0), "tau", "must be > 0"),
+        (dict(top_k=-1), "top_k", "must be >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message) as e:
+            elrea_model.check_routing(**kwargs)
+        assert e.value.param == param and str(e.value).startswith(f"{param}: ")

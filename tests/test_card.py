@@ -1,4 +1,5 @@
-"""Runs as artifacts other tools and machines use: model card, hub ids, push, the run config name,
+"""The model card and `elrea push` (elrea.card): runs as artifacts other tools and machines use:
+model card, hub ids, push, the run config name,
 hub data sets, Trainer logs, and the CLI conventions users type without thinking."""
 
 import json

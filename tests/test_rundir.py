@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import FAST
-from test_reliability import _features_done, _fit_cmd, _json
+from test_pipeline import _features_done, _fit_cmd, _json
 from elrea.errors import OutOfSpace, RunDirError, RunInUse
-from elrea.rundir import LOCK_INFO, Manifest, RowLog, RunLock, atomic_path, check_readable
+from elrea.evaluation import RowLog
+from elrea.rundir import LOCK_INFO, Manifest, RunLock, atomic_path, check_readable
 from elrea.testing import make_toy_records, write_jsonl
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -1,4 +1,4 @@
-"""Precision: bfloat16 backbones with float32 LoRA, and 4-/8-bit QLoRA through bitsandbytes.
+"""Loading backbones (elrea.models) in every precision: bfloat16 backbones with float32 LoRA, and 4-/8-bit QLoRA through bitsandbytes.
 
 bitsandbytes >= 0.46 quantizes on the CPU too, so QLoRA runs here for real (slowly); on a
 GPU the same code takes the CUDA kernels.
