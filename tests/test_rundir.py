@@ -1,4 +1,5 @@
-"""Issue 14: one writer per run directory, readers that refuse half-written runs, evaluations
+"""The run directory (elrea.rundir): one writer at a time, readers that refuse half-written runs
+and files of another fit, loaded models that a later fit cannot change under them, evaluations
 that resume, Ctrl-C / SIGTERM, a full disk."""
 
 import errno
@@ -12,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import FAST
 from test_pipeline import _features_done, _fit_cmd, _json
@@ -150,6 +152,42 @@ def test_files_from_two_fits_are_refused(tmp_path, fitted_run):
     summary.write_text(json.dumps({**info, "fingerprint": "0123456789abcdef"}))
     with pytest.raises(RunDirError, match=r"experts/2: written by another fit .*--from experts"):
         ELREA.from_pretrained(run)
+
+
+def test_a_refit_directory_is_never_mixed_with_what_was_loaded(tmp_path, fitted_run, elrea_model, toy_data,
+                                                               fast_overrides):
+    """Re-clustering a run (`fit --from clusters --until experts`) under a loaded model: the loaded
+    model keeps serving its own routers, an evaluation of it refuses to write into the run, and a
+    fresh load refuses the stale routers until the router stage is refitted."""
+    from elrea import ELREA
+    from elrea.config import load_config
+    from elrea.data import load_records
+    from elrea.evaluation import evaluate_to_file
+    from elrea.pipeline import fit
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    loaded = ELREA.from_pretrained(run)
+    prompts = [r["instruction"] for r in make_toy_records(4, seed=5)]
+    cfg = load_config(None, fast_overrides + ["clustering.num_clusters=3"])
+    fit(toy_data / "train.jsonl", run, cfg, from_stage="clusters", until="experts")
+
+    before = (run / "eval.json").read_bytes() if (run / "eval.json").exists() else None
+    with pytest.raises(RunDirError, match="clusters stage was re-run after this model was loaded"):
+        evaluate_to_file(loaded, load_records(toy_data / "test.jsonl")[:4], run / "eval.json")
+    assert ((run / "eval.json").read_bytes() if (run / "eval.json").exists() else None) == before
+
+    fresh = ELREA.from_pretrained(run)
+    assert len(fresh.adapters) == 4 and fresh.route(prompts).shape == (4, 4)   # gradient: the new clusters
+    for router in ("learned", "embedding"):
+        with pytest.raises(RunDirError, match=f"the {router} router was not fitted on this run's clusters; "
+                                              "re-run the `elrea fit`"):
+            fresh.route(prompts, router=router)
+    fit(toy_data / "train.jsonl", run, cfg)   # what the message says: refits the router stage alone
+    again = ELREA.from_pretrained(run)
+    assert again.route(prompts, router="learned").shape == (4, 4)
+    for router in ("learned", "embedding", "gradient"):  # built at load: one fit's files, whatever came after
+        assert torch.equal(loaded.route(prompts, router=router), elrea_model.route(prompts, router=router))
 
 
 def _eval_cmd(run, data, out):

@@ -312,3 +312,25 @@ def test_static_batching_makes_the_latecomer_wait_and_a_full_queue_is_503(fitted
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_client_input_never_gives_a_server_error(client, server):
+    """Values a client may send that once gave a 500 (or NaN in JSON): now a 400, or an answer."""
+    base, name = server
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    # a routing temperature far below any other: the one-hot of the best expert, finite weights
+    r = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=2, extra_body={"elrea": {"tau": 1e-300}})
+    w = r.model_extra["elrea"]["weights"]
+    assert all(x == x for x in w) and abs(sum(w) - 1) < 1e-4 and max(w) > 0.99
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=2, seed=2 ** 70)
+    body = b'{"model": "%s", "prompt": "caf\\ud800", "max_tokens": 2}' % name.encode()
+    status, err = _post_raw(base + "/v1/completions", body, auth)
+    assert status == 400 and "not valid Unicode" in err["error"]["message"] and err["error"]["param"] == "prompt"
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}' % name.encode()
+    status, err = _post_raw(base + "/v1/chat/completions", body, auth)
+    assert status == 400 and err["error"]["param"] == "messages"
+    # with --api-key, the API's description needs the key too; /health does not
+    assert _get(base + "/openapi.json")[0] == 401 and _get(base + "/docs")[0] == 401
+    assert _get(base + "/openapi.json", {"Authorization": f"Bearer {KEY}"})[0] == 200
+    assert _get(base + "/health")[0] == 200

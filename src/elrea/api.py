@@ -33,7 +33,7 @@ class ELREA:
     """
 
     def __init__(self, model, tokenizer, config: RunConfig, centroids: torch.Tensor, run_dir: Path,
-                 feature_mean: torch.Tensor | None = None):
+                 feature_mean: torch.Tensor | None = None, stages: dict | None = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.device = model_device(model)
         self.centroids = centroids.to(self.device, torch.float32)   # (C+1, d)
@@ -41,6 +41,9 @@ class ELREA:
         self.feature_mean = None if feature_mean is None else feature_mean.to(self.device, torch.float32)
         self.run = Run(run_dir)
         self.run_dir = self.run.root
+        # the manifest's stages as loaded: what this model is (its fingerprints), for readers that
+        # must not mix it with a later fit of the same directory
+        self.stages = stages if stages is not None else Manifest.load(self.run.root).data.get("stages", {})
         self._routers: dict = {}
         self.adapters = ["base"] + [f"expert_{c}" for c in range(1, centroids.shape[0])]
         c = config
@@ -87,7 +90,10 @@ class ELREA:
             _load_adapter(model.load_adapter, None, run.expert(c), f"expert_{c}")
         model.set_adapter("base")
         model.eval()
-        return cls(model, tokenizer, config, centroids, run.root, feature_mean=mean)
+        loaded = cls(model, tokenizer, config, centroids, run.root, feature_mean=mean,
+                     stages=manifest.data.get("stages", {}))
+        loaded.load_routers()  # now, with the adapters: a later fit of this directory cannot mix in
+        return loaded
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Copy what a run ships (Run.SHIPPED: manifest, config, adapters, clusters, routers,
@@ -135,15 +141,55 @@ class ELREA:
         with self.engine.only("base"):
             return self.featurizer.features(self.encode(prompts))
 
+    def check_current(self) -> None:
+        """Refuse (RunDirError) when the run directory no longer holds the fit this model loaded:
+        a stage it uses was re-run since (say, `elrea fit --from clusters` while it evaluated)."""
+        now = Manifest.load(self.run.root).data.get("stages", {})
+        for stage in ("base", "clusters", "experts", "router"):
+            was, is_ = self.stages.get(stage, {}), now.get(stage, {})
+            if (was.get("fingerprint"), was.get("status")) != (is_.get("fingerprint"), is_.get("status")):
+                raise RunDirError(f"{self.run.root}: its {stage} stage was re-run after this model was loaded, "
+                                  "so results of the loaded model would describe a model the directory no longer "
+                                  "holds; nothing was written. Load the run again (re-run the command).")
+
+    def load_routers(self) -> None:
+        """Build every registered router from the run's files now (from_pretrained does), so that
+        what the model serves is one fit's, whatever is written to the directory later; a router
+        that cannot be built keeps its error for when it is asked for."""
+        from .registry import ROUTERS
+
+        for name in ROUTERS.names():
+            if name not in self._routers:
+                try:
+                    self.router(name)
+                except (RunDirError, ConfigError) as e:
+                    self._routers[name] = e
+
     def router(self, name: str | None = None):
         """The router called `name` (default: the run's `routing.router`), built once
-        (elrea.routers: gradient, embedding, learned, uniform)."""
+        (elrea.registry.ROUTERS: gradient, embedding, learned, uniform, ...). A router that is
+        fitted must come from the router stage of this run's clusters."""
+        from .registry import ROUTERS
         from .routers import build_router
 
         name = name or self.config.routing.router
         if name not in self._routers:
+            if ROUTERS.get(name).fit is not None:
+                self._check_router_stage(name)
             self._routers[name] = build_router(name, self)
-        return self._routers[name]
+        got = self._routers[name]
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def _check_router_stage(self, name: str) -> None:
+        st, clusters = self.stages.get("router", {}), self.stages.get("clusters", {}).get("fingerprint")
+        stale = st.get("status") != "done" or ("clusters" in st and st["clusters"] != clusters)
+        if stale or ("clusters" in st and name not in st):
+            why = ("was not fitted on this run's clusters" if stale else
+                   "was not fitted by this run's router stage")
+            raise RunDirError(f"{self.run.router}: the {name} router {why}; re-run the `elrea fit` that made "
+                              f"{self.run.root} (same data and settings): it refits the router stage alone")
 
     def check_routing(self, weights=None, router: str | None = None, tau: float | None = None,
                       top_k: int | None = None) -> None:

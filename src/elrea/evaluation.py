@@ -195,6 +195,7 @@ def evaluate_to_file(model, records, out: str | Path, checker=exact_checker, che
         return None
     in_run = out.resolve().parent == run.root.resolve()
     with RunLock(run.root, "elrea eval") if in_run else contextlib.nullcontext():
+        model.check_current()  # the run may have been refitted while this evaluation ran
         write_json(out, result)
         if out.resolve() == run.eval.resolve():
             from .card import write_model_card

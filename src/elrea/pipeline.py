@@ -252,7 +252,8 @@ def stage_router(ctx: _Context) -> dict:
             summary = plugin.fit(job)
             if summary is not None:
                 info[name] = summary
-    return info
+    # the clusters the routers were fitted on: readers refuse them once the clusters change
+    return {**info, "clusters": ctx.fp["clusters"]}
 
 
 def _finished_experts(run: Run, C: int, fingerprint: str) -> dict:

@@ -21,10 +21,15 @@ def similarity_weights(signal: torch.Tensor, centroids: torch.Tensor, tau: float
     return standardized_softmax(s, tau, top_k)
 
 
+# Below this the softmax is a one-hot of the largest similarity already (|z| <= sqrt(C + 1), so
+# z / tau stays finite in float32); a smaller tau (1e-300) would make inf - inf = NaN weights.
+MIN_TAU = 1e-6
+
+
 def standardized_softmax(s: torch.Tensor, tau: float = 1.0, top_k: int = 0) -> torch.Tensor:
     std = s.std(dim=1, unbiased=False, keepdim=True)
     z = torch.where(std > 1e-12, (s - s.mean(1, keepdim=True)) / std.clamp(min=1e-12), torch.zeros_like(s))
-    return keep_top_k(torch.softmax(z / tau, dim=1), top_k)
+    return keep_top_k(torch.softmax(z / max(tau, MIN_TAU), dim=1), top_k)
 
 
 def keep_top_k(w: torch.Tensor, k: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import RunDirError
 from . import RouterPlugin
-from ._similarity import keep_top_k
+from ._similarity import MIN_TAU, keep_top_k
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ class LearnedRouter:
 
     def weights(self, signal: torch.Tensor, n: int, tau: float = 1.0, top_k: int = 0) -> torch.Tensor:
         logp = torch.log_softmax(classifier_logits(self.tensors, signal.float()), dim=1)
-        p = torch.softmax(logp / tau, dim=1).cpu()
+        p = torch.softmax(logp / max(tau, MIN_TAU), dim=1).cpu()
         w = torch.zeros(n, self.num_adapters, device="cpu")
         w[:, self.meta["classes"]] = p
         return keep_top_k(w, top_k)

@@ -34,6 +34,20 @@ from .protocol import ChatRequest, CompletionRequest, OpenAIError, new_id, now
 log = logging.getLogger(__name__)
 
 
+def _unicode(value, param: str):
+    """`value` (text, or lists and dicts of it) if every string is valid Unicode: JSON may carry
+    lone surrogates ("\\ud800") that no tokenizer takes."""
+    texts = [value] if isinstance(value, str) else [v for m in value for v in m.values()] \
+        if isinstance(value, list) else []
+    for t in texts:
+        if isinstance(t, str):
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                raise OpenAIError(f"{param}: not valid Unicode text (a lone surrogate?)", param=param) from None
+    return value
+
+
 def create_app(model, served_name: str, api_key: str | None = None, slots: int = 16, max_length: int = 1024,
                max_queue: int = 256, batching: str = "continuous"):
     """A FastAPI app serving `model` (an elrea.ELREA) as `served_name`; the scheduler's settings
@@ -76,7 +90,7 @@ def create_app(model, served_name: str, api_key: str | None = None, slots: int =
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+        if api_key and request.url.path != "/health":  # the API, and its /docs and /openapi.json
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
                 return error(OpenAIError("Incorrect API key provided.", status=401, code="invalid_api_key"))
         return await call_next(request)
@@ -232,11 +246,13 @@ def create_app(model, served_name: str, api_key: str | None = None, slots: int =
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await run(job_for(req, model.encode(req.text(), raw=True)[0]), req, chat=False, request=request)
+        text = _unicode(req.text(), "prompt")
+        return await run(job_for(req, model.encode(text, raw=True)[0]), req, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        return await run(job_for(req, model.encode([req.chat()])[0]), req, chat=True, request=request)
+        chat = _unicode(req.chat(), "messages")
+        return await run(job_for(req, model.encode([chat])[0]), req, chat=True, request=request)
 
     return app
 

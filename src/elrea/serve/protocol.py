@@ -50,7 +50,7 @@ class _Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)  # what torch's generator takes
     n: int = 1
     stream: bool = False
     stream_options: dict | None = None
