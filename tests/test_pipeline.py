@@ -290,3 +290,33 @@ def test_from_experts_retrains_every_expert(tmp_path, fitted_run, toy_data, fast
     for c, mtime in before.items():
         assert (run / "experts" / str(c) / "adapter_model.safetensors").stat().st_mtime_ns != mtime
     assert _json(run / "elrea.json")["stages"]["experts"]["status"] == "done"
+
+
+def test_new_weights_under_the_same_model_path_retrain_the_run(tmp_path, toy_data, caplog):
+    import logging
+
+    from elrea.pipeline import fit
+
+    texts = [r["instruction"] + " " + r["response"] for r in make_toy_records(400, seed=1)]
+    model = make_tiny_model(tmp_path / "model", texts, seed=0)
+    cfg = load_config(None, [f"model.name={model}"] + FAST)
+    run = tmp_path / "run"
+    fit(toy_data / "train.jsonl", run, cfg, until="base")
+    first = _json(run / "elrea.json")["stages"]["base"]
+    assert first["backbone"]
+    make_tiny_model(tmp_path / "model", texts, seed=1)   # other weights, same shapes, same path
+    with caplog.at_level(logging.WARNING, logger="elrea.pipeline"):
+        fit(toy_data / "train.jsonl", run, cfg, until="base")
+    second = _json(run / "elrea.json")["stages"]["base"]
+    assert second["backbone"] != first["backbone"] and second["fingerprint"] != first["fingerprint"]
+    assert "stage base: its config, data or backbone changed" in caplog.text
+
+    # a run recorded before backbones were fingerprinted resumes as it was
+    manifest = _json(run / "elrea.json")
+    legacy = fingerprints(cfg, records_fingerprint(load_records(toy_data / "train.jsonl")))["base"]
+    manifest["stages"]["base"] = {k: v for k, v in second.items() if k != "backbone"} | {"fingerprint": legacy}
+    (run / "elrea.json").write_text(json.dumps(manifest))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="elrea.pipeline"):
+        fit(toy_data / "train.jsonl", run, cfg, until="base")
+    assert "stage base: up to date, skipped" in caplog.text and "predates backbone fingerprints" in caplog.text

@@ -14,12 +14,14 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 from .config import LoraConfig, ModelConfig
 from .errors import ModelError
+from .rundir import out_of_space
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,42 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+_SAMPLE = 1 << 20
+
+
+def backbone_fingerprint(name: str) -> str:
+    """A cheap fingerprint of the backbone's weights, so that new weights under the same name
+    retrain the run instead of reusing adapters trained on the old ones. A local directory (and
+    the built-in model's converted copy): config.json, and each weight file's name, size and
+    SHA-256 of three 1 MiB samples (start, middle, end): seconds for any size, and any
+    replacement of the weights that keeps the size and those samples goes unseen. A hub id: the
+    commit of its cached snapshot, when there is one; else its name alone."""
+    import hashlib
+
+    path = Path(resolve_model_path(name)).expanduser()
+    h = hashlib.sha256()
+    if not path.is_dir():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+            h.update(str(Path(cached).parent.name if isinstance(cached, str) else name).encode())
+        except Exception:  # noqa: BLE001 - no hub library state: the name is all there is
+            h.update(name.encode())
+        return h.hexdigest()[:16]
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if rel == "config.json" or f.suffix in WEIGHT_SUFFIXES:
+            size = f.stat().st_size
+            h.update(f"{rel}:{size}".encode())
+            with open(f, "rb") as fh:
+                for at in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                    fh.seek(at)
+                    h.update(fh.read(_SAMPLE))
+    return h.hexdigest()[:16]
+
+
 def _cached_smollm2() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "model.safetensors").exists() and (target / "config.json").exists():
@@ -74,9 +112,17 @@ def _cached_smollm2() -> Path:
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for old in target.parent.glob(".tmp-*"):  # left by a conversion that died (a full disk, a kill)
+        if time.time() - old.stat().st_mtime > 3600:
+            shutil.rmtree(old, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    try:
+        with out_of_space(target):
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

@@ -28,7 +28,7 @@ from .data import PromptFormatter, encode_all, load_records, records_fingerprint
 from .distributed import Processes, alone, processes
 from .errors import ConfigError, DataError, RunDirError
 from .features import Featurizer
-from .models import absolute_if_local, load_backbone, load_tokenizer, peft_lora_config, portable_name, \
+from .models import absolute_if_local, backbone_fingerprint, load_backbone, load_tokenizer, peft_lora_config, portable_name, \
     resolve_model_path
 from .rundir import FeatureStore, Manifest, Run, RunLock, atomic_path, load_features, write_json
 from .stages import STAGE_NAMES, STAGES
@@ -51,8 +51,23 @@ class _Context:
         self.model = None   # the PeftModel of this process, once a stage has made it
         self.fresh: set[str] = set()  # stages that start over (not resume) in this call
         self.manifest: Manifest | None = None  # the run's manifest, once _run_stages has read it
-        given = {} if labels is None else {"clusters": [f"labels:{labels_fingerprint(labels)}"]}
-        self.fp = fingerprints(cfg, records_fingerprint(records), given)
+        self._given = {} if labels is None else {"clusters": [f"labels:{labels_fingerprint(labels)}"]}
+        self._data_fp = records_fingerprint(records)
+        self.backbone_fp: str | None = None  # the backbone weights' fingerprint (see use_backbone)
+        self.fp = fingerprints(cfg, self._data_fp, self._given)
+
+    def use_backbone(self, manifest: Manifest) -> None:
+        """Fold the backbone weights' fingerprint (elrea.models.backbone_fingerprint) into the
+        base stage's, so that new weights under the same model name retrain the run. A run whose
+        base stage was recorded before backbones were fingerprinted keeps its fingerprints (it
+        resumes as it was; its backbone is not checked)."""
+        base = manifest.stage("base")
+        if base and "backbone" not in base:
+            log.info("this run predates backbone fingerprints: the backbone's weights are not checked")
+            return
+        self.backbone_fp = backbone_fingerprint(self.cfg.model.name)
+        extra = {**self._given, "base": [f"backbone:{self.backbone_fp}"]}
+        self.fp = fingerprints(self.cfg, self._data_fp, extra)
 
     def backbone(self):
         """The frozen backbone on this process's device. Loaded once: every stage attaches its
@@ -331,6 +346,7 @@ def _run_stages(ctx: _Context, from_stage: str | None, until: str | None) -> Non
     if procs.is_main:
         _write_header(manifest, ctx)
     ctx.manifest = manifest
+    ctx.use_backbone(manifest)
     forced = STAGE_NAMES.index(from_stage) if from_stage else len(STAGES)
     for i, st in enumerate(STAGES):
         name, fp = st.name, ctx.fp[st.name]
@@ -341,15 +357,16 @@ def _run_stages(ctx: _Context, from_stage: str | None, until: str | None) -> Non
             continue
         old = manifest.stage(name)
         if old.get("status") == "done" and i < forced and procs.is_main:
-            log.warning("stage %s: its config or data changed since the last run; re-running it "
+            log.warning("stage %s: its config, data or backbone changed since the last run; re-running it "
                         "and the stages after it", name)
         t0 = time.time()
         if old.get("fingerprint") != fp or i >= forced:  # start over, not resume
             ctx.fresh.add(name)
-        manifest.mark(name, "running", fp)  # readers refuse the run until it is done again
+        mine = {"backbone": ctx.backbone_fp} if name == "base" and ctx.backbone_fp else {}
+        manifest.mark(name, "running", fp, **mine)  # readers refuse the run until it is done again
         info = st.function()(ctx) if procs.is_main or not st.main_only else {}
         procs.barrier(f"stage {name}")
-        manifest.mark(name, "done", fp, **{**info, "seconds": round(time.time() - t0, 2)})
+        manifest.mark(name, "done", fp, **{**info, **mine, "seconds": round(time.time() - t0, 2)})
         if name == until:
             break
     if procs.is_main and all(manifest.stage(s).get("status") == "done" for s in STAGE_NAMES):
