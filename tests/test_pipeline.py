@@ -218,12 +218,27 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["x.json"]
 
 
+def _without_hashes(run):
+    manifest = json.loads((run / "elrea.json").read_text())
+    for st in manifest["stages"].values():
+        st.pop("files", None)
+    (run / "elrea.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize("damage, match", [
     (lambda r: (r / "elrea.json").write_text('{"format": 1, "sta'), "elrea.json: truncated or corrupt JSON"),
     (lambda r: (r / "elrea.json").unlink(), "not an elrea run directory"),
-    (lambda r: (r / "experts/2/adapter_model.safetensors").unlink(), "experts/2: adapter missing"),
-    (lambda r: (r / "base/adapter_model.safetensors").write_bytes(b"\x00" * 10), "base: cannot load adapter"),
-    (lambda r: (r / "clusters/centroids.safetensors").write_bytes(b"{}"), "centroids.safetensors: missing or corrupt"),
+    (lambda r: (r / "experts/2/adapter_model.safetensors").unlink(),
+     "experts/2/adapter_model.safetensors: missing or changed since `elrea fit` wrote it"),
+    (lambda r: (r / "base/adapter_model.safetensors").write_bytes(b"\x00" * 10),
+     "base/adapter_model.safetensors: missing or changed"),
+    (lambda r: (r / "clusters/centroids.safetensors").write_bytes(b"{}"), "centroids.safetensors: missing or changed"),
+    # a run without the files' hashes (written before they were recorded): the loaders' own errors
+    (lambda r: _without_hashes(r) or (r / "experts/2/adapter_model.safetensors").unlink(), "experts/2: adapter missing"),
+    (lambda r: _without_hashes(r) or (r / "base/adapter_model.safetensors").write_bytes(b"\x00" * 10),
+     "base: cannot load adapter"),
+    (lambda r: _without_hashes(r) or (r / "clusters/centroids.safetensors").write_bytes(b"{}"),
+     "centroids.safetensors: missing or corrupt"),
 ])
 def test_damaged_run_directory_is_a_clear_error(tmp_path, fitted_run, damage, match):
     from elrea import ELREA
@@ -258,6 +273,7 @@ def test_expert_from_another_backbone_is_rejected(tmp_path, fitted_run):
     shutil.copytree(fitted_run, run)
     shutil.rmtree(run / "experts" / "1")
     adapter.save_pretrained(str(run / "experts" / "1"))
+    _without_hashes(run)   # else its changed files are refused before it is loaded
     with pytest.raises(RunDirError, match="experts/1: adapter does not fit this backbone"):
         ELREA.from_pretrained(run)
 

@@ -328,3 +328,46 @@ def test_full_disk_injected_into_features_and_results(tmp_path, tiny_model_dir, 
     monkeypatch.setattr("elrea.rundir.os.fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
     with pytest.raises(OutOfSpace, match="batches-0.jsonl: no space left"):
         rows.add(1, [{"ok": False}])
+
+
+def test_damaged_adapters_are_refused_and_refit_rebuilds_only_them(tmp_path, fitted_run, toy_data, fast_overrides,
+                                                                  caplog):
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from elrea import ELREA
+    from elrea.config import load_config
+    from elrea.pipeline import fit
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    manifest = json.loads((run / "elrea.json").read_text())
+    assert "experts/2/adapter_model.safetensors" in manifest["stages"]["experts"]["files"]
+    two = run / "experts" / "2" / "adapter_model.safetensors"
+    data = bytearray(two.read_bytes())
+    data[-64:] = os.urandom(64)   # random bytes in the tensor data: the file still parses
+    two.write_bytes(bytes(data))
+    shutil.rmtree(run / "experts" / "3")
+    with pytest.raises(RunDirError, match="experts/2/adapter_model.safetensors: missing or changed since "
+                                          r"`elrea fit` wrote it \(and \d+ more\); re-run the `elrea fit`"):
+        ELREA.from_pretrained(run)
+    one = (run / "experts" / "1" / "adapter_model.safetensors").read_bytes()
+    with caplog.at_level(logging.WARNING, logger="elrea.pipeline"):
+        fit(toy_data / "train.jsonl", run, load_config(None, fast_overrides + ["clustering.num_clusters=4"]))
+    assert "stage experts: experts/2/adapter_model.safetensors" in caplog.text and "rebuilding experts" in caplog.text
+    assert (run / "experts" / "1" / "adapter_model.safetensors").read_bytes() == one   # intact: kept
+    assert (run / "experts" / "2" / "adapter_model.safetensors").read_bytes() == \
+        (fitted_run / "experts" / "2" / "adapter_model.safetensors").read_bytes()   # rebuilt, bit for bit
+    ELREA.from_pretrained(run)
+
+    # NaN weights that the record agrees with (a training that diverged) are refused too
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in load_file(str(two)).items()}
+    save_file(tensors, str(two))
+    manifest = json.loads((run / "elrea.json").read_text())
+    from elrea.rundir import sha256_file
+
+    manifest["stages"]["experts"]["files"]["experts/2/adapter_model.safetensors"] = sha256_file(two)
+    (run / "elrea.json").write_text(json.dumps(manifest))
+    with pytest.raises(RunDirError, match=r"experts/2: non-finite weights \(NaN or inf\)"):
+        ELREA.from_pretrained(run)

@@ -21,6 +21,7 @@ from .errors import ConfigError, RunDirError
 from .features import Featurizer
 from .models import load_backbone, load_tokenizer, model_device
 from .rundir import Manifest, Run, atomic_path, check_readable
+from .stages import INFERENCE_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class ELREA:
         manifest = Manifest.load(run.root)
         check_readable(run.root, manifest)  # no stage being rewritten or left half-done
         run.check_consistent(manifest)
+        run.verify(manifest, INFERENCE_STAGES)  # every file as its stage recorded it (SHA-256)
         config = run.config()
         tokenizer = load_tokenizer(config.model)
         if backbone is None:
@@ -88,6 +90,10 @@ class ELREA:
         model = _load_adapter(PeftModel.from_pretrained, backbone, run.base, "base")
         for c in range(1, centroids.shape[0]):
             _load_adapter(model.load_adapter, None, run.expert(c), f"expert_{c}")
+        for name, path in [("base", run.base)] + [(f"expert_{c}", run.expert(c)) for c in range(1, centroids.shape[0])]:
+            _check_finite(model, name, path)
+        if not torch.isfinite(centroids).all():
+            raise RunDirError(f"{cpath}: non-finite centroids (NaN or inf); re-run `elrea fit --from clusters`")
         model.set_adapter("base")
         model.eval()
         loaded = cls(model, tokenizer, config, centroids, run.root, feature_mean=mean,
@@ -184,6 +190,10 @@ class ELREA:
 
     def _check_router_stage(self, name: str) -> None:
         st, clusters = self.stages.get("router", {}), self.stages.get("clusters", {}).get("fingerprint")
+        bad = self.run.damaged(st.get("files"))
+        if bad:
+            raise RunDirError(f"{self.run.root / bad[0]}: missing or changed since `elrea fit` wrote it; re-run "
+                              f"the `elrea fit` that made {self.run.root} (same data and settings): it refits it")
         stale = st.get("status") != "done" or ("clusters" in st and st["clusters"] != clusters)
         if stale or ("clusters" in st and name not in st):
             why = ("was not fitted on this run's clusters" if stale else
@@ -374,6 +384,15 @@ def check_weights(weights, n: int, k: int) -> torch.Tensor:
     if (w < 0).any() or not torch.allclose(w.sum(1), torch.ones(n, device="cpu"), atol=1e-4):
         raise ConfigError("weights: each row must be non-negative and sum to 1")
     return w
+
+
+def _check_finite(model, adapter: str, path: Path) -> None:
+    """Refuse an adapter with NaN or infinite weights (training that diverged, damage)."""
+    for pname, p in model.named_parameters():
+        if "lora_" in pname and f".{adapter}." in pname and not torch.isfinite(p).all():
+            raise RunDirError(f"{path}: non-finite weights (NaN or inf) in {pname.split('.base_model.')[-1]}: "
+                              "damaged files are rebuilt by re-running the `elrea fit` that made the run; a "
+                              "training that diverged needs a lower learning rate (then `elrea fit --from base`)")
 
 
 def _load_adapter(loader, backbone, path: Path, name: str):

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -351,10 +352,14 @@ def _run_stages(ctx: _Context, from_stage: str | None, until: str | None) -> Non
     for i, st in enumerate(STAGES):
         name, fp = st.name, ctx.fp[st.name]
         if i < forced and manifest.is_done(name, fp):
-            log.info("stage %s: up to date, skipped", name)
-            if name == until:
-                break
-            continue
+            bad = ctx.run.damaged(manifest.stage(name).get("files")) if st.hashed else []
+            if not bad:
+                log.info("stage %s: up to date, skipped", name)
+                if name == until:
+                    break
+                continue
+            _remove_damaged(ctx, name, bad)
+            forced = min(forced, i + 1)  # what follows was built on the damaged files: rebuild it too
         old = manifest.stage(name)
         if old.get("status") == "done" and i < forced and procs.is_main:
             log.warning("stage %s: its config, data or backbone changed since the last run; re-running it "
@@ -366,11 +371,26 @@ def _run_stages(ctx: _Context, from_stage: str | None, until: str | None) -> Non
         manifest.mark(name, "running", fp, **mine)  # readers refuse the run until it is done again
         info = st.function()(ctx) if procs.is_main or not st.main_only else {}
         procs.barrier(f"stage {name}")
-        manifest.mark(name, "done", fp, **{**info, **mine, "seconds": round(time.time() - t0, 2)})
+        files = {"files": ctx.run.file_hashes(name)} if st.hashed and procs.is_main else {}
+        manifest.mark(name, "done", fp, **{**info, **mine, **files, "seconds": round(time.time() - t0, 2)})
         if name == until:
             break
     if procs.is_main and all(manifest.stage(s).get("status") == "done" for s in STAGE_NAMES):
         write_model_card(out)
+
+
+def _remove_damaged(ctx: _Context, stage: str, bad: list[str]) -> None:
+    """A finished stage whose files are missing or changed (damage, a partial copy): remove the
+    folders holding them (an expert's folder, or the stage's), so that re-running the stage
+    rebuilds them and keeps what is intact (other experts)."""
+    if ctx.procs.is_main:
+        log.warning("stage %s: %s missing or changed since it finished; rebuilding %s and the stages after it",
+                    stage, ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else ""), stage)
+        top = ctx.run.stage_dir(stage)
+        for rel in bad:
+            folder = (ctx.run.root / rel).parent
+            shutil.rmtree(folder if folder != top.parent else top, ignore_errors=True)
+    ctx.procs.barrier(f"removing the damaged files of stage {stage}")
 
 
 def _write_header(manifest: Manifest, ctx: _Context) -> None:

@@ -103,6 +103,16 @@ def out_of_space(path: str | Path):
         raise OutOfSpace(path) from None
 
 
+def sha256_file(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_text(path: str | Path, text: str) -> Path:
     """Write `text` (UTF-8, "\\n" line ends) to `path` atomically, on disk before the rename."""
     with atomic_path(path) as tmp:
@@ -236,6 +246,34 @@ class Run:
     def picture(self, name: str) -> Path:
         """A picture of the report (report/<name>)."""
         return self.root / "report" / name
+
+    def file_hashes(self, stage: str) -> dict[str, str]:
+        """{path relative to the run: SHA-256} of every file a stage wrote (its folder)."""
+        folder = self.stage_dir(stage)
+        files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+        return {f.relative_to(self.root).as_posix(): sha256_file(f) for f in files}
+
+    def damaged(self, recorded: dict | None, under: str = "") -> list[str]:
+        """The files of `recorded` ({path: SHA-256}, as file_hashes wrote it; under `under` only)
+        that are missing or whose contents changed since; [] when nothing was recorded."""
+        bad = []
+        for rel, digest in (recorded or {}).items():
+            if not rel.startswith(under):
+                continue
+            path = self.root / rel
+            if not path.is_file() or sha256_file(path) != digest:
+                bad.append(rel)
+        return bad
+
+    def verify(self, manifest: "Manifest", stages) -> None:
+        """Refuse (RunDirError naming the file) a run whose files of `stages` are missing or were
+        changed after their stage recorded them (damage, a partial copy)."""
+        for stage in stages:
+            bad = self.damaged(manifest.stage(stage).get("files"))
+            if bad:
+                raise RunDirError(f"{self.root / bad[0]}: missing or changed since `elrea fit` wrote it"
+                                  f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; re-run the `elrea fit` "
+                                  f"that made {self.root} (same data and settings): it rebuilds what is damaged")
 
     def shipped(self) -> list[str]:
         """The files of SHIPPED this run has, relative to the run directory, sorted."""

@@ -29,6 +29,7 @@ class Stage:
     settings: str | None = None       # "module:function" (cfg -> str) used instead of `sections`
     main_only: bool = False           # the main process alone runs it; the others wait
     inference: bool = False           # ELREA.from_pretrained loads its output
+    hashed: bool = False              # its files' SHA-256 are recorded, checked on load and on re-runs
 
     def function(self):
         return _load(self.run)
@@ -44,14 +45,15 @@ def _load(target: str):
 
 STAGES: tuple[Stage, ...] = (
     Stage("base", "elrea.pipeline:stage_base", sections=("seed", "model", "data", "lora", "base"),
-          inference=True),
+          inference=True, hashed=True),
     Stage("features", "elrea.pipeline:stage_features", after="base", sections=("features",),
           fields=("clustering.signal",)),
     Stage("clusters", "elrea.pipeline:stage_clusters", after="features", sections=("clustering",),
-          fields=("features.center",), main_only=True, inference=True),
-    Stage("experts", "elrea.pipeline:stage_experts", after="clusters", sections=("experts",), inference=True),
+          fields=("features.center",), main_only=True, inference=True, hashed=True),
+    Stage("experts", "elrea.pipeline:stage_experts", after="clusters", sections=("experts",), inference=True,
+          hashed=True),
     Stage("router", "elrea.pipeline:stage_router", after="clusters", settings="elrea.pipeline:router_settings",
-          main_only=True),
+          main_only=True, hashed=True),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 INFERENCE_STAGES = tuple(s.name for s in STAGES if s.inference)   # what ELREA.from_pretrained needs
