@@ -75,6 +75,20 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, tiny
         _same(whole, resumed)
 
 
+def test_identical_trainings_write_identical_readable_files(tmp_path, tiny_model_dir, examples):
+    import json
+    import os
+    import stat
+
+    _train(tiny_model_dir, examples, tmp_path / "a", None)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert len(cfg["target_modules"]) > 1 and cfg["target_modules"] == sorted(cfg["target_modules"])
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in (tmp_path / "a").iterdir():   # as readable as the rest of the run, not 0600
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, f
+
+
 def test_checkpoints_of_another_training_are_not_resumed(tmp_path, tiny_model_dir, examples):
     ckpt = tmp_path / "ck"
     with pytest.raises(KeyboardInterrupt):

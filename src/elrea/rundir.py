@@ -75,6 +75,9 @@ def atomic_path(path: str | Path, is_dir: bool = False):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)  # mkstemp/mkdtemp make it private
+        if is_dir:  # and what writers put inside (safetensors' files are 0600) as readable as the rest
+            for inner in tmp.rglob("*"):
+                os.chmod(inner, (0o777 if inner.is_dir() else 0o666) & ~umask)
         if is_dir and path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)

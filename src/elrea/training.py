@@ -223,10 +223,20 @@ def save_adapter(peft_model, out_dir: Path, optimizer=None, meta: dict | None = 
             for f in sub.iterdir():
                 f.rename(tmp / f.name)
             sub.rmdir()
+        _sorted_targets(tmp / "adapter_config.json")
         if optimizer is not None:
             save_file(adam_moments(peft_model, optimizer), str(tmp / MOMENTS_FILE))
         if meta is not None:
             (tmp / SUMMARY_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _sorted_targets(config: Path) -> None:
+    """PEFT writes target_modules of "all-linear" in a set's order, which differs from process to
+    process (string hashing): sort it, so that identical runs write identical files."""
+    cfg = json.loads(config.read_text(encoding="utf-8"))
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def trained_summary(adapter_dir: str | Path, fingerprint: str) -> dict | None:
