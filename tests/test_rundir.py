@@ -5,6 +5,7 @@ that resume, Ctrl-C / SIGTERM, a full disk."""
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -371,3 +372,56 @@ def test_damaged_adapters_are_refused_and_refit_rebuilds_only_them(tmp_path, fit
     (run / "elrea.json").write_text(json.dumps(manifest))
     with pytest.raises(RunDirError, match=r"experts/2: non-finite weights \(NaN or inf\)"):
         ELREA.from_pretrained(run)
+
+
+def _elrea(*args):
+    return subprocess.run([sys.executable, "-m", "elrea.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+
+
+@pytest.mark.parametrize("damage, command, message", [
+    (lambda r: (r / "elrea.json").write_text("[1, 2]"), "route", "elrea.json: expected a JSON object, got list"),
+    (lambda r: (r / "elrea.json").write_text('{"stages": [1]}'), "route", "elrea.json: its \"stages\" are not"),
+    (lambda r: (r / "clusters" / "clusters.json").write_text("[1, 2]"), "route",
+     "clusters.json: expected a JSON object"),
+    (lambda r: (r / "run_config.json").write_text("{}"), "route", "run_config.json: names the backbone"),
+    (lambda r: (r / ".elrea.lock").mkdir(), "fit", ".elrea.lock: a directory where elrea keeps its lock file"),
+    (lambda r: (r / ".elrea.lock.json").mkdir(), "fit", ".elrea.lock.json: a directory where elrea keeps"),
+    (lambda r: (r / "features" / "train.npy").write_bytes(_nan_row(r)), "refit",
+     "train.npy: 1 feature rows hold NaN or inf \\(first: row 3"),
+])
+def test_damage_is_one_clear_line_never_a_traceback(tmp_path, fitted_run, tiny_model_dir, damage, command, message):
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run, ignore=shutil.ignore_patterns(".elrea.lock*"))
+    damage(run)
+    args = {"route": lambda: ["route", run, "--prompt", "Add 3 and 4."],
+            "fit": lambda: ["fit", "--model", tiny_model_dir, "--data", run / "nowhere.jsonl", "--out", run],
+            "refit": lambda: ["fit", "--model", tiny_model_dir, "--data", _json(run / "elrea.json")["data"],
+                              "--out", run, *FAST, "clustering.num_clusters=4", "--from", "clusters"]}[command]()
+    if command == "fit":   # the data must load for fit to reach the lock: any valid file will do
+        write_jsonl(run / "nowhere.jsonl", make_toy_records(64, seed=0))
+    r = _elrea(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert re.search(message, r.stderr.strip().splitlines()[-1]), r.stderr
+
+
+def _nan_row(run) -> bytes:
+    X = np.load(run / "features" / "train.npy")
+    X[3, :] = np.nan
+    path = run / "nan.npy"
+    np.save(path, X)
+    return path.read_bytes()
+
+
+def test_out_paths_and_identical_records_are_clear_errors(tmp_path, tiny_model_dir):
+    (tmp_path / "afile").write_text("")
+    rows = make_toy_records(1, seed=0) * 64
+    write_jsonl(tmp_path / "same.jsonl", rows)
+    for out, message in [(tmp_path / "afile", "afile: a file, not a run directory"),
+                         (tmp_path / "afile" / "x", "cannot create the run directory")]:
+        r = _elrea("fit", "--model", tiny_model_dir, "--data", tmp_path / "same.jsonl", "--out", out)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = _elrea("fit", "--model", tiny_model_dir, "--data", tmp_path / "same.jsonl", "--out", tmp_path / "run",
+               *FAST)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "clustering found 1 cluster of the training examples" in r.stderr

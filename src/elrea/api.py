@@ -74,6 +74,11 @@ class ELREA:
         run.check_consistent(manifest)
         run.verify(manifest, INFERENCE_STAGES)  # every file as its stage recorded it (SHA-256)
         config = run.config()
+        recorded = manifest.data.get("backbone")
+        if recorded and recorded != config.model.name:
+            raise RunDirError(f"{run.config_path}: names the backbone {config.model.name!r}, but the run was fitted "
+                              f"on {recorded!r} ({run.manifest}); the config file was changed or replaced: restore "
+                              f"it (the resolved config is also under \"config\" in {run.manifest.name})")
         tokenizer = load_tokenizer(config.model)
         if backbone is None:
             from .distributed import resolve_device

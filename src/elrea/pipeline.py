@@ -31,7 +31,7 @@ from .errors import ConfigError, DataError, RunDirError
 from .features import Featurizer
 from .models import absolute_if_local, backbone_fingerprint, load_backbone, load_tokenizer, peft_lora_config, portable_name, \
     resolve_model_path
-from .rundir import FeatureStore, Manifest, Run, RunLock, atomic_path, load_features, write_json
+from .rundir import FeatureStore, Manifest, Run, RunLock, atomic_path, load_features, make_dir, write_json
 from .stages import STAGE_NAMES, STAGES
 from .training import train_adapter, trained_summary
 
@@ -180,11 +180,12 @@ def stage_features(ctx: _Context) -> dict:
 
 
 def stage_clusters(ctx: _Context) -> dict:
-    from safetensors.numpy import save_file
-
     """BIRCH (or the given labels) on the training features, centred first with features.center;
     the centroids (in the same space) are what the gradient router compares prompts with."""
+    from safetensors.numpy import save_file
+
     X = load_features(ctx.run.features)
+    _check_finite_rows(X, ctx.run.features)
     tensors = {}
     if ctx.cfg.features.center:
         tensors["feature_mean"] = feature_mean(X)
@@ -193,6 +194,7 @@ def stage_clusters(ctx: _Context) -> dict:
         clusters = given_clusters(X, ctx.labels)
     else:
         clusters = cluster_features(X, ctx.cfg.clustering, ctx.cfg.stage_seed("clustering"))
+    _check_cluster_count(clusters.num_clusters, ctx.cfg.clustering, ctx.labels is not None)
     sources = [r.source for r in ctx.records]
     mix = source_mix(clusters.labels, sources, clusters.num_clusters)
     ctx.run.clusters.mkdir(parents=True, exist_ok=True)
@@ -204,6 +206,29 @@ def stage_clusters(ctx: _Context) -> dict:
     write_json(ctx.run.clusters_json, {**summary, "fingerprint": ctx.fp["clusters"], "labels": clusters.labels.tolist()})
     log.info("clusters: C=%d, sizes %s", clusters.num_clusters, clusters.sizes)
     return summary
+
+
+def _check_finite_rows(X, path: Path, chunk: int = 8192) -> None:
+    """Refuse feature rows with NaN or inf (clustering them would fail, or place them anywhere)."""
+    bad = []
+    for s in range(0, len(X), chunk):
+        bad += (s + np.flatnonzero(~np.isfinite(np.asarray(X[s:s + chunk])).all(1))).tolist()
+    if bad:
+        raise RunDirError(f"{path}: {len(bad)} feature rows hold NaN or inf (first: row {bad[0]}, training example "
+                          f"{bad[0] + 1}); rebuild them with `elrea fit --from features`, and if they come back, the "
+                          "base adapter's gradients are not finite: lower base.lr and run `elrea fit --from base`")
+
+
+def _check_cluster_count(C: int, cfg, given: bool) -> None:
+    """Refuse fewer than two clusters before experts and routers are built on them; warn when
+    fewer came out than were asked for."""
+    if C < 2:
+        raise DataError(f"clustering found {C} cluster of the training examples: their gradient features do not "
+                        "separate (identical or near-identical records?). ELREA needs at least two; use more "
+                        "varied data" + (" or other labels" if given else ""))
+    if cfg.num_clusters and C < cfg.num_clusters and not given:
+        log.warning("clustering: %d clusters asked for (clustering.num_clusters), %d came out (clusters smaller "
+                    "than clustering.min_cluster_size=%d are merged)", cfg.num_clusters, C, cfg.min_cluster_size)
 
 
 def stage_experts(ctx: _Context) -> dict:
@@ -328,7 +353,7 @@ def fit(data: str | Path, out: str | Path, cfg: RunConfig, from_stage: str | Non
     procs = processes(cfg.model.device)
     out = Path(out)
     if procs.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(out, "run directory")
     # one writer per run directory: a second `fit` into it refuses at once, naming this one
     with RunLock(out) if procs.is_main else contextlib.nullcontext():
         if procs.is_main:

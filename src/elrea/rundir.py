@@ -106,6 +106,18 @@ def out_of_space(path: str | Path):
         raise OutOfSpace(path) from None
 
 
+def make_dir(path: str | Path, what: str = "directory") -> Path:
+    """mkdir -p `path`, or a RunDirError naming it (a file in the way, no permission)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirError(f"{path}: a file, not a {what}; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot create the {what} ({e.strerror or e}); choose another path") from None
+    return path
+
+
 def sha256_file(path: str | Path) -> str:
     import hashlib
 
@@ -132,13 +144,19 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def read_json(path: str | Path) -> dict:
+    """A JSON object that elrea wrote (every JSON file of a run is one); anything else, missing,
+    corrupt or of another shape, is a RunDirError naming the file."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise RunDirError(f"{path}: missing; re-run `elrea fit` to recreate it")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise RunDirError(f"{path}: truncated or corrupt JSON ({e}); re-run `elrea fit`") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: expected a JSON object, got {type(data).__name__}: damaged or not elrea's; "
+                          "re-run `elrea fit`")
+    return data
 
 
 class Run:
@@ -356,7 +374,11 @@ class Manifest:
             if create:
                 return cls(root, {"format": 1, "stages": {}})
             raise RunDirError(f"{root}: not an elrea run directory (no {MANIFEST}); run `elrea fit` first")
-        return cls(root, read_json(path))
+        data = read_json(path)
+        if not isinstance(data.get("stages", {}), dict) or not all(
+                isinstance(v, dict) for v in data.get("stages", {}).values()):
+            raise RunDirError(f"{path}: its \"stages\" are not elrea's (damaged); re-run `elrea fit`")
+        return cls(root, data)
 
     def save(self) -> None:
         if self.writable:
@@ -407,7 +429,11 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         from filelock import FileLock, Timeout
 
-        self.root.mkdir(parents=True, exist_ok=True)
+        make_dir(self.root)
+        for name in (LOCK, LOCK_INFO):
+            if (self.root / name).is_dir():
+                raise RunDirError(f"{self.root / name}: a directory where elrea keeps its lock file; remove it "
+                                  f"(rm -r {self.root / name}) when no elrea command is using {self.root}")
         lock = FileLock(str(self.root / LOCK), timeout=self.wait_s)
         try:
             lock.acquire()
