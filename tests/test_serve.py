@@ -334,3 +334,25 @@ def test_client_input_never_gives_a_server_error(client, server):
     assert _get(base + "/openapi.json")[0] == 401 and _get(base + "/docs")[0] == 401
     assert _get(base + "/openapi.json", {"Authorization": f"Bearer {KEY}"})[0] == 200
     assert _get(base + "/health")[0] == 200
+
+
+def test_large_bodies_are_refused_before_they_are_read(server):
+    base, name = server
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    big = b'{"model": "%s", "prompt": "%s"}' % (name.encode(), b"a" * (5 << 20))
+    t = time.time()
+    status, err = _post_raw(base + "/v1/completions", big, auth)
+    assert status == 413 and err["error"]["code"] == "request_too_large" and time.time() - t < 5
+    # no Content-Length (chunked): refused as the bytes pass the limit
+    req = urllib.request.Request(base + "/v1/completions", data=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                                 headers={**auth, "Transfer-Encoding": "chunked"}, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 413
+    # under the body limit but far over the run's max_length: refused before it is tokenised
+    long = b'{"model": "%s", "prompt": "%s"}' % (name.encode(), b"word " * (600 << 10))
+    t = time.time()
+    status, err = _post_raw(base + "/v1/completions", long, auth)
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded" and time.time() - t < 5
+    t = time.time()
+    assert _get(base + "/health")[0] == 200 and time.time() - t < 1

@@ -200,7 +200,8 @@ def cmd_serve(args):
     try:
         serve(args.run, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("ELREA_API_KEY"),
               device=args.device, served_name=args.served_model_name, slots=args.slots, max_length=args.max_length,
-              max_queue=args.max_queue, batching=args.batching, compile=args.compile)
+              max_queue=args.max_queue, batching=args.batching, compile=args.compile,
+              max_body=int(args.max_body_mb * (1 << 20)))
     except (_Terminated, KeyboardInterrupt):
         # uvicorn re-raises the signal it handled: by now in-flight requests have finished
         log.info("server shut down; in-flight requests finished")
@@ -466,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "at most the model's context). The KV cache is slots x max-length")
     p.add_argument("--max-queue", type=int, default=256,
                    help="requests allowed to wait for slots; past it the server answers 503 (default 256)")
+    p.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body in MiB (default 4); larger ones get 413 before they are read whole")
     p.add_argument("--batching", choices=["continuous", "static"], default="continuous",
                    help="continuous (default): requests join and leave the running batch at every step; "
                    "static: a batch runs until its last request ends (the old policy, for comparison)")

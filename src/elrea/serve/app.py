@@ -16,6 +16,7 @@ complete (streaming or not) has its request cancelled: its batch row stops at th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import secrets
@@ -48,10 +49,72 @@ def _unicode(value, param: str):
     return value
 
 
+MAX_BODY = 4 << 20      # bytes of a request body (4 MiB): far above any prompt a run takes
+CHARS_PER_TOKEN = 64    # a prompt longer than max_length x this is over max_length tokens, untokenised
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is answered 413 (OpenAI's JSON) as soon
+    as its Content-Length says so, or as its bytes pass the limit (chunked uploads), before any
+    JSON is parsed: one large body cannot hold the event loop, nor the memory, nor /health. A
+    body within the limit is read here (at most `limit` bytes held) and handed on whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._drain(receive)
+            return await self._refuse(send)
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":   # the client went away
+                return
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                if message.get("more_body"):
+                    await self._drain(receive)
+                return await self._refuse(send)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()   # after the body: disconnects
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _drain(self, receive) -> None:
+        """Read and drop the rest of the body (up to 64 x the limit), so that the client, which
+        sends it all before it reads, gets the 413 rather than a reset connection."""
+        seen = 0
+        while seen < 64 * self.limit:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body"):
+                return
+            seen += len(message.get("body", b""))
+
+    async def _refuse(self, send):
+        body = json.dumps(OpenAIError(f"request body over {self.limit} bytes", status=413,
+                                      code="request_too_large").body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(model, served_name: str, api_key: str | None = None, slots: int = 16, max_length: int = 1024,
-               max_queue: int = 256, batching: str = "continuous"):
+               max_queue: int = 256, batching: str = "continuous", max_body: int = MAX_BODY):
     """A FastAPI app serving `model` (an elrea.ELREA) as `served_name`; the scheduler's settings
-    as in elrea.serve.engine.Engine."""
+    as in elrea.serve.engine.Engine; request bodies over `max_body` bytes are refused (413)."""
     model_context = int(getattr(model.model.config, "max_position_embeddings", 0) or 0) or None
     engine = Engine(model, slots=slots, max_length=min(max_length, model_context or max_length),
                     max_queue=max_queue, batching=batching)
@@ -64,6 +127,7 @@ def create_app(model, served_name: str, api_key: str | None = None, slots: int =
         yield
         # uvicorn has let in-flight requests finish; the engine drains what is left
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+        encoder.shutdown(wait=False)
 
     app = FastAPI(title="elrea", lifespan=lifespan)
     app.state.engine = engine
@@ -244,22 +308,40 @@ def create_app(model, served_name: str, api_key: str | None = None, slots: int =
         finally:
             job.cancel()  # ended early (the client went away): free the row at the next step
 
+    encoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="elrea-tokenize")
+
+    async def encode(prompt, param: str, **kw):
+        """The prompt (text, or chat messages) tokenised off the event loop (one thread, in
+        arrival order), after the cheap checks: a prompt too long in characters to fit is refused
+        before it is tokenised."""
+        _unicode(prompt, param)
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(str(m.get("content", ""))) for m in prompt)
+        if chars > model.formatter.max_length * CHARS_PER_TOKEN:
+            raise OpenAIError(f"The prompt is longer than this run's maximum of {model.formatter.max_length} "
+                              "tokens (its data.max_length)", param=param, code="context_length_exceeded")
+        item = prompt if isinstance(prompt, str) else [prompt]
+        loop = asyncio.get_running_loop()
+        return (await loop.run_in_executor(encoder, lambda: model.encode(item, **kw)))[0]
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        text = _unicode(req.text(), "prompt")
-        return await run(job_for(req, model.encode(text, raw=True)[0]), req, chat=False, request=request)
+        enc = await encode(req.text(), "prompt", raw=True)
+        return await run(job_for(req, enc), req, chat=False, request=request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
-        chat = _unicode(req.chat(), "messages")
-        return await run(job_for(req, model.encode([chat])[0]), req, chat=True, request=request)
+        enc = await encode(req.chat(), "messages")
+        return await run(job_for(req, enc), req, chat=True, request=request)
+
+    app.add_middleware(BodyLimit, limit=max_body)
 
     return app
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           device: str | None = None, served_name: str | None = None, slots: int = 16, max_length: int = 1024,
-          max_queue: int = 256, batching: str = "continuous", compile: str | None = None) -> None:
+          max_queue: int = 256, batching: str = "continuous", compile: str | None = None,
+          max_body: int = MAX_BODY) -> None:
     """Load the run and serve it until SIGINT/SIGTERM (in-flight requests finish first)."""
     import uvicorn
 
@@ -270,7 +352,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
         model.engine.set_compile(compile)
     name = served_name or model.run_dir.resolve().name
     app = create_app(model, name, api_key=api_key, slots=slots, max_length=max_length, max_queue=max_queue,
-                     batching=batching)
+                     batching=batching, max_body=max_body)
     engine = app.state.engine
     log.info("serving %s as %r on http://%s:%d/v1 (%d adapters; %s batching on %d slots x %d tokens, "
              "KV cache %.0f MiB once allocated; compile: %s)", run, name, host, port, len(model.adapters), batching,
