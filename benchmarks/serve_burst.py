@@ -11,7 +11,9 @@ allocator. Reports answers by status (2xx / 4xx / 5xx / connection error), unexp
 well-formed request without its one-at-a-time answer, a malformed one not refused with an OpenAI
 error), p50/p95 latency of the well-formed ones, throughput, the server's resident memory (MB)
 after start, after the warm-up and after the measured burst, and the engine's occupancy after a
-client leaves a long streamed answer (its row must stop: /health `active` back to 0).
+client leaves a long streamed answer (its row must stop: /health `active` back to 0), and
+--oversized bodies of --oversized-mb MB sent at once (each must get a 413, /health its answer
+within a second throughout).
 
 Writes benchmarks/results/serve_burst.json.
 """
@@ -63,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--prompts", type=int, default=8, help="distinct prompts (x3: completion, chat, stream)")
     ap.add_argument("--disconnect-tokens", type=int, default=900,
                     help="max_tokens of the streamed request whose client leaves after two chunks")
+    ap.add_argument("--oversized", type=int, default=8, help="oversized request bodies sent at once")
+    ap.add_argument("--oversized-mb", type=int, default=50, help="MB of each oversized body")
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch threads of the server (default: all)")
     ap.add_argument("--out", default=None, help="JSON report (default benchmarks/results/serve_burst.json)")
@@ -216,6 +220,51 @@ def disconnect(base: str, max_tokens: int) -> dict:
             "seconds_until_idle": waited, "cancelled": after["cancelled"] - before["cancelled"]}
 
 
+def oversized(base: str, n: int, mb: int) -> dict:
+    """`n` authorised requests of `mb` MB bodies at once (half with Content-Length, half chunked)
+    while /health is polled every 0.1 s: each must get a 413, and /health its answer within 1 s
+    throughout."""
+    import threading
+
+    body = b'{"model": "%s", "prompt": "%s"}' % (NAME.encode(), b"a" * (mb << 20))
+    u = urlparse(base)
+    statuses, lat, done = [], [], threading.Event()
+
+    def one(i: int):
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=600)
+        try:
+            if i % 2:   # chunked: no Content-Length to refuse by
+                conn.request("POST", "/v1/completions", headers={**JSON, "Transfer-Encoding": "chunked"},
+                             body=iter([body[s:s + (1 << 20)] for s in range(0, len(body), 1 << 20)]),
+                             encode_chunked=True)
+            else:
+                conn.request("POST", "/v1/completions", headers=JSON, body=body)
+            statuses.append(conn.getresponse().status)
+        except OSError as e:
+            statuses.append(f"{type(e).__name__}")
+        finally:
+            conn.close()
+
+    def poll():
+        while not done.is_set():
+            t = time.perf_counter()
+            health(base)
+            lat.append(time.perf_counter() - t)
+            time.sleep(0.1)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one, range(n)))
+    seconds = time.perf_counter() - t0
+    done.set()
+    poller.join()
+    return {"requests": n, "mb_each": mb, "status_413": sum(s == 413 for s in statuses),
+            "other": [s for s in statuses if s != 413], "seconds": round(seconds, 2),
+            "health_polls": len(lat), "health_max_s": round(max(lat), 3) if lat else None}
+
+
 def run(args) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="elrea-serve-burst-")
     run_dir = Path(args.run) if args.run else quick_run(Path(tmp.name))
@@ -240,6 +289,9 @@ def run(args) -> dict:
             rss[f"after_{phase}"] = rss_mb(proc.pid)
         C.log("a client leaves a long streamed answer ...")
         left = disconnect(base, args.disconnect_tokens)
+        C.log(f"{args.oversized} oversized bodies of {args.oversized_mb} MB at once, /health polled ...")
+        large = oversized(base, args.oversized, args.oversized_mb)
+        rss["after_oversized"] = rss_mb(proc.pid)
         engine = health(base)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -252,7 +304,7 @@ def run(args) -> dict:
                        "client": "http.client (threads), one connection per request, loopback"},
             "results": results, "rss_mb": rss,
             "rss_growth_measured_burst_mb": round(rss["after_measured"] - rss["after_warm_up"], 1),
-            "disconnect": left, "engine": engine}
+            "disconnect": left, "oversized": large, "engine": engine}
 
 
 def show(report: dict):
@@ -271,6 +323,10 @@ def show(report: dict):
                    f"a client leaving a {d['max_tokens']}-token stream after two chunks: rows decoding "
                    f"{d['active_before_leaving']} -> {d['active_after']} in {d['seconds_until_idle']:.3f} s, "
                    f"cancelled: {d['cancelled']}",
+                   f"{report['oversized']['requests']} bodies of {report['oversized']['mb_each']} MB at once: "
+                   f"{report['oversized']['status_413']} answered 413 in {report['oversized']['seconds']} s; "
+                   f"/health's slowest answer meanwhile {report['oversized']['health_max_s']} s; RSS after "
+                   f"{rss['after_oversized']} MB",
                    C.machine_note(report)])
 
 

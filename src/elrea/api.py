@@ -395,7 +395,7 @@ def _check_finite(model, adapter: str, path: Path) -> None:
     """Refuse an adapter with NaN or infinite weights (training that diverged, damage)."""
     for pname, p in model.named_parameters():
         if "lora_" in pname and f".{adapter}." in pname and not torch.isfinite(p).all():
-            raise RunDirError(f"{path}: non-finite weights (NaN or inf) in {pname.split('.base_model.')[-1]}: "
+            raise RunDirError(f"{path}: non-finite weights (NaN or inf) in {pname.removeprefix('base_model.model.')}: "
                               "damaged files are rebuilt by re-running the `elrea fit` that made the run; a "
                               "training that diverged needs a lower learning rate (then `elrea fit --from base`)")
 
