@@ -385,6 +385,8 @@ def _elrea(*args):
     (lambda r: (r / "clusters" / "clusters.json").write_text("[1, 2]"), "route",
      "clusters.json: expected a JSON object"),
     (lambda r: (r / "run_config.json").write_text("{}"), "route", "run_config.json: names the backbone"),
+    (lambda r: (r / "run_config.json").write_text('{"model": {"name": 3}}'), "route",
+     "run_config.json: model.name: expected a string, got 3; the run's config was changed or damaged"),
     (lambda r: (r / ".elrea.lock").mkdir(), "fit", ".elrea.lock: a directory where elrea keeps its lock file"),
     (lambda r: (r / ".elrea.lock.json").mkdir(), "fit", ".elrea.lock.json: a directory where elrea keeps"),
     (lambda r: (r / "features" / "train.npy").write_bytes(_nan_row(r)), "refit",

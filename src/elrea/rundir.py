@@ -198,8 +198,13 @@ class Run:
     def config(self):
         """The run's resolved, validated RunConfig."""
         from .config import RunConfig
+        from .errors import ConfigError
 
-        return RunConfig.from_dict(read_json(self.config_path)).validate()
+        try:
+            return RunConfig.from_dict(read_json(self.config_path)).validate()
+        except ConfigError as e:
+            raise RunDirError(f"{self.config_path}: {e}; the run's config was changed or damaged: restore it (the "
+                              f"resolved config is also under \"config\" in {MANIFEST})") from None
 
     def write_config(self, data: dict) -> None:
         """Save the resolved config (as run_config.json; an older run's config.json goes)."""
@@ -208,9 +213,7 @@ class Run:
 
     def config_dict(self) -> dict:
         """The resolved config as plain data (every field, under today's names), for tables and the card."""
-        from .config import RunConfig
-
-        return RunConfig.from_dict(read_json(self.config_path)).to_dict()
+        return self.config().to_dict()
 
     @property
     def base(self) -> Path:
