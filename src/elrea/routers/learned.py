@@ -179,6 +179,9 @@ class LearnedRouter:
                               f"run `elrea fit` again on this run directory (it resumes at that stage)")
         self.meta = read_json(d / META)
         self.tensors = {k: v.to(model.device) for k, v in load_file(str(d / WEIGHTS)).items()}
+        if not all(torch.isfinite(t).all() for t in self.tensors.values()):
+            raise RunDirError(f"{d / WEIGHTS}: non-finite weights (NaN or inf); re-run the `elrea fit` that made "
+                              f"{model.run_dir} (it refits a damaged router), or `elrea fit --from router`")
         self.model, self.num_adapters = model, len(model.adapters)
         self.batch_size = model.config.routing.batch_size
 
