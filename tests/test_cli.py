@@ -73,7 +73,7 @@ def test_changed_config_reruns_dependent_stages_only(fitted_run, tmp_path, toy_d
             "clustering.num_clusters=4"]
     before = json.loads((run / "elrea.json").read_text())["stages"]
     r = elrea(*args, "experts.lr=1e-3")
-    assert "stage experts: its config or data changed" in r.stderr
+    assert "stage experts: its config, data or backbone changed" in r.stderr
     after = json.loads((run / "elrea.json").read_text())["stages"]
     for s in ("base", "features", "clusters"):
         assert after[s]["time"] == before[s]["time"]

@@ -203,7 +203,7 @@ def test_changed_data_reruns_everything_and_says_so(tmp_path, fitted_run, toy_da
     data = write_jsonl(tmp_path / "changed.jsonl", make_toy_records(64, seed=99))
     with caplog.at_level(logging.INFO):
         fit(data, run, load_config(None, fast_overrides + ["clustering.num_clusters=4"]))
-    assert any("stage base: its config or data changed" in m for m in caplog.messages)
+    assert any("stage base: its config, data or backbone changed" in m for m in caplog.messages)
     assert not any("up to date, skipped" in m for m in caplog.messages)
 
 
