@@ -21,7 +21,7 @@ from .errors import ConfigError, RunDirError
 from .features import Featurizer
 from .models import load_backbone, load_tokenizer, model_device
 from .rundir import Manifest, Run, atomic_path, check_readable
-from .stages import INFERENCE_STAGES
+from .stages import INFERENCE_STAGES, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ELREA:
         manifest = Manifest.load(run.root)
         check_readable(run.root, manifest)  # no stage being rewritten or left half-done
         run.check_consistent(manifest)
-        run.verify(manifest, INFERENCE_STAGES)  # every file as its stage recorded it (SHA-256)
+        run.verify(manifest.data.get("stages", {}), INFERENCE_STAGES)  # every file as recorded (SHA-256)
         config = run.config()
         recorded = manifest.data.get("backbone")
         if recorded and recorded != config.model.name:
@@ -95,8 +95,7 @@ class ELREA:
         model = _load_adapter(PeftModel.from_pretrained, backbone, run.base, "base")
         for c in range(1, centroids.shape[0]):
             _load_adapter(model.load_adapter, None, run.expert(c), f"expert_{c}")
-        for name, path in [("base", run.base)] + [(f"expert_{c}", run.expert(c)) for c in range(1, centroids.shape[0])]:
-            _check_finite(model, name, path)
+        _check_finite(model, {"base": run.base, **{f"expert_{c}": run.expert(c) for c in range(1, centroids.shape[0])}})
         if not torch.isfinite(centroids).all():
             raise RunDirError(f"{cpath}: non-finite centroids (NaN or inf); re-run `elrea fit --from clusters`")
         model.set_adapter("base")
@@ -156,7 +155,7 @@ class ELREA:
         """Refuse (RunDirError) when the run directory no longer holds the fit this model loaded:
         a stage it uses was re-run since (say, `elrea fit --from clusters` while it evaluated)."""
         now = Manifest.load(self.run.root).data.get("stages", {})
-        for stage in ("base", "clusters", "experts", "router"):
+        for stage in (s.name for s in STAGES if s.hashed):   # the stages whose files a loaded model uses
             was, is_ = self.stages.get(stage, {}), now.get(stage, {})
             if (was.get("fingerprint"), was.get("status")) != (is_.get("fingerprint"), is_.get("status")):
                 raise RunDirError(f"{self.run.root}: its {stage} stage was re-run after this model was loaded, "
@@ -195,10 +194,7 @@ class ELREA:
 
     def _check_router_stage(self, name: str) -> None:
         st, clusters = self.stages.get("router", {}), self.stages.get("clusters", {}).get("fingerprint")
-        bad = self.run.damaged(st.get("files"))
-        if bad:
-            raise RunDirError(f"{self.run.root / bad[0]}: missing or changed since `elrea fit` wrote it; re-run "
-                              f"the `elrea fit` that made {self.run.root} (same data and settings): it refits it")
+        self.run.verify(self.stages, ["router"])
         stale = st.get("status") != "done" or ("clusters" in st and st["clusters"] != clusters)
         if stale or ("clusters" in st and name not in st):
             why = ("was not fitted on this run's clusters" if stale else
@@ -391,10 +387,14 @@ def check_weights(weights, n: int, k: int) -> torch.Tensor:
     return w
 
 
-def _check_finite(model, adapter: str, path: Path) -> None:
-    """Refuse an adapter with NaN or infinite weights (training that diverged, damage)."""
+def _check_finite(model, folders: dict[str, Path]) -> None:
+    """Refuse an adapter ({adapter name: its folder}) with NaN or infinite weights (training that
+    diverged, damage), in one pass over the LoRA parameters."""
     for pname, p in model.named_parameters():
-        if "lora_" in pname and f".{adapter}." in pname and not torch.isfinite(p).all():
+        if "lora_" not in pname:
+            continue
+        path = next((f for a, f in folders.items() if f".{a}." in pname), None)
+        if path is not None and not torch.isfinite(p).all():
             raise RunDirError(f"{path}: non-finite weights (NaN or inf) in {pname.removeprefix('base_model.model.')}: "
                               "damaged files are rebuilt by re-running the `elrea fit` that made the run; a "
                               "training that diverged needs a lower learning rate (then `elrea fit --from base`)")

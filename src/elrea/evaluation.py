@@ -139,7 +139,7 @@ def answer_all(model, records, methods: dict[str, Method], checker=exact_checker
         rows = [{"source": r.source, "reference": r.response} for r in recs]
         for name, answer in answers.items():
             texts, w = answer(batch, None if signal is None else signal[idx])
-            for row, r, t, i in zip(rows, recs, texts, range(len(recs))):
+            for i, (row, r, t) in enumerate(zip(rows, recs, texts)):
                 row[f"{name}_output"], row[name] = t, bool(checker(r.source, t, r))
                 if w is not None and methods[name].column is None:
                     row[f"{name}_weights"] = [round(float(x), 4) for x in w[i]]

@@ -33,13 +33,16 @@ class Registry:
         self._targets: dict[str, object] = dict(targets or {})
         self._group = group
         self._loaded: dict[str, object] = {}
+        self._modules: list[str] | None = None   # the package's plugin modules, listed once
 
     def _package_names(self) -> list[str]:
         if self.package is None:
             return []
-        spec = importlib.util.find_spec(self.package)
-        return [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations or [])
-                if not m.name.startswith("_")]
+        if self._modules is None:
+            spec = importlib.util.find_spec(self.package)
+            self._modules = [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations or [])
+                             if not m.name.startswith("_")]
+        return self._modules
 
     def _entry_points(self) -> dict[str, str]:
         if self._group is None:

@@ -277,23 +277,18 @@ class Run:
         files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
         return {f.relative_to(self.root).as_posix(): sha256_file(f) for f in files}
 
-    def damaged(self, recorded: dict | None, under: str = "") -> list[str]:
-        """The files of `recorded` ({path: SHA-256}, as file_hashes wrote it; under `under` only)
-        that are missing or whose contents changed since; [] when nothing was recorded."""
-        bad = []
-        for rel, digest in (recorded or {}).items():
-            if not rel.startswith(under):
-                continue
-            path = self.root / rel
-            if not path.is_file() or sha256_file(path) != digest:
-                bad.append(rel)
-        return bad
+    def damaged(self, recorded: dict | None) -> list[str]:
+        """The files of `recorded` ({path: SHA-256}, as file_hashes wrote it) that are missing or
+        whose contents changed since; [] when nothing was recorded."""
+        return [rel for rel, digest in (recorded or {}).items()
+                if not (self.root / rel).is_file() or sha256_file(self.root / rel) != digest]
 
-    def verify(self, manifest: "Manifest", stages) -> None:
-        """Refuse (RunDirError naming the file) a run whose files of `stages` are missing or were
-        changed after their stage recorded them (damage, a partial copy)."""
-        for stage in stages:
-            bad = self.damaged(manifest.stage(stage).get("files"))
+    def verify(self, stages: dict, names) -> None:
+        """Refuse (RunDirError naming the file) a run whose files of the stages `names` are missing
+        or were changed after their stage recorded them in `stages` (the manifest's): damage, a
+        partial copy."""
+        for stage in names:
+            bad = self.damaged(stages.get(stage, {}).get("files"))
             if bad:
                 raise RunDirError(f"{self.root / bad[0]}: missing or changed since `elrea fit` wrote it"
                                   f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; re-run the `elrea fit` "
