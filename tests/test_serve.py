@@ -193,6 +193,19 @@ def test_bad_requests_are_openai_errors_and_the_server_keeps_serving(client, ser
             client.completions.create(**kwargs)
     with pytest.raises(openai.BadRequestError, match="last message must be the user"):
         client.chat.completions.create(model=name, messages=[{"role": "assistant", "content": "x"}])
+    user = [{"role": "user", "content": "hi"}]
+    tool = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {}}}}
+    for kwargs, param in ((dict(tools=[tool]), "tools"), (dict(response_format={"type": "json_object"}),
+                                                          "response_format"),
+                          (dict(frequency_penalty=0.5), "frequency_penalty"), (dict(logit_bias={"42": 5}),
+                                                                               "logit_bias")):
+        with pytest.raises(openai.BadRequestError, match=f"{param}: not supported") as e:
+            client.chat.completions.create(model=name, messages=user, max_tokens=2, **kwargs)
+        assert e.value.body["param"] == param
+    # the neutral values of those fields ask for nothing elrea lacks, and are served
+    ok = client.chat.completions.create(model=name, messages=user, max_tokens=2, response_format={"type": "text"},
+                                        tool_choice="none", frequency_penalty=0)
+    assert ok.choices[0].message.content is not None
     status, body = _post_raw(base + "/v1/completions", b'{"model": "x", "prompt": ',
                              {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert status == 400 and body["error"]["code"] == "invalid_json"

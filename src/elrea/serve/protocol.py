@@ -1,7 +1,9 @@
 """The OpenAI API shapes the server accepts and returns, and its errors.
 
 Requests are pydantic models that ignore fields they do not know (clients send many), refuse
-values elrea cannot honour (n > 1, best_of, echo, logprobs) and numbers that are not finite
+values elrea cannot honour with a 400 naming the field (n > 1, best_of, echo, logprobs, tools,
+response_format other than text, penalties, logit_bias, ...) rather than answering without
+them, and numbers that are not finite
 (JSON parsers accept NaN and Infinity), and carry elrea's extension
 field `"elrea": {"weights": [...], "router": "gradient" | "uniform" | ..., "top_k": k,
 "tau": tau}` ("temperature" is tau's old name, still accepted). Errors are OpenAI's JSON `{"error": {"message", "type", "param",
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,6 +64,24 @@ class _Sampling(BaseModel):
     logprobs: bool | int | None = None     # an int for completions, a bool for chat
     top_logprobs: int | None = None
     echo: bool | None = None
+    suffix: str | None = None
+    logit_bias: dict | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    modalities: list[str] | None = None
+    audio: dict | None = None
+
+    # field -> the values that ask for nothing elrea lacks; any other value is refused (400)
+    NEUTRAL: ClassVar[dict] = {"best_of": (None, 1), "logprobs": (None, False, 0), "echo": (None, False),
+               "top_logprobs": (None, 0), "suffix": (None, ""), "logit_bias": (None, {}),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "tools": (None, []),
+               "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+               "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,)}
 
     def stops(self) -> list[str]:
         s = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -72,10 +92,10 @@ class _Sampling(BaseModel):
     def check_supported(self) -> None:
         if self.n != 1:
             raise OpenAIError(f"n: only 1 choice per request is supported, got {self.n}", param="n")
-        for name, default in (("best_of", (None, 1)), ("logprobs", (None, False, 0)), ("echo", (None, False)),
-                              ("top_logprobs", (None, 0))):
-            if getattr(self, name) not in default:
-                raise OpenAIError(f"{name}: not supported by elrea serve", param=name)
+        for name, neutral in self.NEUTRAL.items():
+            if getattr(self, name) not in neutral:
+                raise OpenAIError(f"{name}: not supported by elrea serve (it answers with plain text only); "
+                                  f"leave {name} out of the request", param=name)
 
 
 class CompletionRequest(_Sampling):
