@@ -93,3 +93,20 @@ def test_user_errors_exit_2_without_traceback(tmp_path, toy_data, args, match):
     r = elrea(*args, check=False)
     assert r.returncode == 2, r.stderr
     assert match in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quiet_commands_print_only_results(fitted_run):
+    """-q: the answer on stdout and nothing on stderr; no library bars ("Loading weights"), no
+    bitsandbytes kernel notice, no library deprecation warnings (warnings not silenced here)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+
+    def run(*quiet):
+        r = subprocess.run([sys.executable, "-m", "elrea.cli", *quiet, "generate", str(fitted_run), "--prompt",
+                            "Add 1 and 1.", "--max-new-tokens", "3"], capture_output=True, text=True, env=env,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    loud, quiet = run(), run("-q")
+    assert "Loading weights" in loud.stderr       # what -q must take away is there without it
+    assert quiet.stderr == "" and quiet.stdout == loud.stdout != ""

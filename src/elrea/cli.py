@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -580,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        args.func(args)
+        with _library_bars(level == logging.INFO):
+            args.func(args)
     except ElreaError as e:
         print(f"elrea: error: {_who()}{e}", file=sys.stderr)
         return 2
@@ -594,6 +596,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"elrea: {_who()}stopped by SIGTERM; re-run the same command to resume", file=sys.stderr)
         return 143
     return 0
+
+
+@contextlib.contextmanager
+def _library_bars(show: bool):
+    """With -q (or off the main process) the libraries' own bars (transformers' "Loading weights")
+    go too, not just elrea's; put back afterwards for in-process callers."""
+    if show:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _close_progress_bars() -> None:
