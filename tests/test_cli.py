@@ -110,3 +110,21 @@ def test_quiet_commands_print_only_results(fitted_run):
     loud, quiet = run(), run("-q")
     assert "Loading weights" in loud.stderr       # what -q must take away is there without it
     assert quiet.stderr == "" and quiet.stdout == loud.stdout != ""
+
+
+def test_help_and_config_say_what_happens(tmp_path, capsys):
+    from elrea.cli import build_parser, main
+
+    gen = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "the run's generation.max_new_tokens" in " ".join(gen.split()) and "default 64" not in gen
+    assert "texts on stdout" in " ".join(gen.split())
+    # a piped table keeps text columns left-aligned: the meaning starts right after its border
+    assert main(["config"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│ seed ")]
+    assert rows and rows[0].split("│")[3].startswith(" Run seed;"), rows
+    # --dump never overwrites silently; --force does
+    path = tmp_path / "c.yaml"
+    path.write_text("mine\n")
+    assert main(["config", "--dump", str(path)]) == 2
+    assert path.read_text() == "mine\n" and "--force" in capsys.readouterr().err
+    assert main(["config", "--dump", str(path), "--force"]) == 0 and "model:" in path.read_text()

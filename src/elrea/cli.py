@@ -37,11 +37,21 @@ def _table(title: str, columns: list[str], rows: list[list]):
     from rich.table import Table
 
     t = Table(title=title)
-    for c in columns:
-        t.add_column(c, justify="right" if c not in (columns[0],) else "left")
+    for i, c in enumerate(columns):  # numbers right-aligned, text (names, meanings) left
+        t.add_column(c, justify="right" if i and all(_numeric(r[i]) for r in rows) else "left")
     for r in rows:  # escaped: a cell like "elrea[qlora]" is text, not rich markup
         t.add_row(*[escape(f"{v:.3f}" if isinstance(v, float) else str(v)) for v in r])
     _console().print(t)
+
+
+def _numeric(v) -> bool:
+    if isinstance(v, (int, float)) or v in ("-", "", None):
+        return True
+    try:
+        float(str(v).rstrip("%x"))
+        return True
+    except ValueError:
+        return False
 
 
 def _accuracy_table(title: str, acc: dict):
@@ -245,6 +255,10 @@ def cmd_config(args):
         else:
             from .rundir import atomic_path
 
+            if Path(args.dump).exists() and not args.force:
+                raise ElreaError(f"{args.dump} exists; nothing was written. Pass --force to overwrite it, "
+                                 "or give another path")
+
             with atomic_path(args.dump) as tmp:
                 tmp.write_text(text, encoding="utf-8")
             print(f"wrote {args.dump} (use it with `elrea fit --config {args.dump}`)")
@@ -384,16 +398,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run", help="run directory made by `elrea fit`")
         p.add_argument("--prompt", help="one prompt")
         p.add_argument("--input", help="prompts file (records with an instruction; response optional)")
-        p.add_argument("--output", help="JSONL output (default: stdout)")
+        p.add_argument("--output", metavar="PATH", help=(
+            "write JSONL records {prompt, output, weights} to PATH ('-': stdout); default: the generated "
+            "texts on stdout, one after another" if name == "generate" else
+            "write the JSONL records to PATH (default: stdout)"))
         p.add_argument("--tau", type=float, help="routing temperature (default from the run config)")
         p.add_argument("--top-k", type=int, help="keep the k largest routing weights")
         _router_arg(p)
         _device_arg(p)
         p.set_defaults(func=fn)
         if name == "generate":
-            p.add_argument("--max-new-tokens", type=int, help="tokens to generate (default 64)")
-            p.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
-            p.add_argument("--top-p", type=float, help="nucleus sampling mass")
+            p.add_argument("--max-new-tokens", type=int,
+                           help="tokens to generate (default: the run's generation.max_new_tokens)")
+            p.add_argument("--temperature", type=float,
+                           help="0 = greedy, > 0 samples (default: the run's generation.temperature)")
+            p.add_argument("--top-p", type=float, help="nucleus sampling mass (default: the run's generation.top_p)")
             p.add_argument("--seed", type=int, help="sampling seed")
             p.add_argument("--mode", default="logits", choices=["logits", "weights"],
                            help="mix expert logits (default) or expert weights inside each layer")
@@ -509,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="every config field with its default and meaning; --dump a starter YAML")
     p.add_argument("--dump", nargs="?", const="-", metavar="PATH",
                    help="write a starter YAML with every default and its meaning (to PATH, or stdout)")
+    p.add_argument("--force", action="store_true", help="with --dump PATH: overwrite PATH if it exists")
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("data", help="built-in data sets")
