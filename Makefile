@@ -6,6 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 # CPU wheel first, or pip resolves torch to the multi-GB CUDA build. Override on a GPU box.
 TORCH  ?= torch==2.13.0
 
+# `make demo FULL=1`: the full demo (twice the examples, about twice the time)
 .PHONY: install test demo bench clean
 
 $(STAMP): pyproject.toml Makefile
@@ -24,7 +25,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(VENV)/bin/elrea demo --out runs/demo
+	$(VENV)/bin/elrea demo --out runs/demo $(if $(FULL),--full)
 
 bench: install
 	$(PY) benchmarks/speed_features.py

@@ -2,6 +2,9 @@
 the built-in reasoning mixture, evaluate it against the base adapter, and write a report.
 
     export reasoning-mix slice -> fit -> eval on held-out test -> runs/demo/report.md
+
+Two sizes: the default is small enough that a newcomer sees it finish (`make demo`); `--full`
+(`make demo FULL=1`) trains on twice the examples and tests on twice as many.
 """
 
 from __future__ import annotations
@@ -21,9 +24,16 @@ def demo_config_path() -> Path:
     return Path(str(resources.files("elrea") / "configs" / "demo.yaml"))
 
 
-def run_demo(out: str | Path, train: int = 320, test: int = 128, seed: int = 0,
-             overrides: list[str] | None = None) -> dict:
-    """Returns the evaluation result; writes data/, the run, eval.json and report.md under `out`."""
+# (training examples, test examples) of each size
+SIZES = {"quick": (160, 64), "full": (320, 128)}
+
+
+def run_demo(out: str | Path, train: int | None = None, test: int | None = None, seed: int = 0,
+             overrides: list[str] | None = None, size: str = "quick") -> dict:
+    """Returns the evaluation result; writes data/, the run, eval.json and report.md under `out`.
+    train/test default to the size's (SIZES)."""
+    train = SIZES[size][0] if train is None else train
+    test = SIZES[size][1] if test is None else test
     from .api import ELREA
     from .card import write_model_card
     from .data import load_records
