@@ -105,15 +105,16 @@ class ELREA:
         loaded.load_routers()  # now, with the adapters: a later fit of this directory cannot mix in
         return loaded
 
-    def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Copy what a run ships (Run.SHIPPED: manifest, config, adapters, clusters, routers,
-        card, evaluation) to `out_dir`."""
-        from .card import write_model_card
+    def save_pretrained(self, out_dir: str | Path, include_eval: bool = False) -> Path:
+        """Write what the run ships to `out_dir` (elrea.publish.stage_copy): what inference and the
+        card need (Run.SHIPPED: manifest, config, adapters, clusters, routers, card, report), and
+        eval.json, every test prompt, reference and output, only with `include_eval`. Local paths
+        are kept, so that the copy loads on this machine; `elrea push` uploads a copy without them."""
+        from .publish import stage_copy
 
         out_dir = Path(out_dir)
         with atomic_path(out_dir, is_dir=True) as tmp:
-            self.run.copy_shipped(tmp)
-            write_model_card(tmp)
+            stage_copy(self.run.root, tmp, include_eval=include_eval, portable=False, where=str(out_dir))
         return out_dir
 
     # ------------------------------------------------------------------ inference

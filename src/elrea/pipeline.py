@@ -29,8 +29,8 @@ from .data import PromptFormatter, encode_all, load_records, records_fingerprint
 from .distributed import Processes, alone, processes
 from .errors import ConfigError, DataError, RunDirError
 from .features import Featurizer
-from .models import absolute_if_local, backbone_fingerprint, load_backbone, load_tokenizer, peft_lora_config, portable_name, \
-    resolve_model_path
+from .models import absolute_if_local, backbone_fingerprint, describe_backbone, load_backbone, load_tokenizer, \
+    peft_lora_config, portable_name, resolve_model_path
 from .rundir import FeatureStore, Manifest, Run, RunLock, atomic_path, load_features, make_dir, write_json
 from .stages import STAGE_NAMES, STAGES
 from .training import train_adapter, trained_summary
@@ -426,6 +426,7 @@ def _write_header(manifest: Manifest, ctx: _Context) -> None:
     manifest.data.update({
         "format": 1,
         "backbone": ctx.cfg.model.name,
+        "backbone_weights": describe_backbone(ctx.cfg.model.name),  # exactly which weights (the card, `elrea info`)
         "data": str(ctx.data),
         "num_examples": len(ctx.records),
         "config": ctx.cfg.to_dict(),

@@ -163,11 +163,21 @@ class Run:
     """The run directory as an object: the only code that names the files in it (the layout in
     this module's docstring), reads its resolved config, and says what a shippable run holds."""
 
-    # What a run ships (`save_pretrained` copies it, `elrea push` uploads it, loading a hub id
-    # downloads it): what inference needs, the routers, the card and the evaluation; never the
+    # What a run ships, each pattern (fnmatch on the path in the run; the first that matches
+    # decides) with why: "inference" (loading and running the run reads it), "card" (the card,
+    # report.md and its pictures: aggregate figures only), "on request" (eval.json holds every
+    # test prompt, reference and output, i.e. the user's test set: only with `elrea push
+    # --include-eval` or `save_pretrained(include_eval=True)`), "adam" (the base optimizer's
+    # moments, twice the adapter: routing reads them only when features.test_preconditioner is
+    # adam), "template" (PEFT's empty README of each adapter folder: never written out; the run's
+    # card describes the adapters). `save_pretrained` and `elrea push` write what `shipped`
+    # selects (elrea.publish); loading a hub id downloads every pattern the repository has (runs
+    # pushed before kept the moments and templates, and their manifests record them). Never the
     # training data, the features, the logs or the checkpoints.
-    SHIPPED = ("README.md", MANIFEST, RUN_CONFIG, "eval.json", "report.md", "report/*.png", "base/*",
-               "clusters/*", "experts/*/*", "router/*")
+    SHIPPED = {"README.md": "card", MANIFEST: "inference", RUN_CONFIG: "inference", "report.md": "card",
+               "report/*.png": "card", "base/adam_moments.safetensors": "adam", "base/README.md": "template",
+               "experts/*/README.md": "template", "base/*": "inference", "clusters/*": "inference",
+               "experts/*/*": "inference", "router/*": "inference", "eval.json": "on request"}
 
     def __init__(self, root: "str | Path | Run"):
         self.root = Path(root.root if isinstance(root, Run) else root)
@@ -294,20 +304,36 @@ class Run:
                                   f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; re-run the `elrea fit` "
                                   f"that made {self.root} (same data and settings): it rebuilds what is damaged")
 
-    def shipped(self) -> list[str]:
-        """The files of SHIPPED this run has, relative to the run directory, sorted."""
-        return sorted({str(p.relative_to(self.root)) for pat in self.SHIPPED for p in self.root.glob(pat)
-                       if p.is_file() and not p.name.startswith(".")})
+    @classmethod
+    def ships_as(cls, rel: str) -> str | None:
+        """Why the file at `rel` (a path in the run) ships: its SHIPPED role, or None."""
+        from fnmatch import fnmatchcase
 
-    def copy_shipped(self, out: "str | Path") -> None:
-        """Copy the shipped files into the (new, empty) directory `out`; the config under its
-        current name whatever name this run keeps it under."""
+        return next((role for pat, role in cls.SHIPPED.items() if fnmatchcase(rel, pat)), None)
+
+    def shipped(self, include_eval: bool = False) -> list[str]:
+        """The files this run ships, relative to the run directory, sorted: what inference and the
+        card need (the base optimizer's moments when routing reads them), and eval.json when
+        `include_eval`."""
+        wanted = {"inference", "card"} | ({"on request"} if include_eval else set())
+        if self.config_dict()["features"]["test_preconditioner"] == "adam":
+            wanted.add("adam")
+        files = {p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)}
+        return sorted(rel for rel in files if self.ships_as(rel) in wanted)
+
+    def copy_shipped(self, out: "str | Path", include_eval: bool = False) -> list[str]:
+        """Copy the shipped files (`shipped`) into the (new, empty) directory `out`, the config
+        under its current name whatever name this run keeps it under; returns what was copied."""
         out = Path(out)
-        for rel in self.shipped():
+        files = self.shipped(include_eval)
+        for rel in files:
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(self.root / rel, out / rel)
         if not (out / RUN_CONFIG).exists() and self.config_path.exists():
             shutil.copy2(self.config_path, out / RUN_CONFIG)
+            files = sorted({*files, RUN_CONFIG})
+        return files
 
     def labels(self) -> np.ndarray:
         """Cluster labels (1..C) of the training examples."""
