@@ -27,6 +27,7 @@ def test_fit_route_generate_eval_info(tmp_path, tiny_model_dir, toy_data):
     assert "clusters (C=" in r.stdout
     manifest = json.loads((run / "elrea.json").read_text())
     assert all(manifest["stages"][s]["status"] == "done" for s in ("base", "features", "clusters", "experts"))
+    assert manifest["command"].startswith("elrea fit --model ")  # what `elrea info` offers to resume with
     C = json.loads((run / "clusters" / "clusters.json").read_text())["num_clusters"]
     assert 2 <= C <= 5 and len(list((run / "experts").iterdir())) == C
     for sub in ["base"] + [f"experts/{c}" for c in range(1, C + 1)]:
@@ -128,3 +129,26 @@ def test_help_and_config_say_what_happens(tmp_path, capsys):
     assert main(["config", "--dump", str(path)]) == 2
     assert path.read_text() == "mine\n" and "--force" in capsys.readouterr().err
     assert main(["config", "--dump", str(path), "--force"]) == 0 and "model:" in path.read_text()
+
+
+def test_info_shows_an_interrupted_stage_with_the_command_that_resumes_it(fitted_run, tmp_path):
+    import shutil
+
+    from elrea.rundir import RunLock
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted_run, run)
+    manifest = json.loads((run / "elrea.json").read_text())
+    manifest["stages"]["experts"]["status"] = "running"       # as a killed fit leaves it
+    manifest["command"] = "elrea demo --out runs/demo"
+    (run / "elrea.json").write_text(json.dumps(manifest))
+    r = elrea("info", run)
+    row = next(line for line in r.stdout.splitlines() if line.startswith("│ experts"))
+    assert "interrupted" in row and "running" not in row
+    assert "re-run `elrea demo --out runs/demo`" in " ".join(r.stdout.split())
+    r = elrea("generate", run, "--prompt", "hi", check=False)
+    assert r.returncode == 2 and "elrea demo --out runs/demo" in r.stderr
+    with RunLock(run, "elrea fit"):                            # a writer at work: running, no advice
+        r = elrea("info", run)
+    row = next(line for line in r.stdout.splitlines() if line.startswith("│ experts"))
+    assert "running" in row and "re-run" not in r.stdout

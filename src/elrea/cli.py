@@ -237,8 +237,14 @@ def cmd_info(args):
           f"from {m.data.get('data')}")
     # exactly which weights: runs fitted before the manifest recorded it are described as they load now
     print(f"backbone weights: {m.data.get('backbone_weights') or describe_backbone(str(m.data.get('backbone')))}")
-    _table("stages", ["stage", "status", "seconds"],
-           [[s, st.get("status", "-"), st.get("seconds", "-")] for s, st in m.data.get("stages", {}).items()])
+    from .rundir import resume_hint, stage_status
+
+    stages = m.data.get("stages", {})
+    status = {s: stage_status(args.run, m, s) for s in stages}
+    _table("stages", ["stage", "status", "seconds"], [[s, status[s], st.get("seconds", "-")] for s, st in stages.items()])
+    if "interrupted" in status.values():
+        print(f"interrupted: {', '.join(s for s, v in status.items() if v == 'interrupted')}; to finish the run, "
+              f"{resume_hint(m)}")
     cpath = Run(args.run).clusters_json
     if cpath.exists():
         from .card import cluster_rows

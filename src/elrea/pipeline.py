@@ -31,7 +31,8 @@ from .errors import ConfigError, DataError, RunDirError
 from .features import Featurizer
 from .models import absolute_if_local, backbone_fingerprint, describe_backbone, load_backbone, load_tokenizer, \
     peft_lora_config, portable_name, resolve_model_path
-from .rundir import FeatureStore, Manifest, Run, RunLock, atomic_path, load_features, make_dir, write_json
+from .rundir import (FeatureStore, Manifest, Run, RunLock, atomic_path, invocation, load_features, make_dir,
+                     write_json)
 from .stages import STAGE_NAMES, STAGES
 from .training import train_adapter, trained_summary
 
@@ -429,6 +430,7 @@ def _write_header(manifest: Manifest, ctx: _Context) -> None:
         "backbone_weights": describe_backbone(ctx.cfg.model.name),  # exactly which weights (the card, `elrea info`)
         "data": str(ctx.data),
         "num_examples": len(ctx.records),
+        "command": invocation(),  # what resumes the run if it is interrupted (`elrea info` says it)
         "config": ctx.cfg.to_dict(),
         "versions": {"elrea": _version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "peft": peft.__version__,

@@ -440,7 +440,7 @@ class RunLock:
 
     def __init__(self, root: str | Path, command: str | None = None, wait_s: float = 1.0):
         self.root = Path(root)
-        self.command = command or shlex.join([_program(), *sys.argv[1:]])
+        self.command = command or invocation() or "elrea (from Python)"
         self.wait_s = wait_s  # a reader's brief probe (is_locked) never makes a writer refuse
         self._lock = None
 
@@ -488,6 +488,14 @@ class RunLock:
         self._lock = None
 
 
+def invocation() -> str:
+    """This process's command line as the user would type it again (`elrea fit ...`, `elrea demo ...`);
+    "" in an interactive or `python -c` session, which no command repeats."""
+    if Path(sys.argv[0]).name in ("-c", ""):
+        return ""
+    return shlex.join([_program(), *sys.argv[1:]])
+
+
 def _program() -> str:
     name = Path(sys.argv[0]).name
     return "elrea" if name in ("elrea", "cli.py", "__main__.py", "-c", "") else name
@@ -518,6 +526,20 @@ def is_locked(root: str | Path) -> bool:
     return False
 
 
+def resume_hint(manifest: Manifest) -> str:
+    """How to finish an interrupted run: the command that made it, recorded by its last fit."""
+    command = manifest.data.get("command")
+    return (f"re-run `{command}` (the same command resumes it)" if command else
+            "re-run the `elrea fit` that made this run (the same command resumes it)")
+
+
+def stage_status(root: str | Path, manifest: Manifest, stage: str) -> str:
+    """A stage's status as a user should read it: a stage marked running whose writer is gone (no
+    one holds the run's lock) was interrupted, not running."""
+    status = manifest.stage(stage).get("status", "-")
+    return "interrupted" if status == "running" and not is_locked(root) else status
+
+
 def check_readable(root: str | Path, manifest: Manifest, stages=INFERENCE_STAGES) -> None:
     """Refuse to load a run whose `stages` are being rewritten or were left half-done (their
     files could come from two different fits)."""
@@ -530,8 +552,7 @@ def check_readable(root: str | Path, manifest: Manifest, stages=INFERENCE_STAGES
             raise RunInUse(f"{root}: stage {stage!r} is being written by "
                            f"{describe_holder(RunLock(root).holder())}; wait for it to finish")
         if status == "running":
-            raise RunDirError(f"{root}: stage {stage!r} was interrupted before it finished; re-run the "
-                              "`elrea fit` that made this run (the same command resumes it)")
+            raise RunDirError(f"{root}: stage {stage!r} was interrupted before it finished; {resume_hint(manifest)}")
         raise RunDirError(f"{root}: stage {stage!r} is not finished; run `elrea fit` to complete it")
 
 
