@@ -157,6 +157,9 @@ def test_a_pushed_run_loads_back_by_hub_id_names_no_local_path_and_still_works(f
     run = tmp_path / "run"
     shutil.copytree(fitted_run, run)
     _fake_eval(run)
+    manifest = json.loads((run / "elrea.json").read_text())  # as `elrea fit` typed with full paths records it
+    manifest["command"] = f"elrea fit --model {backbone} --data {tmp_path}/train.jsonl --out {run}"
+    (run / "elrea.json").write_text(json.dumps(manifest))
     uploads = []
 
     class FakeHub:  # the upload: what push hands the hub library
@@ -185,6 +188,7 @@ def test_a_pushed_run_loads_back_by_hub_id_names_no_local_path_and_still_works(f
         assert json.loads((snapshot / adapter / "adapter_config.json").read_text())["base_model_name_or_path"] \
             == "me/tiny-backbone"
     assert json.loads((snapshot / "elrea.json").read_text())["data"] == "train.jsonl"
+    assert "command" not in json.loads((snapshot / "elrea.json").read_text())   # how it was made, here
     card = (snapshot / "README.md").read_text()
     assert "base_model: me/tiny-backbone" in card and "ELREA.from_pretrained('me/my-run')" in card
     assert "## Evaluation" in card  # the accuracy table goes up; the test set does not

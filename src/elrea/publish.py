@@ -105,6 +105,7 @@ def _rewrite_paths(copy: Run, backbone: str, adapters_base: str) -> None:
         if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
             cfg["model"]["name"] = backbone
     manifest["backbone"] = backbone
+    manifest.pop("command", None)   # the command line that made the run names this machine's paths
     if "data" in manifest:
         manifest["data"] = local_name(str(manifest["data"]))
     write_json(copy / RUN_CONFIG, _names_only(config))
