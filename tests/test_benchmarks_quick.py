@@ -202,6 +202,11 @@ def test_gpu_benchmark_smoke_and_refusal(tmp_path):
     assert "errors" not in tiny and "stopped" not in tiny and d["incomplete"] == []
     assert f["agreement_cosine_min"] >= 0.999  # elrea's gradients == the LESS way's, same projection
     assert all(v > 0 for v in f["examples_per_s"].values()) and f["speedup_vs_less"] > 0
+    prof = tiny["profile"]["4"]   # issue 24: the phase profile, every phase timed, the shares adding up
+    assert prof["timer"] == "wall clock" and all(prof["ms_per_batch"][k] > 0 for k in
+                                                 ("forward", "backward", "outer", "adam", "projection", "train_backward"))
+    assert sum(prof["share_of_features"][k] for k in ("forward", "backward", "outer", "adam", "projection",
+                                                      "normalise")) == pytest.approx(1.0)
     for B in ("1", "2"):
         c = d[B]["checks"]
         # float32 on the CPU: the engine (compiled by dynamo in --smoke) decodes what the decoder
@@ -255,3 +260,40 @@ def test_serve_benchmark_quick(tmp_path):
         x, s = r["results"]["continuous"]["levels"][c], r["results"]["static"]["levels"][c]
         assert q["requests_per_s"] == pytest.approx(x["requests_per_s"] / s["requests_per_s"])
         assert q["p95_s"] == pytest.approx(x["p95_s"] / s["p95_s"]) and q["tokens_per_s"] > 0
+
+
+def _q4_1_round_trip(model_dir: Path, out: Path) -> Path:
+    """A copy of a model whose matrices went through gguf's Q4_1 quantisation and back (what the
+    built-in model's conversion does to SmolLM2's weights); norms stay float32, as in the GGUF."""
+    import shutil
+
+    import gguf
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize, quantize
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model_dir, out)
+    weights = load_file(str(out / "model.safetensors"))
+    q4_1 = gguf.GGMLQuantizationType.Q4_1
+    for name, w in weights.items():
+        if w.ndim == 2 and w.shape[1] % 32 == 0:
+            weights[name] = torch.from_numpy(np.ascontiguousarray(dequantize(quantize(w.numpy(), q4_1), q4_1)))
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def test_transfer_is_zero_on_the_same_backbone_and_not_on_a_quantised_one(fitted_run, tiny_model_dir, tmp_path):
+    """benchmarks/transfer.py: the run's adapters on their own backbone again move nothing; on the
+    backbone's Q4_1 round trip the reference tokens' log-likelihoods move."""
+    same = _run_script("transfer.py", "--run", str(fitted_run), "--backbone", str(tiny_model_dir),
+                       "--max-new-tokens", "4", "--limit", "6", out=tmp_path / "same.json")
+    assert same["records"] == 6 and same["reference_tokens"] > 6
+    assert same["mean_abs_dlogp_per_token"] == 0 and same["mean_abs_dweight"] == 0
+    assert same["greedy_agreement"] == 1
+    quantised = _q4_1_round_trip(tiny_model_dir, tmp_path / "tiny-q4_1")
+    moved = _run_script("transfer.py", "--run", str(fitted_run), "--backbone", str(quantised),
+                        "--max-new-tokens", "4", "--limit", "6", out=tmp_path / "moved.json")
+    assert moved["reference_tokens"] == same["reference_tokens"]
+    assert moved["mean_abs_dlogp_per_token"] > 1e-4 and moved["max_abs_dlogp"] >= moved["mean_abs_dlogp_per_token"]
+    assert moved["mean_logp_per_token_own"] == same["mean_logp_per_token_own"]
