@@ -19,7 +19,7 @@ def test_demo_writes_report_with_pictures(tmp_path, tiny_model_dir):
     assert set(result["accuracy"]) == {"elrea", "base"}
     report = (out / "report.md").read_text()
     assert "| elrea |" in report and "| base |" in report
-    for png in ("features.png", "cluster_source.png", "routing.png"):
+    for png in ("accuracy.png", "features.png", "cluster_source.png", "routing.png"):
         data = (out / "report" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
         assert f"report/{png}" in report

@@ -1,9 +1,13 @@
 """Reports: pictures and a Markdown page for a fitted and evaluated run.
 
+    accuracy.png        test accuracy per method, grouped by source (and overall)
     features.png        gradient features in 2-D (PCA), coloured by cluster and by source
     cluster_source.png  cluster x source counts
     routing.png         mean routing weight of each adapter per test source
     report.md           the accuracy table, cluster summary and the pictures
+
+Clusters are named after the adapter trained on them everywhere: cluster c is `expert_c`, the
+adapter in experts/c/ (ELREA.adapters, the card's and `elrea info`'s tables).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .card import test_counts
 from .rundir import Run, atomic_path, load_features, read_json
 
 log = logging.getLogger(__name__)
@@ -40,16 +45,20 @@ def plot_features(run: Run, sources: list, out: Path, max_points: int = 3000) ->
     X = load_features(run.features)
     labels = run.labels()
     idx = np.random.default_rng(0).permutation(len(X))[:max_points]
-    xy = PCA(n_components=2, random_state=0).fit_transform(np.asarray(X[np.sort(idx)]))
     idx = np.sort(idx)
+    pca = PCA(n_components=2, random_state=0)
+    xy = pca.fit_transform(np.asarray(X[idx]))
+    share = 100 * pca.explained_variance_ratio_
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
     for ax, key, values in [(axes[0], "cluster", labels[idx]),
                             (axes[1], "source", np.array([str(sources[i]) for i in idx]))]:
         for v in sorted(set(values.tolist()), key=str):
             m = values == v
-            ax.scatter(xy[m, 0], xy[m, 1], s=8, alpha=0.7, label=f"{key} {v}" if key == "cluster" else v)
-        ax.set_title(f"gradient features (PCA), coloured by {key}")
+            ax.scatter(xy[m, 0], xy[m, 1], s=8, alpha=0.7, label=f"expert_{v}" if key == "cluster" else v)
+        ax.set_title(f"gradient features (PCA), coloured by {'cluster (its expert)' if key == 'cluster' else key}")
+        ax.set_xlabel(f"PC1 ({share[0]:.1f}% of variance)")
+        ax.set_ylabel(f"PC2 ({share[1]:.1f}% of variance)")
         ax.legend(fontsize=7, markerscale=2, loc="best")
     _save(fig, out)
     return out
@@ -83,6 +92,29 @@ def plot_cluster_sources(run: Run, out: Path) -> Path | None:
     return _heatmap(M, rows, sources, "training examples: cluster x source", out)
 
 
+def plot_accuracy(accuracy: dict, counts: dict[str, int], out: Path) -> Path:
+    """Grouped bars: exact-match accuracy (%) of each method ({method: {"per_source", "overall"}},
+    evaluation.accuracy_table) per test source and overall, each group labelled with its n."""
+    plt = _plt()
+    methods = list(accuracy)
+    srcs = list(accuracy[methods[0]]["per_source"])
+    groups = [f"{s}\n(n={counts.get(s, '?')})" for s in srcs] + [f"overall\n(n={sum(counts.values())})"]
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * max(1, len(methods) / 2)), 3.8))
+    for i, m in enumerate(methods):
+        values = [100 * accuracy[m]["per_source"][s] for s in srcs] + [100 * accuracy[m]["overall"]]
+        x = np.arange(len(groups)) + (i - (len(methods) - 1) / 2) * width
+        bars = ax.bar(x, values, width, label=m)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(groups)), groups, fontsize=8)
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("held-out test accuracy per source")
+    ax.legend(fontsize=8)
+    _save(fig, out)
+    return out
+
+
 def plot_routing(eval_rows: list[dict], adapters: list[str], out: Path) -> Path:
     sources = sorted({str(r["source"]) for r in eval_rows})
     W = np.array([np.mean([r["weights"] for r in eval_rows if str(r["source"]) == s], axis=0)
@@ -97,10 +129,12 @@ def write_report(run: Run | Path, evaluation: dict, adapters: list[str], sources
     plot_features(run, sources, run.picture("features.png"))
     has_mix = plot_cluster_sources(run, run.picture("cluster_source.png")) is not None
     plot_routing(evaluation["examples"], adapters, run.picture("routing.png"))
-    acc = evaluation["accuracy"]
+    acc, n = evaluation["accuracy"], test_counts(evaluation)
+    plot_accuracy(acc, n, run.picture("accuracy.png"))
     srcs = list(acc["elrea"]["per_source"])
     lines = [f"# {title}", "", extra, "", "## Exact-match accuracy on held-out test data", "",
-             "| method | " + " | ".join(srcs) + " | mean over sources | overall |",
+             "| method | " + " | ".join(f"{s} (n={n.get(s, '?')})" for s in srcs)
+             + f" | mean over sources | overall (n={sum(n.values())}) |",
              "|---|" + "---|" * (len(srcs) + 2)]
     for m, a in acc.items():
         per = [a["per_source"][s] for s in srcs]
@@ -110,7 +144,9 @@ def write_report(run: Run | Path, evaluation: dict, adapters: list[str], sources
         return run.picture(name).relative_to(run.report.parent).as_posix()
 
     cl = read_json(run.clusters_json)
-    lines += ["", f"## Clusters: C = {cl['num_clusters']}, sizes {cl['sizes']}", "",
+    lines += ["", f"![accuracy per method and source]({rel('accuracy.png')})", "",
+              f"## Clusters: C = {cl['num_clusters']}, sizes {cl['sizes']}", "",
+              "Cluster c is named after the adapter trained on it: expert_c, in experts/c/.", "",
               f"![features]({rel('features.png')})", ""]
     if has_mix:
         lines += [f"![cluster x source]({rel('cluster_source.png')})", ""]
