@@ -35,7 +35,8 @@ def test_run_directory_is_portable_and_has_a_model_card(fitted_run, tiny_model_d
     # a local backbone has no hub id to name, and elrea does not know its license
     assert card.startswith("---\nlibrary_name: peft\nlicense: other\ntags:")
     for expected in ["## Experts", "| expert_1 |", "## Routing", "ELREA.from_pretrained", "elrea serve",
-                     "examples from `train.jsonl`", f"trained and evaluated on: local directory {tiny_model_dir.name}."]:
+                     "examples from `train.jsonl`",
+                     f"trained and evaluated on: local directory {tiny_model_dir.name}."]:
         assert expected in card, expected
     assert str(tiny_model_dir) not in card and "/train.jsonl" not in card  # names, not local paths
 
@@ -213,6 +214,20 @@ def test_a_pushed_run_loads_back_by_hub_id_names_no_local_path_and_still_works(f
     assert (snapshot / "eval.json").read_bytes() == (run / "eval.json").read_bytes()
 
 
+def test_the_optimizer_moments_ship_only_when_routing_reads_them(fitted_run, tmp_path):
+    from elrea.rundir import Run
+
+    run = Run(tmp_path / "run")
+    shutil.copytree(fitted_run, run.root)
+    assert Run.ships_as("base/adam_moments.safetensors") == "adam" and Run.ships_as("eval.json") == "on request"
+    assert Run.ships_as("experts/2/README.md") == "template" and Run.ships_as("features/train.npy") is None
+    assert "base/adam_moments.safetensors" not in run.shipped()
+    config = json.loads(run.config_path.read_text())
+    config["features"]["test_preconditioner"] = "adam"   # routing features preconditioned by the moments
+    run.config_path.write_text(json.dumps(config))
+    assert "base/adam_moments.safetensors" in run.shipped()
+
+
 def test_save_pretrained_keeps_what_inference_needs(elrea_model, tmp_path):
     from elrea import ELREA
 
@@ -268,7 +283,7 @@ def test_trainer_logs_and_extra_arguments(tmp_path, tiny_model_dir, toy_data):
     assert load_config(None, ["base.report_to=tensorboard"]).base.report_to == ["tensorboard"]
 
 
-def test_cli_conventions(tmp_path, fitted_run):
+def test_cli_conventions(tmp_path, fitted_run, tiny_model_dir):
     from elrea import __version__
 
     r = elrea("--version")
@@ -279,7 +294,7 @@ def test_cli_conventions(tmp_path, fitted_run):
     assert r.returncode == 0 and (tmp_path / "run.yaml").read_text().count("\n  # ") > 30
     r = elrea("info", fitted_run, "-q")  # -q after the command
     assert r.returncode == 0 and "INFO" not in r.stderr
-    assert f"backbone weights: local directory {json.loads((fitted_run / 'run_config.json').read_text())['model']['name'].rsplit('/', 1)[-1]}\n" in r.stdout
+    assert f"\nbackbone weights: local directory {tiny_model_dir.name}\n" in r.stdout
     r = elrea("generate", tmp_path / "not-a-run")  # arguments checked before any model loads
     assert r.returncode == 2 and "give --prompt TEXT or --input" in r.stderr
     r = elrea("route", fitted_run, "--input", tmp_path / "missing.jsonl")
