@@ -63,8 +63,8 @@ def model_card(run_dir: str | Path, repo_id: str | None = None, base_model: str 
     out = ["---", "library_name: peft", f"license: {license or 'other'}"]
     out += [f"base_model: {base_model}"] if base_model else []
     out += ["tags:", "- elrea", "- lora", "- peft", "- mixture-of-experts", "---", "", f"# {title}", "",
-            f"An [ELREA](https://arxiv.org/abs/2502.00089) ensemble of LoRA experts on `{base_model or weights}`, "
-            f"fitted with [elrea](https://pypi.org/project/elrea/) {manifest.get('versions', {}).get('elrea', '')}: "
+            "An [ELREA](https://arxiv.org/abs/2502.00089) ensemble of LoRA experts, fitted with "
+            f"[elrea](https://pypi.org/project/elrea/) {manifest.get('versions', {}).get('elrea', '')}: "
             "a base adapter trained on all the data, one expert adapter per cluster of training examples grouped by "
             "gradient direction, and a router that mixes the experts' next-token logits by each input's own "
             "gradient.", "", f"Backbone the adapters were trained and evaluated on: {weights}."]

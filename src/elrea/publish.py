@@ -38,13 +38,13 @@ def stage_copy(run_dir: str | Path, out: str | Path, repo_id: str | None = None,
     (relative, sorted). repo_id, license, where: the card's (card.model_card); base_model: the
     backbone's hub id when the run names a local directory that has one; portable: rewrite
     local paths (push), or keep them so that the copy loads on this machine (save_pretrained)."""
+    from .models import hub_id
+
     run, out = Run(run_dir), Path(out)
     stages = Manifest.load(run.root).data.get("stages", {})
     # a damaged file must not leave under a freshly computed hash
     run.verify(stages, [s for s, st in stages.items() if st.get("files")])
     files = set(run.copy_shipped(out, include_eval)) | {"README.md"}
-    from .models import hub_id
-
     name = run.config().model.name
     backbone, adapters_base = portable_backbone(name, base_model) if portable else (name, None)
     write_model_card(run.root, repo_id, out=out / "README.md", license=license, where=where,
@@ -146,15 +146,15 @@ def _record_copy(copy: Run, stages: dict, files: set[str]) -> None:
 
 def _local_markers(run: Run, backbone: str) -> set[str]:
     """Strings that would give away where things are on this machine."""
-    from .models import cache_dir, resolve_model_path
+    from .models import cache_dir
 
+    # the cache holds the built-in model's converted copy: its path, not a conversion, is wanted here
     markers = {str(run.root.resolve()), str(cache_dir().expanduser().resolve())}
     home = str(Path.home())
     if len(home) > 1:
         markers.add(home.rstrip("/") + "/")
-    for p in (backbone, resolve_model_path(backbone)):
-        if Path(p).expanduser().is_dir():
-            markers.add(str(Path(p).expanduser().resolve()))
+    if Path(backbone).expanduser().is_dir():
+        markers.add(str(Path(backbone).expanduser().resolve()))
     return markers
 
 
