@@ -138,3 +138,200 @@ def test_one_chat_or_many_prompts(elrea_model):
     assert m.prompt_ids(chat) == m.prompt_ids(PROMPTS[0])
     assert len(m.encode(chat)) == 1 and len(m.encode([chat, PROMPTS[1]])) == 2
     assert m.generate(chat, max_new_tokens=4) == m.generate([PROMPTS[0]], max_new_tokens=4)
+
+
+# ---------------------------------------------------------------------------- as transformers users call it
+
+def _peft_model(m, c):
+    """The run's adapter c alone on a fresh backbone, as PEFT loads it: the reference."""
+    from peft import PeftModel
+
+    from elrea.models import load_backbone
+
+    path = m.run_dir / ("base" if c == 0 else f"experts/{c}")
+    return PeftModel.from_pretrained(load_backbone(m.config.model, "cpu"), str(path)).eval()
+
+
+def test_tokenizer_argument_is_the_runs_or_refused(elrea_model, tmp_path):
+    """transformers requires tokenizer= with stop_strings: the run's tokenizer (or a copy of it)
+    is accepted and changes nothing; another vocabulary is refused, saying how to fix it."""
+    from transformers import AutoTokenizer
+
+    from elrea.testing import make_tiny_model
+
+    m = elrea_model
+    gen, ids, k = _varied_sample(m, _one_hot(1, len(m.adapters)))
+    stop = [m.tokenizer.decode(ids[k:k + 1])]
+    alone = m.generate(PROMPTS[:1], stop_strings=stop, **gen)
+    copy = AutoTokenizer.from_pretrained(m.config.model.name)
+    assert copy is not m.tokenizer
+    for tok in (m.tokenizer, copy):
+        assert m.generate(PROMPTS[:1], stop_strings=stop, tokenizer=tok, **gen) == alone
+        assert "".join(m.stream(PROMPTS[0], stop_strings=stop, tokenizer=tok, **gen)) == alone[0]
+    assert alone[0] == m.tokenizer.decode(ids[:k + 1], skip_special_tokens=True)   # the stop string did stop it
+    bigger = AutoTokenizer.from_pretrained(m.config.model.name)
+    bigger.add_tokens(["<extra_token>"])
+    other = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path, ["quite other words, quite other merges"] * 20))
+
+    class Swapped:   # the run's vocabulary with two ids exchanged: as many tokens, other ids
+        name_or_path = "swapped"
+
+        def get_vocab(self):
+            v = m.tokenizer.get_vocab()
+            a, b = m.tokenizer.convert_ids_to_tokens([100, 101])
+            v[a], v[b] = v[b], v[a]
+            return v
+
+    for tok, how in [(bigger, "401 tokens against the run's 400"), (other, "279 tokens against the run's 400"),
+                     (Swapped(), "'.+' is id 10[01] in it and id 10[01] in the run's")]:
+        with pytest.raises(ConfigError, match=f"is not this run's tokenizer .*({how}).*pass tokenizer=model.tokenizer"):
+            m.generate(PROMPTS[:1], stop_strings=stop, tokenizer=tok, **gen)
+        with pytest.raises(ConfigError, match="is not this run's tokenizer"):
+            next(m.stream(PROMPTS[0], stop_strings=stop, tokenizer=tok, **gen))
+
+
+def test_token_ids_in_give_ids_out_as_transformers(elrea_model):
+    """Token ids in every form model.generate takes give the tokens of the same prompts given as
+    raw text, routed alike, returned as transformers returns them: [n, P + N], left-padded."""
+    m = elrea_model
+    tok = m.tokenizer
+    texts = [PROMPTS[0], PROMPTS[1], "Uppercase the word kiwi."]
+    gen = dict(max_new_tokens=10, do_sample=True, temperature=1.0, seed=11)
+    ref = m.generate(texts, raw=True, return_dict_in_generate=True, **gen).sequences
+    rows = [tok(t)["input_ids"] for t in texts]
+    P = max(len(r) for r in rows)
+    assert ref.dtype == torch.long and ref.shape[0] == 3 and ref.shape[1] > P
+    for i, r in enumerate(rows):   # left-padded prompts, then the new tokens
+        assert ref[i, :P].tolist() == [tok.pad_token_id] * (P - len(r)) + r
+    new = [[t for t in row if t != tok.pad_token_id] for row in ref[:, P:].tolist()]
+    assert [tok.decode(n, skip_special_tokens=True) for n in new] == m.generate(texts, raw=True, **gen)
+    right = tok(texts, return_tensors="pt", padding=True)          # the tokenizer's default: right padding
+    tok.padding_side = "left"
+    try:
+        left = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = "right"
+    assert right["attention_mask"][0, -1] == 0 and left["attention_mask"][0, 0] == 0
+    for given in [dict(prompts=right["input_ids"], attention_mask=right["attention_mask"]),
+                  dict(prompts=left),                               # a BatchEncoding
+                  dict(**left),                                     # generate(**inputs), as with transformers
+                  dict(prompts=left["input_ids"]),                  # no mask: the pad id at either end
+                  dict(prompts=right["input_ids"]),
+                  dict(prompts=rows),                               # lists of ids, ragged
+                  dict(prompts=[torch.tensor(r) for r in rows])]:
+        out = m.generate(**given, **gen)
+        assert isinstance(out, torch.Tensor) and torch.equal(out, ref), given.keys()
+    assert [e.input_ids for e in m.encode(right)] == rows            # routing reads these very ids
+    assert torch.equal(m.route(right), m.route(texts and [m.formatter.encode_raw(t) for t in texts]))
+    one = m.generate(torch.tensor(rows[1]), **gen)                  # one prompt: [T] in, [1, T + N] out
+    assert one.shape[0] == 1 and one[0, :len(rows[1])].tolist() == rows[1]
+    assert m.generate(rows[1], **gen).tolist() == one.tolist()        # a list of ints: one prompt
+    with pytest.raises(ConfigError, match="outside the model's vocabulary"):
+        m.generate([[5, 10_000]], max_new_tokens=2)
+    with pytest.raises(ConfigError, match="no tokens once its padding is removed"):
+        m.generate(torch.tensor([[3, 4], [0, 0]]), attention_mask=torch.tensor([[1, 1], [0, 0]]), max_new_tokens=2)
+    with pytest.raises(ConfigError, match="attention_mask: its shape"):
+        m.generate(right["input_ids"], attention_mask=right["attention_mask"][:, 1:], max_new_tokens=2)
+    with pytest.raises(ConfigError, match="integer tensor"):
+        m.generate(torch.rand(2, 3), max_new_tokens=2)
+
+
+def test_sequences_and_scores_equal_peft_generate(elrea_model):
+    """With one adapter at weight 1, sequences, scores (after the processors) and logits (before)
+    are those of transformers' generate on PEFT's model with that adapter alone; scores hold one
+    [n, V] tensor per new token."""
+    m = elrea_model
+    prompts = [m.prompt_ids(p) for p in PROMPTS]
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[m.tokenizer.pad_token_id] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    gen = dict(max_new_tokens=8, repetition_penalty=1.3, return_dict_in_generate=True, output_scores=True,
+               output_logits=True)
+    ref = _peft_model(m, 1).generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                     pad_token_id=m.tokenizer.pad_token_id,
+                                     eos_token_id=m.tokenizer.eos_token_id, **gen)
+    ours = m.generate(ids, attention_mask=mask, weights=_one_hot(2, len(m.adapters), 1), **gen)
+    assert torch.equal(ours.sequences, ref.sequences)
+    n_new = ours.sequences.shape[1] - P
+    assert len(ours.scores) == len(ours.logits) == n_new == len(ref.scores)
+    assert ours.scores[0].shape == (2, ref.scores[0].shape[1]) and ours.scores[0].dtype == torch.float32
+    for t in range(n_new):
+        assert torch.allclose(ours.scores[t], ref.scores[t], atol=1e-4)
+        assert torch.allclose(ours.logits[t], ref.logits[t], atol=1e-4)
+    assert not torch.allclose(ours.scores[1], ours.logits[1])   # the repetition penalty acted on the scores
+    # text in, ids out: the chat-formatted prompts, as a GenerationConfig asks
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=8, repetition_penalty=1.3, return_dict_in_generate=True,
+                           output_scores=True)
+    texts = m.generate(PROMPTS, generation_config=cfg, weights=_one_hot(2, len(m.adapters), 1))
+    assert torch.equal(texts.sequences, ours.sequences) and texts.logits is None
+
+
+def test_scores_are_the_mixed_logits(elrea_model):
+    """With two adapters mixed, log_softmax of each step's scores at the chosen token sums to the
+    ensemble's score of the new tokens (engine.score: one forward, another code path)."""
+    m = elrea_model
+    w = torch.zeros(1, len(m.adapters))
+    w[0, 0], w[0, 2] = 0.3, 0.7
+    out = m.generate(PROMPTS[:1], weights=w, max_new_tokens=6, return_dict_in_generate=True, output_scores=True)
+    prompt = m.prompt_ids(PROMPTS[0])
+    new = out.sequences[0, len(prompt):].tolist()
+    assert len(out.scores) == len(new) and out.sequences[0, :len(prompt)].tolist() == prompt
+    steps = sum(float(torch.log_softmax(s[0], -1)[t]) for s, t in zip(out.scores, new))
+    assert abs(steps - m.engine.score(prompt, [new], w[0])[0]) < 1e-3
+    alone = m.generate(PROMPTS[:1], weights=_one_hot(1, len(m.adapters), 2), max_new_tokens=6,
+                       return_dict_in_generate=True, output_scores=True)
+    assert not torch.allclose(alone.scores[0], out.scores[0], atol=1e-3)     # the mix is not one adapter
+
+
+def test_scores_need_return_dict_and_stream_yields_text(elrea_model):
+    m = elrea_model
+    with pytest.raises(ConfigError, match="output_scores=True needs return_dict_in_generate=True"):
+        m.generate(PROMPTS, output_scores=True, max_new_tokens=2)
+    with pytest.raises(ConfigError, match="stream: yields text"):
+        next(m.stream(PROMPTS[0], return_dict_in_generate=True, max_new_tokens=2))
+    with pytest.raises(ConfigError, match="prompts or input_ids=, not both"):
+        m.generate(PROMPTS, input_ids=[[1, 2]], max_new_tokens=2)
+    ids = torch.tensor([m.tokenizer(PROMPTS[1])["input_ids"]])
+    streamed = "".join(m.stream(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5))
+    assert streamed == m.generate(PROMPTS[1:], raw=True, max_new_tokens=5)[0]
+
+
+def test_encoded_tensors_route_without_a_warning(elrea_model):
+    """data.collate takes ids held as tensors (torch.tensor(tensor) warned: 'To copy construct')."""
+    import warnings
+
+    from elrea.data import Encoded
+
+    m = elrea_model
+    ids = m.prompt_ids(PROMPTS[0])
+    as_lists = m.route([Encoded(ids, [-100] + ids[1:])])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_tensors = m.route([Encoded(torch.tensor(ids), torch.tensor([-100] + ids[1:]))])
+    assert torch.equal(as_lists, as_tensors)
+
+
+def test_a_row_that_ends_keeps_its_eos_then_pads(elrea_model):
+    """As model.generate: the EOS id that ends a row stays in `sequences`, pad ids follow it while
+    other rows go on; its scores there are -inf but 0 at the pad id."""
+    m = elrea_model
+    w = _one_hot(2, len(m.adapters), 1)
+    gen = dict(weights=w, max_new_tokens=8, do_sample=True, temperature=1.0, seed=2, return_dict_in_generate=True,
+               output_scores=True)
+    free = m.generate(PROMPTS, **gen)
+    P = free.sequences.shape[1] - len(free.scores)
+    row0, row1 = free.sequences[:, P:].tolist()
+    j = next((j for j in range(1, len(row0) - 1) if row0[j] not in row0[:j] + row1), None)
+    assert j is not None, f"no token of {row0} that {row1} lacks"
+    cut = m.generate(PROMPTS, eos_token_id=[m.tokenizer.eos_token_id, row0[j]], **gen)
+    pad = m.tokenizer.pad_token_id
+    assert cut.sequences[0, P:].tolist() == row0[:j + 1] + [pad] * (len(row0) - j - 1)
+    assert torch.equal(cut.sequences[1], free.sequences[1]) and len(cut.scores) == len(free.scores)
+    assert torch.equal(cut.scores[j], free.scores[j])
+    after = cut.scores[j + 1][0]
+    assert after[pad] == 0 and torch.isinf(after).sum() == after.numel() - 1
+    texts = m.generate(PROMPTS, eos_token_id=[m.tokenizer.eos_token_id, row0[j]],
+                       **{k: v for k, v in gen.items() if k not in ("return_dict_in_generate", "output_scores")})
+    assert texts[0] == m.tokenizer.decode(row0[:j], skip_special_tokens=True)    # text: the EOS id is not text

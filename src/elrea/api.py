@@ -3,6 +3,7 @@
     model = ELREA.from_pretrained("runs/demo")
     w = model.route(["What is 3 + 4?"])            # Tensor [1, C+1]; column 0 = base adapter
     model.generate(["What is 3 + 4?"])             # ensembled greedy decoding
+    model.generate(**tok(texts, return_tensors="pt", padding=True))   # ids in, ids out, as model.generate
     model.score("What is 3 + 4?", ["7", "8"])     # summed log-prob of each continuation
 """
 
@@ -122,13 +123,20 @@ class ELREA:
     def _messages(self, prompt) -> list[dict]:
         return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
-    def encode(self, prompts, raw: bool = False) -> list:
+    def encode(self, prompts, raw: bool = False, attention_mask=None) -> list:
         """data.Encoded of each prompt: a string (one user turn) or chat messages through the chat
         template exactly as in training; with raw=True, strings tokenised as they are (no template).
         Already-encoded prompts pass through. One prompt (a string, or one chat: a list of
-        {role, content} dicts) or a list of them."""
-        from .data import Encoded
+        {role, content} dicts) or a list of them. Token ids as transformers' generate takes them
+        (data.token_id_rows: a tensor [n, T] or [T], lists of ints, a BatchEncoding; padding
+        removed with `attention_mask`, else the pad id at either end) are taken as they are."""
+        from .data import Encoded, encode_ids, is_token_ids, token_id_rows
 
+        if is_token_ids(prompts):
+            vocab = self.model.get_input_embeddings().num_embeddings
+            return [encode_ids(r) for r in token_id_rows(prompts, attention_mask, self.engine.pad_id, vocab)]
+        if attention_mask is not None:
+            raise ConfigError("attention_mask: only for prompts given as token ids")
         single_chat = isinstance(prompts, list) and prompts and all(isinstance(m, dict) for m in prompts)
         prompts = [prompts] if isinstance(prompts, (str, Encoded)) or single_chat else list(prompts)
         out = []
@@ -261,52 +269,97 @@ class ELREA:
 
     def decoding(self, generation_config=None, seed: int | None = None, **kwargs) -> ensemble.Decoding:
         """How to decode, from the run's `generation` defaults, a transformers GenerationConfig and
-        keyword arguments (elrea.generation.GENERATION_ARGS); unknown names are an error."""
+        keyword arguments (elrea.generation.GENERATION_ARGS, and tokenizer=, checked to be the
+        run's); unknown names are an error."""
         from .generation import eos_ids, resolve
 
         return resolve(self.config.generation, self.tokenizer, eos_ids(self.model, self.tokenizer), self.device,
                        generation_config, seed=self.config.stage_seed("generate") if seed is None else seed,
                        **kwargs)
 
-    def generate(self, prompts, weights: torch.Tensor | None = None, generation_config=None, *,
+    def generate(self, prompts=None, weights: torch.Tensor | None = None, generation_config=None, *,
                  seed: int | None = None, mode: str = "logits", raw: bool = False, streamer=None,
-                 **kwargs) -> list[str]:
-        """Ensembled generation, one text per prompt.
+                 input_ids=None, attention_mask=None, **kwargs):
+        """Ensembled generation: one text per prompt, or token ids as transformers returns them.
+
+        prompts: strings (one user turn each, through the chat template; raw=True: as they are),
+        chats, or token ids as model.generate takes them, used as they are (no template; routing
+        reads the same ids): a LongTensor [n, T] or [T], a list of ints or of lists of ints, or a
+        tokenizer's BatchEncoding (`generate(**tok(texts, return_tensors="pt", padding=True))`).
+        Their padding is removed where `attention_mask` is 0 (left or right padding); without a
+        mask, the run tokenizer's pad id at the start or end of a row is padding.
+
+        Returns texts for texts in. For ids in, or with return_dict_in_generate=True, ids as
+        model.generate returns them for a decoder-only model: a LongTensor [n, P + N] on the CPU,
+        each prompt left-padded to the longest (P) with the pad id, then its new tokens (the EOS
+        that ended it kept), then pad ids up to the longest output (N).
+        return_dict_in_generate=True: a transformers GenerateDecoderOnlyOutput with those
+        `sequences`; output_scores=True adds `scores`, a tuple of N [n, V] float32 tensors: per
+        step, the mixed (ensembled) logits after the processors; output_logits=True adds
+        `logits`, the mixed logits before them. Steps after a row has ended read -inf but 0 at
+        the pad id there (transformers leaves the scores of decoding on past the end).
 
         weights [n, C+1] override routing. Generation arguments as in transformers
         (max_new_tokens, do_sample, temperature, top_p, top_k, min_p, repetition_penalty,
-        stop_strings, eos_token_id) or a GenerationConfig; `streamer` (a transformers
-        TextStreamer / TextIteratorStreamer, one prompt) receives tokens as they come.
-        mode="weights" mixes the experts inside each layer instead of mixing logits.
+        stop_strings, eos_token_id, return_dict_in_generate, output_scores, output_logits) or a
+        GenerationConfig; tokenizer= (transformers asks for it with stop_strings) must be the
+        run's tokenizer (the same vocabulary). `streamer` (a transformers TextStreamer /
+        TextIteratorStreamer, one prompt) receives tokens as they come. mode="weights" mixes the
+        experts inside each layer instead of mixing logits.
         """
-        enc = self.encode(prompts, raw=raw)
+        from .data import is_token_ids
+
+        prompts = _given(prompts, input_ids, "generate")
+        enc = self.encode(prompts, raw=raw, attention_mask=attention_mask)
         decoding = self.decoding(generation_config, seed=seed, **kwargs)
         weights = self.route(enc) if weights is None else check_weights(weights, len(enc), len(self.adapters))
         if streamer is not None and len(enc) != 1:
             raise ConfigError(f"generate: a streamer takes one prompt at a time, got {len(enc)}")
         if mode not in ("logits", "weights"):
             raise ConfigError(f"mode: unknown {mode!r}; valid: logits, weights")
-        bs, texts = self.config.generation.batch_size, []
+        bs, runs = self.config.generation.batch_size, []
         for s in range(0, len(enc), bs):
             ids = [e.input_ids for e in enc[s:s + bs]]
             if streamer is not None:
                 streamer.put(torch.tensor([ids[0]], device="cpu"))
             put = None if streamer is None else (lambda b, tok: streamer.put(torch.tensor([tok], device="cpu")))
-            toks = self.engine.generate(ids, weights[s:s + bs], decoding, on_token=put, mix=mode == "weights")
-            texts += [self.tokenizer.decode(t, skip_special_tokens=True) for t in toks]
+            runs += self.engine.decode(ids, weights[s:s + bs], decoding, on_token=put, mix=mode == "weights")
         if streamer is not None:
             streamer.end()
-        return texts
+        if is_token_ids(prompts) or decoding.return_dict_in_generate:
+            return self._as_transformers([e.input_ids for e in enc], runs, decoding)
+        return [self.tokenizer.decode(r.text_ids, skip_special_tokens=True) for r in runs]
 
-    def stream(self, prompt, weights: torch.Tensor | None = None, generation_config=None, *,
-               seed: int | None = None, raw: bool = False, **kwargs):
-        """Generate for one prompt, yielding text as each token comes (same arguments as generate)."""
+    def _as_transformers(self, prompts: list[list[int]], runs: list, decoding):
+        """What model.generate returns for a decoder-only model (see `generate`): sequences
+        [n, P + N], or with return_dict_in_generate a GenerateDecoderOnlyOutput holding them and
+        the scores / logits asked for."""
+        pad = self.engine.pad_id
+        P, N = max(len(p) for p in prompts), max(len(r.ids) for r in runs)
+        sequences = torch.full((len(runs), P + N), pad, dtype=torch.long, device="cpu")
+        for i, (p, r) in enumerate(zip(prompts, runs)):
+            sequences[i, P - len(p):P + len(r.ids)] = torch.tensor(p + r.ids, dtype=torch.long, device="cpu")
+        if not decoding.return_dict_in_generate:
+            return sequences
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=_per_step([r.scores for r in runs], N, pad) if decoding.output_scores else None,
+            logits=_per_step([r.logits for r in runs], N, pad) if decoding.output_logits else None)
+
+    def stream(self, prompt=None, weights: torch.Tensor | None = None, generation_config=None, *,
+               seed: int | None = None, raw: bool = False, input_ids=None, attention_mask=None, **kwargs):
+        """Generate for one prompt, yielding text as each token comes (same arguments as generate;
+        the prompt may be token ids)."""
         from .generation import TextStream
 
-        enc = self.encode(prompt, raw=raw)
+        enc = self.encode(_given(prompt, input_ids, "stream"), raw=raw, attention_mask=attention_mask)
         if len(enc) != 1:
             raise ConfigError(f"stream: one prompt at a time, got {len(enc)}")
         decoding = self.decoding(generation_config, seed=seed, **kwargs)
+        if decoding.return_dict_in_generate:
+            raise ConfigError("stream: yields text; return_dict_in_generate (ids, scores) is for generate")
         w = self.route(enc) if weights is None else check_weights(
             torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1), 1, len(self.adapters))
         text = TextStream(self.tokenizer)
@@ -376,6 +429,24 @@ def _local_run(run_dir) -> Path:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunDirError(f"{name}: not a local run directory, and the hub repository could not be downloaded "
                           f"({type(e).__name__}: {first})") from None
+
+
+def _given(prompts, input_ids, where: str):
+    """The prompts, given positionally or as transformers' input_ids= (as in generate(**inputs))."""
+    if input_ids is not None and prompts is not None:
+        raise ConfigError(f"{where}: give the prompts or input_ids=, not both")
+    if input_ids is None and prompts is None:
+        raise ConfigError(f"{where}: no prompts; give texts, chats or token ids (or input_ids=)")
+    return input_ids if input_ids is not None else prompts
+
+
+def _per_step(rows: list[list[torch.Tensor]], steps: int, pad: int) -> tuple[torch.Tensor, ...]:
+    """transformers' per-step layout of per-prompt scores: `steps` tensors [n, V] on the CPU, from
+    each prompt's list of (V,) rows; a prompt that has ended reads -inf there, but 0 at the pad id."""
+    first = next(x for r in rows for x in r)
+    ended = torch.full_like(first, float("-inf"))
+    ended[pad] = 0.0
+    return tuple(torch.stack([r[t] if t < len(r) else ended for r in rows]).cpu() for t in range(steps))
 
 
 def check_weights(weights, n: int, k: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -396,6 +396,87 @@ class PromptFormatter:
         return Encoded(ids, [-100] * n_ctx + ids[n_ctx:], cut)
 
 
+def is_token_ids(prompts) -> bool:
+    """Whether `prompts` are token ids in a form transformers' generate takes (a tensor or array,
+    an int or a list of them, a list of such rows, a BatchEncoding or dict with input_ids), not
+    text, chats or Encoded examples."""
+    from collections.abc import Mapping
+    from numbers import Integral
+
+    def row_or_id(x) -> bool:
+        return (isinstance(x, Integral) and not isinstance(x, bool)) or hasattr(x, "dtype") or \
+            (isinstance(x, (list, tuple)) and bool(x) and isinstance(x[0], Integral))
+
+    if isinstance(prompts, Mapping):
+        return "input_ids" in prompts
+    if hasattr(prompts, "dtype"):
+        return True
+    return isinstance(prompts, (list, tuple)) and bool(prompts) and row_or_id(prompts[0])
+
+
+def token_id_rows(input_ids, attention_mask=None, pad_id: int | None = None,
+                  vocab_size: int | None = None) -> list[list[int]]:
+    """One list of ids per prompt, padding removed, from token ids as transformers' generate takes
+    them: a LongTensor [n, T] or [T], a list of ints, a list of lists of ints, or a BatchEncoding /
+    dict with input_ids (and attention_mask). Padding is where attention_mask is 0 (on either
+    side); without a mask, `pad_id` at the start or end of a row. Ids must lie in [0, vocab_size)."""
+    from collections.abc import Mapping
+
+    if isinstance(input_ids, Mapping):
+        if attention_mask is not None and input_ids.get("attention_mask") is not None:
+            raise ConfigError("attention_mask: given twice (in the inputs and as attention_mask=); give it once")
+        input_ids, attention_mask = input_ids["input_ids"], input_ids.get("attention_mask", attention_mask)
+    rows = _rows(input_ids, "input_ids")
+    masks = None if attention_mask is None else _rows(attention_mask, "attention_mask")
+    if masks is not None and [len(m) for m in masks] != [len(r) for r in rows]:
+        raise ConfigError(f"attention_mask: its shape ({len(masks)} rows of {sorted({len(m) for m in masks})} "
+                          f"columns) is not that of input_ids ({len(rows)} rows of {sorted({len(r) for r in rows})})")
+    out = []
+    for i, row in enumerate(rows):
+        if masks is not None:
+            row = [t for t, keep in zip(row, masks[i]) if keep]
+        elif pad_id is not None:
+            lo, hi = 0, len(row)
+            while lo < hi and row[lo] == pad_id:
+                lo += 1
+            while hi > lo and row[hi - 1] == pad_id:
+                hi -= 1
+            row = row[lo:hi]
+        if not row:
+            raise ConfigError(f"input_ids: prompt {i} has no tokens once its padding is removed")
+        bad = next((t for t in row if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
+        if bad is not None:
+            raise ConfigError(f"input_ids: prompt {i} holds the id {bad}, outside the model's vocabulary "
+                              f"[0, {vocab_size})")
+        out.append(row)
+    return out
+
+
+def _rows(x, name: str) -> list[list[int]]:
+    """A tensor, array or nested list of integers, [T] or [n, T], as a list of rows of Python ints."""
+    import torch
+
+    if isinstance(x, (list, tuple)) and x and all(hasattr(r, "dtype") for r in x):   # a list of 1-D tensors
+        return [r for t in x for r in _rows(t, name)]
+    if isinstance(x, (list, tuple)) and x and isinstance(x[0], (list, tuple)):        # ragged rows are fine
+        return [r for t in x for r in _rows(list(t), name)]
+    try:
+        t = torch.as_tensor(x, device="cpu")
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{name}: expected integers as a tensor [n, T] or [T] or (nested) lists, got "
+                          f"{type(x).__name__} ({e})") from None
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dim() not in (1, 2) or t.numel() == 0:
+        raise ConfigError(f"{name}: expected a non-empty integer tensor [n, T] or [T], got {t.dtype} of shape "
+                          f"{list(t.shape)}")
+    return t.reshape(-1, t.shape[-1]).long().tolist()
+
+
+def encode_ids(ids: list[int]) -> Encoded:
+    """Token ids taken as they are (no template, no truncation): every token after the first
+    carries the routing loss, as encode_raw's."""
+    return Encoded(list(ids), [-100] + list(ids[1:]))
+
+
 def encode_all(fmt: PromptFormatter, records: list[Record], kind: str = "train", num_proc: int | None = None,
                min_parallel: int = 20_000) -> list[Encoded]:
     """Encode many records: `train` (prompt + response) or `instruction` (prompt only).
@@ -441,7 +522,8 @@ def collate(batch: list[Encoded], pad_id: int, side: str = "right") -> dict:
     for i, e in enumerate(batch):
         n = len(e.input_ids)
         sl = slice(T - n, T) if side == "left" else slice(0, n)
-        ids[i, sl] = torch.tensor(e.input_ids, dtype=torch.long, device="cpu")
+        # as_tensor: ids may come as tensors (torch.tensor(tensor) warns, and copies twice)
+        ids[i, sl] = torch.as_tensor(e.input_ids, dtype=torch.long, device="cpu")
         mask[i, sl] = 1
-        labels[i, sl] = torch.tensor(e.labels, dtype=torch.long, device="cpu")
+        labels[i, sl] = torch.as_tensor(e.labels, dtype=torch.long, device="cpu")
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -14,6 +14,8 @@ serve`, the lm-eval backend and `elrea compare`. It decodes on a pool of slots (
   then each request's transformers processors, greedy or sampled choice, EOS, length and stop
   strings run on the device too; tokens come to the host every `sync_every` steps (every step
   when a caller streams);
+- where a request asks (transformers' output_scores / output_logits), each step's mixed scores
+  after its processors, and the mixed logits before them, are kept for it (`decode`);
 - requests join (prefill, then the next step) and leave (their slots are free at the next
   host sync) at any time: the server's continuous batching is this pool;
 - the decode step is compiled with torch.compile where that pays (`compile="auto"`: CUDA
@@ -73,6 +75,27 @@ class Seq:
     done: bool = False
     reason: str | None = None
     tokens: int = 0
+    scores: list = field(default_factory=list)   # (V,) per token, on the device, when decoding.output_scores
+    logits: list = field(default_factory=list)   # (V,) per token, on the device, when decoding.output_logits
+
+
+@dataclass
+class Decoded:
+    """One prompt's decoding as transformers' generate reports it: every id chosen (the EOS id
+    that ended it included), why it ended, and per id the mixed scores after the processors and
+    the raw mixed logits, (V,) float32 on the device (empty unless its Decoding asks)."""
+
+    ids: list[int]
+    reason: str | None
+    scores: list[torch.Tensor]
+    logits: list[torch.Tensor]
+    decoding: Decoding
+
+    @property
+    def text_ids(self) -> list[int]:
+        """The ids that are text: without the EOS id that ended it (ensemble.is_text)."""
+        ended_on_eos = self.reason == "stop" and self.ids and self.ids[-1] in self.decoding.eos_ids
+        return self.ids[:-1] if ended_on_eos else self.ids
 
 
 @dataclass
@@ -223,6 +246,12 @@ class Ensemble:
         why b finished at this step ("stop", "length", "cancelled") or None. weights [B, K] over
         `names`; each prompt its own Decoding (or one for all). mix=True mixes the adapters inside
         the layers (one row per prompt). stream: sync with the host every step."""
+        for tokens, reasons, _ in self._steps(prompts, weights, decodings, mix, stream):
+            yield tokens, reasons
+
+    def _steps(self, prompts, weights, decodings, mix, stream):
+        """decode_steps, also yielding the batch's requests (Seq, in prompt order): what they kept
+        (scores, logits) up to this step."""
         B = len(prompts)
         specs = decodings if isinstance(decodings, list) else [decodings] * B
         weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu")
@@ -241,7 +270,7 @@ class Ensemble:
                 for seq, tok, reason in events:
                     b = order[seq.q]
                     tokens[b], reasons[b] = tok, reason
-                yield tokens, reasons
+                yield tokens, reasons, seqs
 
     def _decode_mixed_peft(self, prompts, weights, specs, stream):
         names = mix_in_layers(self.model, weights, self.names)
@@ -251,7 +280,7 @@ class Ensemble:
         try:
             w = torch.zeros(len(prompts), len(self.names))
             w[:, len(saved):] = torch.eye(len(prompts))
-            yield from self.decode_steps(prompts, w, specs, stream=stream)
+            yield from self._steps(prompts, w, specs, False, stream)
         finally:
             self.names = saved
             self._restack()
@@ -268,14 +297,24 @@ class Ensemble:
         every step)."""
         if decoding is None:
             decoding = sampling(max_new_tokens=max_new_tokens, eos_ids=[] if eos_id is None else [eos_id])
+        return [d.text_ids for d in self.decode(prompts, weights, decoding, on_token=on_token, mix=mix)]
+
+    def decode(self, prompts: list[list[int]], weights: torch.Tensor, decoding: Decoding | list, *,
+               on_token=None, mix: bool = False) -> list[Decoded]:
+        """Decode a batch to its end, as transformers' generate reports it (Decoded: every id,
+        the EOS included; the scores and logits its Decoding asks for). weights [B, K]; decoding:
+        one, or one per prompt; on_token(b, id) as for `generate`."""
         specs = decoding if isinstance(decoding, list) else [decoding] * len(prompts)
-        out: list[list[int]] = [[] for _ in prompts]
-        for tokens, reasons in self.decode_steps(prompts, weights, decoding, mix=mix, stream=on_token is not None):
+        out = [Decoded([], None, [], [], spec) for spec in specs]
+        for tokens, reasons, seqs in self._steps(prompts, weights, decoding, mix, on_token is not None):
             for b, tok in enumerate(tokens):
-                if is_text(tok, reasons[b], specs[b]):
-                    out[b].append(tok)
-                    if on_token is not None:
+                if tok is not None:
+                    out[b].ids.append(tok)
+                    if on_token is not None and is_text(tok, reasons[b], specs[b]):
                         on_token(b, tok)
+                out[b].reason = reasons[b] or out[b].reason
+        for d, seq in zip(out, seqs):
+            d.scores, d.logits = seq.scores, seq.logits
         return out
 
     def decoded_token_ms(self, prompts: list[list[int]], name: str = "base") -> float:
@@ -451,26 +490,27 @@ class Slots:
             seq.done, seq.reason = True, "cancelled"
             self.done[seq.q] = True
             steps.append([(seq, None, "cancelled")])
-        recorded = []
+        recorded = []                                     # (requests, [tokens, why], kept scores) per step
         if self.pending:
             new, self.pending = self.pending, []
-            recorded.append((new, self._prefill(new)))
+            recorded.append((new, *self._prefill(new)))
         live = list(self.seqs.values())
         if any(not s.done for s in live):
             # a prefill counts as the step of the requests it starts; requests already running
             # decode in the same call, so that a newcomer never pauses them
             running = any(not s.done and all(s is not n for n in recorded[0][0]) for s in live) if recorded else True
             for _ in range(max_steps - (0 if running else len(recorded))):
-                recorded.append((live, self._decode(live)))
+                recorded.append((live, *self._decode(live)))
         if recorded:
             flat = torch.stack([torch.stack(r[1]) for r in recorded]).tolist()   # the host sync: (n, 2, S + 1)
-            for (seqs, _), (toks, whys) in zip(recorded, flat):
+            for (seqs, _, kept), (toks, whys) in zip(recorded, flat):
                 events = []
                 for seq in seqs:
                     if seq.done:
                         continue
                     tok, why = toks[seq.q], whys[seq.q]
                     seq.tokens += 1
+                    _keep(seq, kept)
                     if why:
                         seq.done, seq.reason = True, ("stop" if why == 1 else "length")
                     events.append((seq, tok, seq.reason if why else None))
@@ -538,9 +578,9 @@ class Slots:
         mixed.index_add_(0, self.owner[rows_t], logits * self.row_w[rows_t, None])
         which = torch.zeros(self.n + 1, dtype=torch.bool, device=dev)
         which[qs] = True
-        nxt, why = self._advance(mixed, which, new)
+        nxt, why, kept = self._advance(mixed, which, new)
         self.tok[rows_t] = nxt[self.owner[rows_t]][:, None]
-        return [nxt, why]
+        return [nxt, why], kept
 
     def _decode(self, live: list[Seq]):
         """One step for every slot: the compiled forward, mixing, choice, stop conditions."""
@@ -556,16 +596,17 @@ class Slots:
         for seq in self.seqs.values():
             seq.col = min(seq.col + 1, self.length - 1)
         eng.stats.steps += 1
-        nxt, why = self._advance(mixed, which, live)
+        nxt, why, kept = self._advance(mixed, which, live)
         self.tok.copy_(nxt[self.owner][:, None])
-        return [nxt, why]
+        return [nxt, why], kept
 
     def _advance(self, mixed: torch.Tensor, which: torch.Tensor, seqs: list[Seq]):
         """Choose the next token of every request in `which` from its mixed logits (S + 1, V), write it
-        to its history, update finished flags; the rows read it next. Returns (tokens, why) on the
-        device: why 1 = stopped (EOS or stop string), 2 = length, 0 = going on."""
+        to its history, update finished flags; the rows read it next. Returns (tokens, why, kept) on
+        the device: why 1 = stopped (EOS or stop string), 2 = length, 0 = going on; kept: (scores
+        after the processors, raw mixed logits), each (S + 1, V), when a request asks (else None)."""
         pad = self.engine.pad_id
-        nxt = self._choose(mixed, seqs)                                         # (S + 1,)
+        nxt, scores = self._choose(mixed, seqs)                                 # (S + 1,)
         active = which & ~self.done
         nxt = torch.where(active, nxt, torch.full_like(nxt, pad))
         self.history.scatter_(1, self.hcol[:, None].clamp(max=self.length - 1), nxt[:, None])
@@ -581,24 +622,29 @@ class Slots:
         finished = active & (stop | (self.n_new >= self.max_new))
         why = torch.where(finished, torch.where(stop, 1, 2), 0)
         self.done |= finished
-        return nxt, why
+        kept = (scores, mixed) if any(s.decoding.output_scores or s.decoding.output_logits for s in seqs) else None
+        return nxt, why, kept
 
-    def _choose(self, mixed: torch.Tensor, seqs: list[Seq]) -> torch.Tensor:
+    def _choose(self, mixed: torch.Tensor, seqs: list[Seq]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next token per request: argmax for plain greedy requests (all at once); each group of
-        requests that share a Decoding through its processors, then argmax or a draw."""
+        requests that share a Decoding through its processors, then argmax or a draw. Also the
+        scores the choice was made from (S + 1, V), where a request asks for them (else None)."""
         nxt = mixed.argmax(-1)
+        scores = mixed.clone() if any(s.decoding.output_scores for s in seqs) else None
         for spec, qs, h in _groups(seqs, mixed.device):
             if not spec.processors and not spec.do_sample:
                 continue
             logits = mixed[qs]
             if spec.processors:
                 logits = spec.processors(self.history[qs, :h], logits)
+                if scores is not None:
+                    scores[qs] = logits
             if spec.do_sample:
                 pick = torch.multinomial(torch.softmax(logits, -1), 1, generator=spec.generator).squeeze(1)
             else:
                 pick = logits.argmax(-1)
             nxt[qs] = pick
-        return nxt
+        return nxt, scores
 
     # ------------------------------------------------------------------ the forward
 
@@ -679,6 +725,16 @@ class Slots:
         if mode == "dynamo":
             return torch.compile(self._step, backend="eager", dynamic=False)
         return torch.compile(self._step, mode=mode, dynamic=False)
+
+
+def _keep(seq: Seq, kept) -> None:
+    """Add this step's scores and logits of request `seq` to it, where its Decoding asks: kept is
+    (scores, logits), each (S + 1, V) on the device, or None. A copy of the row, so that the
+    step's whole tensors are not held."""
+    if kept is not None and seq.decoding.output_scores:
+        seq.scores.append(kept[0][seq.q].clone())
+    if kept is not None and seq.decoding.output_logits:
+        seq.logits.append(kept[1][seq.q].clone())
 
 
 def _groups(seqs: list[Seq], device):

@@ -34,7 +34,10 @@ class Decoding:
     input_ids are the prompt, left-padded, followed by the new tokens); stopping: transformers
     stopping criteria (e.g. StopStringCriteria) on the same ids; eos_ids: every id that ends
     the sequence (Llama-3 and Qwen have several). `cancelled` may be set from another thread
-    (a server whose client went away); the row then stops at the next step.
+    (a server whose client went away); the row then stops at the next step. output_scores /
+    output_logits (transformers' names): keep, for every chosen token, the mixed scores after
+    the processors / the raw mixed logits; return_dict_in_generate: the caller reports ids and
+    those in a transformers GenerateDecoderOnlyOutput.
     """
 
     max_new_tokens: int = 64
@@ -44,6 +47,9 @@ class Decoding:
     eos_ids: frozenset = frozenset()
     generator: torch.Generator | None = None
     cancelled: bool = False
+    output_scores: bool = False
+    output_logits: bool = False
+    return_dict_in_generate: bool = False
 
 
 def sampling(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,

@@ -1,14 +1,16 @@
 """Generation arguments as transformers users write them, resolved into an ensemble `Decoding`.
 
 `ELREA.generate(prompts, max_new_tokens=..., do_sample=..., temperature=..., top_p=...,
-top_k=..., min_p=..., repetition_penalty=..., stop_strings=..., eos_token_id=...)`, or a
+top_k=..., min_p=..., repetition_penalty=..., stop_strings=..., eos_token_id=...,
+return_dict_in_generate=..., output_scores=..., output_logits=...)`, or a
 `transformers.GenerationConfig`, on top of the run's `generation` defaults. The result is
 built from transformers' own logits processors and stopping criteria, in the order
 `generate()` applies them (repetition penalty, then temperature, top-k, top-p, min-p).
 Conventions: greedy unless `do_sample` (or, elrea's shorthand, a temperature > 0 given
 without `do_sample`); decoding stops on every id of `eos_token_id` (a list for Llama-3 and
 Qwen), and on a stop string after the token that completes it (the string is kept, as in
-transformers).
+transformers). `tokenizer=`, which transformers requires with `stop_strings`, is accepted when
+it is the run's tokenizer (the same vocabulary): stop strings are always matched with the run's.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from .errors import ConfigError
 
 # what elrea's decoding implements; anything else is an error that lists these
 GENERATION_ARGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
-                   "repetition_penalty", "stop_strings", "eos_token_id")
+                   "repetition_penalty", "stop_strings", "eos_token_id", "return_dict_in_generate",
+                   "output_scores", "output_logits")
+# what ELREA.generate takes besides these (listed when a name is unknown)
+OTHER_ARGS = ("generation_config", "seed", "weights", "mode", "raw", "streamer", "tokenizer", "input_ids",
+              "attention_mask")
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -34,14 +40,16 @@ def eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def resolve(run_defaults, tokenizer, default_eos: list[int], device, generation_config=None,
-            seed: int | None = None, **kwargs) -> Decoding:
+def resolve(run_defaults, run_tokenizer, default_eos: list[int], device, generation_config=None,
+            seed: int | None = None, tokenizer=None, **kwargs) -> Decoding:
     """A Decoding from the run's GenerationConfig section, a transformers GenerationConfig and
-    keyword arguments (later ones win). Unknown arguments are an error naming the valid ones."""
+    keyword arguments (later ones win). Unknown arguments are an error naming the valid ones;
+    `tokenizer` (the caller's, as transformers asks with stop_strings) must be the run's."""
     unknown = sorted(set(kwargs) - set(GENERATION_ARGS))
     if unknown:
         raise ConfigError(f"generate: unknown argument(s) {', '.join(map(repr, unknown))}; valid: "
-                          f"{', '.join(GENERATION_ARGS)}, generation_config, seed, weights, mode")
+                          f"{', '.join(GENERATION_ARGS + OTHER_ARGS)}")
+    check_tokenizer(tokenizer, run_tokenizer)
     args = {"max_new_tokens": run_defaults.max_new_tokens, "temperature": run_defaults.temperature,
             "top_p": run_defaults.top_p, "eos_token_id": default_eos}
     if generation_config is not None:
@@ -67,12 +75,39 @@ def resolve(run_defaults, tokenizer, default_eos: list[int], device, generation_
         else:
             generator.seed()  # a fresh, non-deterministic seed
     return Decoding(int(args["max_new_tokens"]), do_sample, _processors(args, temperature, do_sample),
-                    _stopping(args.get("stop_strings"), tokenizer), eos, generator)
+                    _stopping(args.get("stop_strings"), run_tokenizer), eos, generator,
+                    output_scores=bool(args.get("output_scores")), output_logits=bool(args.get("output_logits")),
+                    return_dict_in_generate=bool(args.get("return_dict_in_generate")))
+
+
+def check_tokenizer(given, run_tokenizer) -> None:
+    """Refuse a `tokenizer=` whose vocabulary is not the run's (ConfigError saying how they differ):
+    its ids would not be the model's. The run's own, or a copy loaded from the same files, passes."""
+    if given is None or given is run_tokenizer:
+        return
+    if not callable(getattr(given, "get_vocab", None)):
+        raise ConfigError(f"generate: tokenizer must be a transformers tokenizer, got {type(given).__name__}")
+    theirs, ours = given.get_vocab(), run_tokenizer.get_vocab()
+    if theirs == ours:
+        return
+    if len(theirs) != len(ours):
+        how = f"{len(theirs)} tokens against the run's {len(ours)}"
+    else:
+        token = min(t for t in theirs if theirs[t] != ours.get(t))
+        how = (f"{token!r} is id {theirs[token]} in it and " +
+               (f"id {ours[token]}" if token in ours else "not a token") + " in the run's")
+    raise ConfigError(f"generate: tokenizer= ({getattr(given, 'name_or_path', '?')}) is not this run's tokenizer "
+                      f"({getattr(run_tokenizer, 'name_or_path', '?')}): {how}. elrea decodes, and matches stop "
+                      "strings, with the run's tokenizer; pass tokenizer=model.tokenizer, or leave tokenizer= out")
 
 
 def _check(args: dict) -> None:
     if not isinstance(args["max_new_tokens"], int) or args["max_new_tokens"] < 1:
         raise ConfigError(f"generate: max_new_tokens must be an integer >= 1, got {args['max_new_tokens']!r}")
+    for name in ("output_scores", "output_logits"):
+        if args.get(name) and not args.get("return_dict_in_generate"):
+            raise ConfigError(f"generate: {name}=True needs return_dict_in_generate=True (they come back in a "
+                              "GenerateDecoderOnlyOutput, as in transformers)")
     for name, lo, hi in (("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0)):
         v = args.get(name)
         if v is not None and not lo < float(v) <= hi:
