@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = "tests/lm_eval_tasks"   # data_files in the YAMLs are relative to the repository root
@@ -19,11 +21,14 @@ def test_lm_eval_cli_multiple_choice_and_generation(tmp_path, fitted_run, elrea_
     out = tmp_path / "lm_eval"
     r = subprocess.run([sys.executable, "-m", "elrea.cli", "lm-eval", "--model_args",
                         f"run={fitted_run},device=cpu", "--tasks", "elrea_toy_mc", "elrea_toy_gen",
-                        "--include_path", TASKS, "--output_path", str(out), "--log_samples"],
+                        "--include_path", TASKS, "--output_path", str(out), "--log_samples",
+                        "--batch_size", "auto", "--max_batch_size", "5"],
                        capture_output=True, text=True, timeout=600, cwd=REPO,
                        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-4000:]
     assert "elrea_toy_mc" in r.stdout and "exact_match" in r.stdout  # lm-eval's own table
+    assert "batch_size: auto (5)" in r.stdout   # lm-eval's summary: the batch size the backend chose
+    assert r.stderr.count("chat template is not applied") == 1 and "cuda" not in r.stderr
     results = json.loads(Path(glob.glob(str(out / "*" / "results_*.json"))[0]).read_text())["results"]
     assert 0 <= results["elrea_toy_mc"]["acc,none"] <= 1
     assert 0 <= results["elrea_toy_gen"]["exact_match,none"] <= 1
@@ -77,3 +82,152 @@ def test_bad_model_args_are_clear_errors(tmp_path):
                         "--tasks", "elrea_toy_mc", "--include_path", TASKS], capture_output=True, text=True,
                        timeout=300, cwd=REPO, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 2 and "not an elrea run directory" in r.stderr and "Traceback" not in r.stderr
+
+
+REQUESTS = [  # different contexts and lengths, two sharing a context, an empty context, a trailing space
+    ("Add 3 and 4.\nAnswer:", " 7"), ("Add 3 and 4.\nAnswer:", " 12 or so"), ("", "Reverse the word abc."),
+    ("Reverse the word uzejo.\nAnswer: ", "ojezu"), ("Subtract 9 from 12.", " 3"), ("A", " b c d e f g"),
+    ("Add 12 and 13. Add 12 and 13. Add 12 and 13.\nAnswer:", " 25"), ("Add 3 and 4.\nAnswer:", " 8"),
+]   # the first and the last differ only in their one-token continuation
+
+
+def _per_request(m, weights):
+    """The unbatched reference: each request alone through engine.score with its own weights."""
+    out = []
+    for (c, x), w in zip(REQUESTS, weights):
+        ctx, cont = m._split_pair(c, x, False)
+        out.append(m.engine.score(ctx, [cont], w, greedy=True)[0])
+    return out
+
+
+def _record_batches(monkeypatch, engine):
+    seen = []
+    real = engine.score_batch
+
+    def spy(requests, weights, greedy=False):
+        seen.append(len({tuple(c) for c, _ in requests}) * 1000 + len(requests))
+        return real(requests, weights, greedy)
+    monkeypatch.setattr(engine, "score_batch", spy)
+    return seen
+
+
+def test_batched_loglikelihood_equals_per_request(elrea_model, monkeypatch):
+    m = elrea_model
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(len(REQUESTS), len(m.adapters), generator=gen)
+    w[1, 0] = w[3, 1:] = 0   # some rows skip adapters (as top_k routing does)
+    w = w / w.sum(1, keepdim=True)
+    w[-1] = w[0]             # the same context: the same routing weights
+    ref = _per_request(m, w)
+    seen, rows = _record_batches(monkeypatch, m.engine), []
+    real_rows = m.engine._rows
+    monkeypatch.setattr(m.engine, "_rows", lambda adapters, mix=None: rows.append(len(adapters)) or real_rows(adapters))
+    for bs in (1, 3, None):   # None: batches sized by memory
+        seen.clear()
+        rows.clear()
+        got = m.loglikelihood(REQUESTS, weights=w, batch_size=bs)
+        for (v, g), (rv, rg) in zip(got, ref):
+            assert abs(v - rv) < 1e-5 and g == rg
+        sizes = [k % 1000 for k in seen]
+        assert sizes == ([1] * 8 if bs == 1 else [3, 3, 2] if bs == 3 else [8])
+    assert max(k // 1000 for k in seen) > 1  # a forward over several contexts
+    # the two requests that differ in their last token only share their rows: one forward row per adapter fewer
+    assert sum(rows) == int((w > 0).sum()) - int((w[0] > 0).sum())
+    # routed: each distinct context once, the same weights whatever the batch
+    routed = m.loglikelihood(REQUESTS, batch_size=2)
+    assert all(abs(a[0] - b[0]) < 1e-5 for a, b in zip(routed, m.loglikelihood(REQUESTS, batch_size=5)))
+
+
+def _lm(run, **kw):
+    from elrea.integrations.lm_eval import ELREALM
+
+    return ELREALM(run=str(run), device="cpu", **kw)
+
+
+def _mc(lm, **kw):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    return lm_eval.simple_evaluate(model=lm, tasks=["elrea_toy_mc"], task_manager=TaskManager(include_path=TASKS),
+                                   **kw)
+
+
+def test_backend_batch_size_is_honoured_and_reported(fitted_run, monkeypatch):
+    monkeypatch.chdir(REPO)
+    lm = _lm(fitted_run, batch_size="4")
+    seen = _record_batches(monkeypatch, lm.model.engine)
+    res = _mc(lm)
+    assert [k % 1000 for k in seen] == [4] * 8            # 8 questions x 4 choices, 4 per forward
+    assert res["config"]["batch_sizes"] == []              # lm-eval's summary: its own --batch_size
+    assert lm.model.config.generation.batch_size == 4      # generate_until decodes 4 together
+
+    lm = _lm(fitted_run, batch_size="auto:4", max_batch_size="5")
+    seen = _record_batches(monkeypatch, lm.model.engine)
+    res = _mc(lm)
+    assert [k % 1000 for k in seen] == [5] * 6 + [2]       # the memory budget holds more: max_batch_size caps
+    assert res["config"]["batch_sizes"] == [5]             # the summary: "batch_size: auto (5)"
+    with pytest.raises(Exception, match="batch_size 'big'; valid: a positive integer, auto, auto:N"):
+        _lm(fitted_run, batch_size="big")
+
+
+def test_backend_routes_with_the_runs_router(fitted_run, tmp_path, elrea_model):
+    import shutil
+
+    run = tmp_path / "uniform_run"
+    shutil.copytree(fitted_run, run)
+    cfg = json.loads((run / "run_config.json").read_text())
+    cfg["routing"]["router"] = "uniform"
+    (run / "run_config.json").write_text(json.dumps(cfg))
+    lm = _lm(run)
+    got = lm.loglikelihood([SimpleNamespace(args=r) for r in REQUESTS], disable_tqdm=True)
+    uniform = torch.full((len(REQUESTS), len(elrea_model.adapters)), 1 / len(elrea_model.adapters))
+    routed = elrea_model.loglikelihood(REQUESTS)   # the fitted run's own router (gradient)
+    for g, u, r in zip(got, _per_request(elrea_model, uniform), routed):
+        assert abs(g[0] - u[0]) < 1e-5
+    assert max(abs(g[0] - r[0]) for g, r in zip(got, routed)) > 1e-4
+    assert lm.get_model_info()["elrea_router"] == "uniform"
+    assert _lm(run, router="gradient").loglikelihood([SimpleNamespace(args=REQUESTS[0])], disable_tqdm=True)[0][0] \
+        == pytest.approx(routed[0][0], abs=1e-5)
+
+
+def test_raw_prompts_warn_once_unless_the_chat_template_is_applied(fitted_run, monkeypatch, caplog):
+    monkeypatch.chdir(REPO)
+    lm = _lm(fitted_run)
+    assert lm.tok.chat_template   # the tiny backbone has one
+    with caplog.at_level(logging.WARNING, logger="elrea.integrations.lm_eval"):
+        _mc(lm)
+        lm.loglikelihood([SimpleNamespace(args=REQUESTS[0])], disable_tqdm=True)
+        lm.generate_until([SimpleNamespace(args=("Add 3 and 4.", {"until": ["\n"], "max_gen_toks": 2}))],
+                          disable_tqdm=True)
+    warned = [r for r in caplog.records if "chat template is not applied" in r.getMessage()]
+    assert len(warned) == 1 and "--apply_chat_template" in warned[0].getMessage()
+    caplog.clear()
+    lm = _lm(fitted_run)
+    with caplog.at_level(logging.WARNING, logger="elrea.integrations.lm_eval"):
+        _mc(lm, apply_chat_template=True)
+    assert not [r for r in caplog.records if "chat template is not applied" in r.getMessage()]
+
+
+def test_backend_dtype_and_device(fitted_run, elrea_model, caplog):
+    from elrea.integrations.lm_eval import ELREALM
+
+    lm = _lm(fitted_run, dtype="bfloat16")
+    assert lm.model.engine.dtype == torch.bfloat16
+    assert {p.dtype for n, p in lm.model.model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    assert lm.get_model_info()["model_dtype"] == "torch.bfloat16"
+    low = lm.loglikelihood([SimpleNamespace(args=r) for r in REQUESTS], disable_tqdm=True)
+    full = elrea_model.loglikelihood(REQUESTS)
+    assert 0 < max(abs(a[0] - b[0]) for a, b in zip(low, full)) < 0.5   # bfloat16: close, not equal
+    assert _lm(fitted_run, dtype="auto").model.engine.dtype == torch.float32   # the run's model.dtype
+    with pytest.raises(Exception, match="dtype 'float8'; valid: auto, float32, bfloat16, float16"):
+        _lm(fitted_run, dtype="float8")
+    if torch.cuda.is_available():
+        return
+    with caplog.at_level(logging.DEBUG, logger="elrea.integrations.lm_eval"):
+        lm = ELREALM.create_from_arg_obj({"run": str(fitted_run)}, {"device": "cuda:0", "batch_size": 1})
+    assert lm.model.device.type == "cpu"   # lm-eval's default cuda:0 on a machine without: quietly the run's
+    assert [r.levelno for r in caplog.records if "device" in r.getMessage()] == [logging.DEBUG]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="elrea.integrations.lm_eval"):
+        ELREALM.create_from_arg_obj({"run": str(fitted_run), "device": "cuda"}, {"device": "cuda:0"})
+    assert [r.levelno for r in caplog.records if "device" in r.getMessage()] == [logging.INFO]

@@ -378,31 +378,31 @@ class ELREA:
         return self.engine.score(self.prompt_ids(prompt), conts, w)
 
     def loglikelihood(self, requests: list[tuple[str, str]], weights: torch.Tensor | None = None,
-                      add_special_tokens: bool = False, **route_kwargs) -> list[tuple[float, bool]]:
+                      add_special_tokens: bool = False, batch_size: int | None = None,
+                      max_batch_size: int | None = None, on_batch=None, **route_kwargs) -> list[tuple[float, bool]]:
         """(log p(continuation | context), whether greedy decoding would produce it) for raw
-        (context, continuation) text pairs, as lm-evaluation-harness asks; each context routed
-        on its own tokens (or `weights` [n, C+1]). Contexts shared by several requests are
-        scored together. Tokenisation as lm-eval's HF backend: trailing spaces of the context
-        move to the continuation, and the continuation is what the pair's tokens add.
+        (context, continuation) text pairs, as lm-evaluation-harness asks; each distinct context
+        routed once on its own tokens (or `weights` [n, C+1]). Requests, whatever their contexts,
+        are scored `batch_size` at a time, longest first (engine.score_many; None: batches sized
+        by memory, at most `max_batch_size` requests); on_batch(n) after each batch.
+        Tokenisation as lm-eval's HF backend: trailing spaces of the context move to the
+        continuation, and the continuation is what the pair's tokens add.
         route_kwargs: router, tau, top_k (as for `route`)."""
+        if not requests:
+            return []
         pairs = [self._split_pair(c, x, add_special_tokens) for c, x in requests]
-        by_context: dict[tuple, list[int]] = {}
-        for i, (ctx, _) in enumerate(pairs):
-            by_context.setdefault(tuple(ctx), []).append(i)
-        contexts = [list(k) for k in by_context]
         if weights is None:
             from .data import Encoded
 
-            w = self.route([Encoded(c, [-100] + c[1:]) for c in contexts], **route_kwargs)
+            by_context: dict[tuple, int] = {}
+            for ctx, _ in pairs:
+                by_context.setdefault(tuple(ctx), len(by_context))
+            w = self.route([Encoded(list(c), [-100] + list(c[1:])) for c in by_context], **route_kwargs)
+            w = w[[by_context[tuple(ctx)] for ctx, _ in pairs]]                 # (n, C+1): each request's
         else:
             w = check_weights(weights, len(requests), len(self.adapters))
-            w = torch.stack([w[idx[0]] for idx in by_context.values()])
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        for k, (ctx, idx) in enumerate(zip(contexts, by_context.values())):
-            res = self.engine.score(ctx, [pairs[i][1] for i in idx], w[k], greedy=True)
-            for i, r in zip(idx, res):
-                out[i] = r
-        return out
+        return self.engine.score_many(pairs, w, greedy=True, batch_size=batch_size,
+                                      max_batch_size=max_batch_size, on_batch=on_batch)
 
     def _split_pair(self, context: str, continuation: str, special: bool) -> tuple[list[int], list[int]]:
         n_space = len(context) - len(context.rstrip())

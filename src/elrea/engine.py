@@ -369,6 +369,101 @@ class Ensemble:
             scores.append((value, bool((pred.argmax(-1) == target).all())) if greedy else value)
         return scores
 
+    def score_many(self, requests: list[tuple[list[int], list[int]]], weights: torch.Tensor, greedy: bool = False,
+                   batch_size: int | None = None, max_batch_size: int | None = None, on_batch=None) -> list:
+        """`score_batch` for any number of (context, continuation) token pairs, in request order.
+
+        weights [n, K], row i for request i. Requests go longest first (padding stays short) in
+        batches of `batch_size` requests; batch_size None sizes each batch by memory instead
+        (`score_budget`: as many requests as the budget holds, at most `max_batch_size`).
+        on_batch(n_requests) is called after each batch (progress bars).
+        """
+        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu")
+        n_rows = (weights > 0).sum(1).tolist()                                  # forward rows per request
+        # longest first; requests that share an input (all but the continuation's last token) side by side
+        order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])),
+                                                            requests[i][0] + requests[i][1][:-1]))
+        budget, out, s = self.score_budget(), [None] * len(requests), 0
+        while s < len(order):
+            e = s + 1
+            if batch_size:
+                e = min(s + batch_size, len(order))
+            else:  # the first request is the longest: it sets the padded length T of the batch
+                T, L = len(requests[order[s]][0]) + len(requests[order[s]][1]), 1
+                rows = n_rows[order[s]]
+                while e < len(order) and (max_batch_size is None or e - s < max_batch_size):
+                    L2 = max(L, len(requests[order[e]][1]))
+                    if self._score_bytes(rows + n_rows[order[e]], T, L2) > budget:
+                        break
+                    rows, L, e = rows + n_rows[order[e]], L2, e + 1
+            idx = order[s:e]
+            for i, r in zip(idx, self.score_batch([requests[i] for i in idx], weights[idx], greedy)):
+                out[i] = r
+            if on_batch is not None:
+                on_batch(len(idx))
+            s = e
+        return out
+
+    def score_budget(self) -> int:
+        """Bytes a scoring forward may take when batches are sized automatically: half the free
+        memory of a CUDA device, 512 MiB on a CPU (where larger batches barely pay)."""
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0] // 2
+        return 512 * 2 ** 20
+
+    def _score_bytes(self, rows: int, T: int, L: int) -> int:
+        """An estimate of a scoring forward's peak memory: per token the widest transient
+        activations of one layer (MLP: 3 x intermediate, attention: ~6 x hidden), per kept
+        position three float32 copies of the vocabulary's logits (logits, mixed, log-softmax)."""
+        cfg = getattr(self.model, "config", None)
+        hidden = getattr(cfg, "hidden_size", 4096)
+        inter = getattr(cfg, "intermediate_size", 4 * hidden)
+        vocab = getattr(cfg, "vocab_size", 32000)
+        per_token = (3 * inter + 6 * hidden) * torch.finfo(self.dtype).bits // 8
+        return rows * (T * per_token + (L + 1) * vocab * 4 * 3)
+
+    @torch.no_grad()
+    def score_batch(self, requests: list[tuple[list[int], list[int]]], weights: torch.Tensor,
+                    greedy: bool = False) -> list:
+        """`score` for requests with different contexts, in one forward: for request i = (x, y),
+        sum_t log softmax(sum_c w_ic logits_c(x, y_<t))[y_t] (with greedy=True, (value, whether
+        every y_t is the mixed logits' argmax)).
+
+        weights [n, K]. One left-padded row per (distinct input, adapter with w_ic > 0), each
+        row's LoRA chosen by the stacked selector (or PEFT's adapter_names); only the last L + 1
+        positions (L: the longest continuation) come out of the model. Requests that differ
+        only in their continuation's last token (multiple choice with one-token answers) share
+        their rows: that token is never an input, so their logits are the same (as lm-eval's
+        `hf` backend reuses them).
+        """
+        device = self.device
+        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(len(requests), -1)
+        inputs: dict[tuple, int] = {}   # (x + y[:-1], |y|, weights) -> its index u
+        of = [inputs.setdefault((tuple(x + y[:-1]), len(y), tuple(weights[i].tolist())), len(inputs))
+              for i, (x, y) in enumerate(requests)]
+        first = {u: i for i, u in reversed(list(enumerate(of)))}    # u -> a request with that input
+        rows = [(u, c) for u in range(len(inputs)) for c in range(len(self.names)) if weights[first[u], c] > 0]
+        seqs = [requests[first[u]][0] + requests[first[u]][1] for u, _ in rows]
+        ids, mask = left_pad(seqs, self.pad_id, device)                       # (R, T)
+        L = max(len(y) for _, y in requests)
+        with self._rows([c for _, c in rows]) as kw:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                             use_cache=False, logits_to_keep=L + 1, **kw)
+        logits = out.logits[:, -(L + 1):-1].float()                           # (R, L, V): predict the last L
+        row_w = torch.tensor([float(weights[first[u], c]) for u, c in rows], device=device)
+        owner = torch.tensor([u for u, _ in rows], device=device)
+        combined = torch.zeros(len(inputs), L, logits.shape[-1], device=device)
+        combined.index_add_(0, owner, logits * row_w[:, None, None])          # (U, L, V)
+        logp = torch.log_softmax(combined, dim=-1)[torch.tensor(of, device=device)]   # (n, L, V)
+        # continuations right-aligned in L columns, as their logits are: token t of y at L-|y|+t
+        target, valid = left_pad([y for _, y in requests] + [[0] * L], 0, device)
+        target, valid = target[:-1], valid[:-1].bool()                         # (n, L)
+        picked = logp.gather(2, target[..., None])[..., 0]
+        values = torch.where(valid, picked, 0.0).sum(1)
+        hits = ((logp.argmax(-1) == target) | ~valid).all(1)
+        values, hits = values.tolist(), hits.tolist()                          # one host sync
+        return [(v, h) for v, h in zip(values, hits)] if greedy else values
+
     @contextlib.contextmanager
     def _rows(self, adapters: list[int], mix: torch.Tensor | None = None):
         """Forward kwargs under which row i runs adapter names[adapters[i]] (a stacked selector, or

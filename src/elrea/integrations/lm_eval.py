@@ -7,12 +7,22 @@
     from elrea.integrations.lm_eval import ELREALM
     lm_eval.simple_evaluate(model=ELREALM(run="runs/mix"), tasks=["mmlu"])
 
-model_args: run (required), device, router (default: the run's routing.router), top_k, tau (routing
-temperature), max_length (rolling windows; default the run's data.max_length), add_bos_token.
+model_args: run (required), device, dtype, batch_size, max_batch_size, router (default: the run's
+routing.router), top_k, tau (routing temperature), max_length (rolling windows; default the run's
+data.max_length), add_bos_token; lm-eval's own --device, --batch_size and --max_batch_size fill
+the ones model_args leave out.
 Each request is routed on its own context (its tokens, as they are: lm-eval has already
-applied any chat template), then the experts' logits are mixed with those weights:
-`loglikelihood` is the ensemble's score, `generate_until` its decoding stopped at the
-request's `until` strings, `loglikelihood_rolling` its score over lm-eval's rolling windows.
+applied any chat template, with --apply_chat_template), then the experts' logits are mixed with
+those weights: `loglikelihood` is the ensemble's score, `generate_until` its decoding stopped
+at the request's `until` strings, `loglikelihood_rolling` its score over lm-eval's rolling windows.
+
+batch_size: requests per forward (loglikelihood, across contexts) and prompts decoded together
+(generate_until). "auto" (and lm-eval's "auto:N", whose re-detection schedule is moot here)
+sizes each loglikelihood batch by memory instead: as many requests as fit half the free CUDA
+memory (512 MiB on a CPU) by engine.score_many's estimate, at most max_batch_size; prompts then
+decode the run's generation.batch_size at a time. The largest batch used is lm-eval's
+`batch_sizes` (its summary line: "batch_size: auto (N)").
+dtype: float32, bfloat16, float16, or auto (the run's model.dtype): the backbone's dtype.
 """
 
 from __future__ import annotations
@@ -26,16 +36,33 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
+MODEL_ARGS = ("run", "device", "dtype", "batch_size", "max_batch_size", "router", "top_k", "tau", "max_length",
+              "add_bos_token")
+LM_EVAL_DEFAULT_DEVICE = "cuda:0"   # lm-eval's --device default, given whether or not the user asked for it
+
 
 def _flag(value) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+
+
+def parse_batch_size(value) -> int | str:
+    """lm-eval's batch_size: a positive integer, "auto" or "auto:N" (as "auto"); None is 1."""
+    from ..errors import ConfigError
+
+    text = "1" if value is None else str(value).strip()
+    if text == "auto" or text.startswith("auto:"):
+        return "auto"
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise ConfigError(f"lm-eval: batch_size {value!r}; valid: a positive integer, auto, auto:N")
 
 
 @register_model("elrea")
 class ELREALM(LM):
     def __init__(self, run: str | None = None, device: str | None = None, router: str | None = None,
                  top_k: int | None = None, tau: float | None = None, max_length: int | None = None,
-                 add_bos_token: bool = False, batch_size=None, max_batch_size=None, **unused):
+                 add_bos_token: bool = False, batch_size=1, max_batch_size=None, dtype: str | None = None,
+                 **unused):
         super().__init__()
         from ..api import ELREA
         from ..errors import ConfigError
@@ -43,26 +70,33 @@ class ELREALM(LM):
         if not run:
             raise ConfigError("lm-eval: --model_args needs run=RUN_DIRECTORY (a run made by `elrea fit`)")
         if unused:
-            log.warning("lm-eval: ignoring model_args %s (valid: run, device, router, top_k, tau, max_length, "
-                        "add_bos_token)", ", ".join(sorted(unused)))
-        import torch
-
-        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
-            # lm-eval's own default is cuda:0 even on machines without one
-            log.warning("lm-eval: device %s is not available here; using the run's device (auto)", device)
-            device = None
-        self.model = ELREA.from_pretrained(run, device=device)
+            log.warning("lm-eval: ignoring model_args %s (valid: %s)", ", ".join(sorted(unused)), ", ".join(MODEL_ARGS))
+        self.batch_size = parse_batch_size(batch_size)
+        self.max_batch_size = None if max_batch_size is None else int(max_batch_size)
+        self.batch_sizes: dict[int, int] = {}   # what lm-eval's summary shows after "auto"
+        self.model = ELREA.from_pretrained(run, backbone=_backbone(run, device, dtype))
         self.tok = self.model.tokenizer
         self.route_kwargs = {"router": router, "top_k": None if top_k is None else int(top_k),
                              "tau": None if tau is None else float(tau)}
+        self.model.check_routing(**self.route_kwargs)   # an unknown router fails now, naming the valid ones
+        if self.batch_size != "auto":   # this backend's own model: generate() decodes that many together
+            self.model.config.generation.batch_size = self.batch_size
         self.max_length = int(max_length or self.model.formatter.max_length)
         self.add_bos_token = _flag(add_bos_token)
         self._device = self.model.device
+        self._chat = False        # whether lm-eval applies the chat template (--apply_chat_template)
+        self._warned_raw = False
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "ELREALM":
-        """model_args win over lm-eval's own --device/--batch_size (whose device defaults to cuda:0)."""
+        """model_args win over lm-eval's own --device/--batch_size/--max_batch_size. lm-eval's
+        device is cuda:0 unless told: on a machine without CUDA that default quietly becomes the
+        run's device."""
+        import torch
+
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        if extra.get("device") == LM_EVAL_DEFAULT_DEVICE and not torch.cuda.is_available():
+            log.debug("lm-eval: its default device %s is not available here; using the run's", extra.pop("device"))
         return cls(**arg_dict, **extra)
 
     @classmethod
@@ -71,16 +105,46 @@ class ELREALM(LM):
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
+    def get_model_info(self) -> dict:
+        """What lm-eval's results JSON records of the model (config), beside its own fields."""
+        return {"model_dtype": str(self.model.engine.dtype), "elrea_run": str(self.model.run_dir),
+                "elrea_router": self.route_kwargs["router"] or self.model.config.routing.router,
+                "model_num_parameters": sum(p.numel() for p in self.model.model.parameters())}
+
+    def _warn_raw_prompts(self) -> None:
+        """Once, as lm-eval warns for instruct models: a backbone with a chat template (the run's
+        experts were trained through it) gets lm-eval's prompts raw unless --apply_chat_template."""
+        if self._chat or self._warned_raw or not getattr(self.tok, "chat_template", None):
+            return
+        self._warned_raw = True
+        log.warning("run=%s: its backbone %s has a chat template (the run's adapters were trained through it), "
+                    "but chat template is not applied: prompts go in raw. Recommend setting "
+                    "`--apply_chat_template` (optionally `--fewshot_as_multiturn`).",
+                    self.model.run_dir, self.model.config.model.name)
+
     # ------------------------------------------------------------------ the three requests
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        out = []
-        for chunk in _chunks(requests, 32, disable_tqdm, "loglikelihood"):
-            pairs = [r.args for r in chunk]
-            results = self.model.loglikelihood(pairs, add_special_tokens=self.add_bos_token, **self.route_kwargs)
-            for args, res in zip(pairs, results):
-                self.cache_hook.add_partial("loglikelihood", args, res)
-            out += results
+        """All requests at once: each distinct context routed once, then `batch_size` requests
+        (whatever their contexts) per forward of the stacked adapters."""
+        self._warn_raw_prompts()
+        pairs = [r.args for r in requests]
+        bar = tqdm(total=len(pairs), desc="loglikelihood", disable=disable_tqdm)
+        sizes = []
+
+        def done(n):
+            sizes.append(n)
+            bar.update(n)
+
+        auto = self.batch_size == "auto"
+        out = self.model.loglikelihood(pairs, add_special_tokens=self.add_bos_token,
+                                       batch_size=None if auto else self.batch_size,
+                                       max_batch_size=self.max_batch_size, on_batch=done, **self.route_kwargs)
+        bar.close()
+        if auto and sizes:
+            self.batch_sizes[len(self.batch_sizes)] = max(sizes)
+        for args, res in zip(pairs, out):
+            self.cache_hook.add_partial("loglikelihood", args, res)
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -88,6 +152,7 @@ class ELREALM(LM):
 
         from ..data import Encoded
 
+        self._warn_raw_prompts()
         out = []
         for r in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
             (text,) = r.args
@@ -103,7 +168,9 @@ class ELREALM(LM):
         return out
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Requests with the same generation arguments are decoded together."""
+        """Requests with the same generation arguments are decoded together, `batch_size` prompts
+        at a time (auto: the run's generation.batch_size)."""
+        self._warn_raw_prompts()
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault(json.dumps(r.args[1], sort_keys=True, default=str), []).append(i)
@@ -134,6 +201,7 @@ class ELREALM(LM):
     # ------------------------------------------------------------------ chat templates
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        self._chat = True
         return self.tok.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
                                             continue_final_message=not add_generation_prompt)
 
@@ -142,15 +210,37 @@ class ELREALM(LM):
         return self.tok.name_or_path.replace("/", "__")
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
+        self._chat = self._chat or chat_template is not False   # lm-eval asks only with --apply_chat_template
         return self.tok.chat_template if chat_template is not False else None
 
 
-def _chunks(requests, size: int, disable: bool, desc: str):
-    bar = tqdm(total=len(requests), desc=desc, disable=disable)
-    for s in range(0, len(requests), size):
-        yield requests[s:s + size]
-        bar.update(min(size, len(requests) - s))
-    bar.close()
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _backbone(run: str, device: str | None, dtype: str | None):
+    """The run's backbone on `device` (default: the run's model.device) in `dtype` (default, or
+    "auto": the run's model.dtype), loaded for ELREA.from_pretrained."""
+    import torch
+
+    from ..api import _local_run
+    from ..distributed import resolve_device
+    from ..errors import ConfigError
+    from ..models import load_backbone
+    from ..rundir import Run
+
+    if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+        log.info("lm-eval: device %s is not available on this machine; using the run's device", device)
+        device = None
+    dtype = "auto" if dtype is None else str(dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise ConfigError(f"lm-eval: dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    run_dir = Run(_local_run(run))
+    if not run_dir.manifest.exists():
+        return None   # ELREA.from_pretrained says what is wrong with the directory
+    cfg = run_dir.config().model
+    if dtype != "auto":
+        cfg.dtype = dtype
+    return load_backbone(cfg, resolve_device(device or cfg.device))
 
 
 def main(argv: list[str]) -> int:
