@@ -14,6 +14,11 @@ features (`--parts features`; batch 16, instruction-only loss on the last 60% of
 - a plain training forward+backward on the same batches (the floor);
 - agreement: elrea's per-example gradients through the same dense projection vs the LESS
   features (cosine, float64), and peak GPU memory of each.
+profile (`--parts profile`; batch sizes `--profile-batches`, default 16 and 64): where the
+features' time goes, phase by phase with CUDA events on the same batches (forward with hooks,
+backward to the LoRA outputs, per-example outer products, Adam preconditioning, sparse
+projection, normalise; apart: the projection as nnz scatters, bf16 -> float32 copies) next to
+a training step's forward and backward: the table of `benchmarks/speed_features.py --profile`.
 decoding (`--parts decoding`; base + 4 experts, 128 new tokens, EOS unset, greedy, batch 1, 8,
 32, 64; the methods of benchmarks/speed_generate.py, `--methods` to choose):
 - the anchor: transformers `generate` with adapter "base" merged into the backbone, static
@@ -61,7 +66,7 @@ import torch.nn.functional as F  # noqa: E402
 TARGETS = {"features_speedup_vs_less": 20.0, "features_over_fwd_bwd": 1.3, "ensemble_over_single_b1": 0.8,
            "routing_over_token": 5.0, "engine_b1_tokens_per_s": 150.0, "engine_over_anchor_b1": 0.8,
            "engine_b32_tokens_per_s": 1000.0}
-PARTS = ("features", "decoding", "e2e")
+PARTS = ("features", "profile", "decoding", "e2e")
 # the decoding methods run on a GPU (names of speed_generate.LABELS); the rest are CPU-only rows
 GPU_METHODS = ("anchor_merged_static", "single_adapter_peft", "naive_ensemble", "elrea_before", "engine_single",
                "engine")
@@ -89,6 +94,8 @@ def parse_args(argv=None):
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--dim", type=int, default=8192)
     ap.add_argument("--feature-batch", type=int, default=16)
+    ap.add_argument("--profile-batches", type=int, nargs="+", default=[16, 64],
+                    help="batch sizes of the phase profile (--parts profile)")
     ap.add_argument("--examples", type=int, default=64, help="examples for elrea and plain fwd+bwd")
     ap.add_argument("--less-examples", type=int, default=16, help="examples for the LESS way and the agreement")
     ap.add_argument("--min-len", type=int, default=64)
@@ -101,7 +108,7 @@ def parse_args(argv=None):
     ap.add_argument("--engine-compile", default="auto", help="the engine's compile setting (auto: CUDA graphs)")
     ap.add_argument("--anchor-compile", default="reduce-overhead",
                     help="torch.compile mode of the anchor's forward, or off")
-    ap.add_argument("--parts", nargs="+", default=["features", "decoding", "e2e"], choices=PARTS,
+    ap.add_argument("--parts", nargs="+", default=["features", "profile", "decoding", "e2e"], choices=PARTS,
                     help="what to run (e2e only with --e2e-model and --e2e-data)")
     ap.add_argument("--cap", nargs="*", default=[], metavar="PART=SECONDS",
                     help="time cap per part, e.g. decoding=300 features=120 (default: none)")
@@ -116,7 +123,7 @@ def parse_args(argv=None):
     args.caps = parse_caps(args.cap, ap)
     if args.smoke:
         args.archs, args.device, args.dim, args.examples, args.less_examples = ["tiny"], "cpu", 256, 8, 4
-        args.feature_batch, args.new_tokens, args.repeats = 4, 4, 1
+        args.feature_batch, args.new_tokens, args.repeats, args.profile_batches = 4, 4, 1, [4]
         args.min_len, args.max_len = 8, 24
         # the compiled paths traced by dynamo without code generation (seconds on a CPU)
         args.engine_compile, args.anchor_compile = "dynamo", "dynamo"
@@ -290,6 +297,26 @@ def features_phase(model, args, vocab: int) -> dict:
             "agreement_cosine_min": float(cos.min()), "agreement_cosine_mean": float(cos.mean())}
 
 
+def profile_phase(model, args, vocab: int, out: dict) -> None:
+    """speed_features.phase_profile at each of args.profile_batches, into out[str(B)] as each
+    finishes (a time cap keeps those): the same examples as the features part."""
+    from elrea.data import collate
+    from elrea.features import num_lora_params
+    from elrea.projection import SparseProjector
+    from speed_features import phase_profile
+
+    ex = examples(args.examples, args, vocab, args.seed)
+    for q in [q for n, q in model.named_parameters() if ".base." in n and ".lora_" in n]:
+        q.requires_grad_(True)   # the training step's gradients reach the same LoRA weights
+    projector = SparseProjector(num_lora_params(model, "base"), args.dim, args.seed)
+    for B in args.profile_batches:
+        C.log(f"profile: batch {B}, {len(ex)} examples ...")
+        batches = [collate(ex[s:s + B], 0, side="right") for s in range(0, len(ex), B)]
+        out[str(B)] = phase_profile(model, batches, projector, args.repeats, adapter="base", device=args.device)
+        out[str(B)]["lora_params"] = projector.num_params
+    model.zero_grad(set_to_none=True)
+
+
 def decoding_phase(model, adapters, args, vocab: int, out: dict) -> None:
     """The decoding methods at each batch size, into out[str(B)] as each method finishes (a time
     cap keeps those); out["incomplete"] lists the batch sizes not fully measured."""
@@ -415,6 +442,10 @@ def run(args, report: dict, save) -> None:
         if "features" in args.parts:
             run_part("features", lambda: features_phase(model, args, vocab), args, r)
             save()
+        if "profile" in args.parts:
+            r["profile"] = {}
+            run_part("profile", lambda: profile_phase(model, args, vocab, r["profile"]), args, r)
+            save()
         if "decoding" in args.parts:
             r["decoding"] = {}
             run_part("decoding", lambda: decoding_phase(model, adapters, args, vocab, r["decoding"]), args, r)
@@ -462,10 +493,18 @@ def targets(r: dict, args) -> dict:
 
 
 def show(report: dict, args):
+    from speed_features import PROFILE_COLUMNS, profile_rows
     from speed_generate import LABELS
 
     for arch, r in report["archs"].items():
         f, d = r.get("features"), r.get("decoding", {})
+        for B, prof in r.get("profile", {}).items():
+            C.print_table(
+                f"{arch} ({report['device']['name']}, {args.dtype}): where the features' time goes, batch {B}, "
+                f"{prof['lora_params']:,} LoRA params -> {args.dim}, median of {prof['repeats']} ({prof['timer']})",
+                PROFILE_COLUMNS, profile_rows(prof),
+                [f"features / training fwd+bwd: {prof['features_over_train_whole']:.2f} whole, "
+                 f"{prof['features_over_train_profiled']:.2f} profiled"])
         if f:
             C.print_table(
                 f"{arch} ({report['device']['name']}): gradient features, {f['lora_params']:,} LoRA params -> "

@@ -8,17 +8,20 @@
 # (BUDGET seconds, default 540: the device tool gives one command at most 600 s), writing JSON
 # and one log per step under $OUT (a temporary folder when OUT is not set):
 #   1. env          versions of torch, CUDA, transformers, PEFT; nvidia-smi
-#   2. decode-b1    issue 19: benchmarks/gpu.py decoding at batch 1, Llama-3.2-1B shapes, bf16,
+#   2. features     issue 24: benchmarks/gpu.py --parts features profile, Llama-3.2-1B shapes, bf16:
+#                   elrea's gradient features vs the LESS way vs a training fwd+bwd (examples/s,
+#                   peak memory, agreement), then where the features' time goes, phase by phase
+#                   (CUDA events) at batch 16 and 64; about a minute of GPU time
+#   3. decode-b1    issue 19: benchmarks/gpu.py decoding at batch 1, Llama-3.2-1B shapes, bf16,
 #                   128 new tokens: the engine with 5 adapters (compile="auto": CUDA graphs), with
 #                   1 adapter, the anchor (1 adapter merged, static cache, torch.compile
 #                   reduce-overhead), elrea before (eager), PEFT generate with 1 adapter
-#   3. tests        pytest tests/test_engine.py tests/test_api.py (the tiny model on CUDA,
+#   4. tests        pytest tests/test_engine.py tests/test_api.py (the tiny model on CUDA,
 #                   the engine's CUDA graphs against eager and PEFT)
-#   4. decode-b32   the same methods at batch 32
-#   5. decode-b8-64 the same methods at batch 8 and 64
-#   6. tests-more   the other test files that run there (none import the missing packages:
+#   5. decode-b32   the same methods at batch 32
+#   6. decode-b8-64 the same methods at batch 8 and 64
+#   7. tests-more   the other test files that run there (none import the missing packages:
 #                   datasets, gguf, bitsandbytes, lm-eval, fastapi/uvicorn, openai)
-#   7. features     gradient features, elrea vs the LESS way (measured before; lowest value)
 #   quality         issue 20, only when asked for (STEPS=quality; it needs the whole call): elrea
 #                   compare on bigbench-mix at 1,000 examples per task, SmolLM2 in bf16, staged
 #                   first by benchmarks/gpu_stage.sh (its header says how the model's two halves
@@ -39,6 +42,7 @@ if [[ "$DRY" == 1 ]]; then
     BIG=(--smoke --batch-sizes 2 3)
     MID=(--smoke --batch-sizes 2)
     ARCH=()
+    PROFILE=()                             # --smoke profiles batch 4
     TESTS_MORE=(tests/test_fastlora.py)
     SCALE=4                                # a CPU shared with other work: every cap x4
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -48,6 +52,7 @@ else
     MID=(--batch-sizes 32)
     BIG=(--batch-sizes 8 64)
     ARCH=(--archs llama-3.2-1b)
+    PROFILE=(--profile-batches 16 64)
     TESTS_MORE=(tests/test_fastlora.py tests/test_generation.py tests/test_ensemble.py tests/test_features.py
                 tests/test_routers.py tests/test_models.py -k "'not qlora'")
     SCALE=1
@@ -98,13 +103,13 @@ decode() {
 step env 30 "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; $PY -c 'import sys, torch, \
 transformers, peft; print(sys.version.split()[0], \"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
 torch.cuda.is_available(), \"transformers\", transformers.__version__, \"peft\", peft.__version__)'"
+step features 150 "$PY benchmarks/gpu.py ${ARCH[*]} ${GPU[*]} ${PROFILE[*]} --parts features profile --repeats 2 \
+    --cap features=\$(((LEFT - 20) / 2)) profile=\$(((LEFT - 20) / 2)) --out $OUT/gpu-features.json"
 decode decode-b1 210 "${GPU[*]}"
 step tests 150 "$PY -m pytest -q -x -p no:cacheprovider tests/test_engine.py tests/test_api.py"
 decode decode-b32 150 "${MID[*]}"
 decode decode-b8-64 180 "${BIG[*]}"
 step tests-more 120 "$PY -m pytest -q -p no:cacheprovider ${TESTS_MORE[*]}"
-step features 120 "$PY benchmarks/gpu.py ${ARCH[*]} ${GPU[*]} --parts features --repeats 1 \
-    --cap features=\$((LEFT - 15)) --out $OUT/gpu-features.json"
 
 # issue 20: the staged model joined and made importable as the package elrea's alias looks for,
 # then one elrea compare (settings sized for the H200; the dry run: the tiny model on the CPU)

@@ -17,14 +17,24 @@ pass, whatever the batch: on a CPU it takes minutes and dominates the reference,
 reference runs on few examples (--ref-examples) and is reported per example, with its
 gradient-only time next to elrea's so that the two sources of the gain are visible.
 
+`--profile` instead times the phases of elrea's features on the same batches (forward with
+hooks, backward to the LoRA outputs, per-example outer products, Adam preconditioning, sparse
+projection, normalise; apart: the projection as it was before, nnz scatters per chunk) next to
+a training step's forward and backward, each phase's share, and the whole of each unprofiled
+(-> benchmarks/results/speed_features_profile.json). benchmarks/gpu.py prints the same table
+for Llama-3.2-1B shapes on a GPU (CUDA events there).
+
 Options: --batch-size 16 --examples 64 --ref-examples 16 --dim 8192 --threads N --quick
-(tiny model, for tests) --out benchmarks/results/speed_features.json.
+(tiny model, for tests) --profile --out benchmarks/results/speed_features.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # _common, when imported from elsewhere
@@ -48,7 +58,12 @@ def parse_args(argv=None):
     ap.add_argument("--dim", type=int, default=8192, help="projection dimension")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
     ap.add_argument("--b-std", type=float, default=0.02, help="std of the random LoRA B matrices")
+    ap.add_argument("--profile", action="store_true",
+                    help="time the phases of the features against a training step instead "
+                         "(-> speed_features_profile.json)")
     args = ap.parse_args(argv)
+    if args.profile and not args.out:
+        args.out = str(C.default_out(args, "speed_features_profile"))
     if args.quick:  # small enough for a test; --batch-size etc. given explicitly still win
         given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
         for flag, attr, value in [("--examples", "examples", 8), ("--ref-examples", "ref_examples", 4),
@@ -139,9 +154,215 @@ def plain_fwd_bwd(model, batches) -> None:
     model.zero_grad(set_to_none=True)
 
 
+# ----------------------------------------------------------------------------- the phase profile
+
+PROFILE_PHASES = [  # (key, label); the first six add up to the profiled features
+    ("forward", "forward with hooks + per-example loss"),
+    ("backward", "backward to the LoRA outputs"),
+    ("outer", "per-example outer products (eq. 2)"),
+    ("adam", "Adam preconditioning"),
+    ("projection", "sparse JL projection (one scatter per chunk)"),
+    ("normalise", "normalise"),
+]
+APART = [  # measured on the same gradients, not part of the features' sum
+    ("projection_before", "  apart: the projection as nnz scatters per chunk (before)"),
+    ("adam_before", "  apart: Adam as one out-of-place expression (before)"),
+    ("half_to_float", "  apart: bf16/fp16 -> float32 copies of e and u (the fallback's)"),
+]
+
+
+class PhaseTimer:
+    """Time named phases: CUDA events on a GPU (read once, at the end: no host sync inside the
+    loop; an event pair also counts the GPU's idle time waiting for launches, which is what the
+    phase costs), wall clock on a CPU. Seconds per phase, summed over the calls."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.events, self.seconds = [], {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((name, start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def totals(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, start, end in self.events:
+                self.seconds[name] = self.seconds.get(name, 0.0) + start.elapsed_time(end) / 1000
+            self.events = []
+        return dict(self.seconds)
+
+
+def synthetic_adam(model, adapter=None, seed: int = 0):
+    """An AdamPreconditioner with moments shaped like a trained adapter's (m ~ N(0, 1e-3^2),
+    v ~ U(0, 1e-6)): its cost does not depend on the values."""
+    from elrea.features import AdamPreconditioner, _lora_captures
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    moments = {c.name: (torch.randn(c.module.weight.shape, generator=gen) * 1e-3,
+                        torch.rand(c.module.weight.shape, generator=gen) * 1e-6)
+               for c in _lora_captures(model, adapter)}
+    return AdamPreconditioner(moments)
+
+
+def adam_before(pre, name: str, g: torch.Tensor) -> torch.Tensor:
+    """AdamPreconditioner's formula as it was written before (about eight [n, numel] temporaries)."""
+    m, v = (t.to(g.device, torch.float32) for t in pre.moments[name])
+    (b1, b2), eps = pre.betas, pre.eps
+    return (b1 * m.reshape(1, -1) + (1 - b1) * g) / ((b2 * v.reshape(1, -1) + (1 - b2) * g * g).sqrt() + eps)
+
+
+def profiled_features(model, batches, projector, precondition, timer, adapter=None, apart=True):
+    """batch_features (block_norm off) phase by phase, through the library's own steps
+    (elrea.features.lora_capture, capture_loss, output_gradients, example_gradients)."""
+    from elrea.features import capture_loss, example_gradients, lora_capture, output_gradients
+    from elrea.models import model_device
+
+    device = model_device(model)
+    feats = []
+    for b in batches:
+        n = b["input_ids"].shape[0]
+        out = torch.zeros(n, projector.dim, device=device)
+        spare = torch.zeros_like(out)
+        with lora_capture(model, adapter) as caps:
+            with timer("forward"):
+                loss = capture_loss(model, b)
+            with timer("backward"):
+                grads = output_gradients(loss, caps)
+            offset = 0
+            for i, cap in enumerate(caps):
+                e = grads[i]
+                with timer("outer"):
+                    g = example_gradients(cap, e)
+                with timer("adam"):
+                    v = precondition(cap.name, g)
+                with timer("projection"):
+                    projector.project_block(v, offset, out)
+                if apart:
+                    with timer("projection_before"):
+                        projector.project_block_reference(v, offset, spare)
+                    with timer("adam_before"):
+                        adam_before(precondition, cap.name, g)
+                    if e is not None and e.dtype != torch.float32:
+                        with timer("half_to_float"):
+                            e.float(), cap.inputs.float()
+                grads[i] = cap.inputs = cap.output = e = None   # as iter_per_example_gradients does
+                offset += cap.module.weight.numel()
+            del grads, loss
+        with timer("normalise"):
+            feats.append(F.normalize(out, dim=1))
+    return torch.cat(feats)
+
+
+def plain_fwd_bwd_phases(model, batches, timer) -> None:
+    """plain_fwd_bwd with its forward and backward timed apart."""
+    from elrea.models import model_device
+
+    device = model_device(model)
+    for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
+        model.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            with timer("train_forward"):
+                out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"],
+                            use_cache=False)
+            with timer("train_backward"):
+                out.loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def phase_profile(model, batches, projector, repeats: int, adapter=None, device="cpu") -> dict:
+    """Seconds per batch of each phase of the features (Adam-preconditioned, as training features
+    are) and of a plain training fwd+bwd on the same batches, medians over `repeats` passes; the
+    features and the fwd+bwd also timed whole, unprofiled, in the same passes."""
+    from elrea.features import batch_features
+
+    precondition = synthetic_adam(model, adapter)
+    sync = lambda: C.sync(device)   # noqa: E731
+
+    def whole(fn):
+        sync()
+        t = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - t, out
+
+    profiled_features(model, batches[:1], projector, precondition, PhaseTimer(device), adapter)   # warm-up
+    plain_fwd_bwd_phases(model, batches[:1], PhaseTimer(device))
+    passes = []
+    for _ in range(max(1, repeats)):
+        timer = PhaseTimer(device)
+        profiled_features(model, batches, projector, precondition, timer, adapter)
+        plain_fwd_bwd_phases(model, batches, timer)
+        sec = timer.totals()
+        sec["features_whole"], feats = whole(lambda: torch.cat(
+            [batch_features(model, b, projector, precondition, adapter) for b in batches]))
+        sec["train_whole"], _ = whole(lambda: plain_fwd_bwd(model, batches))
+        passes.append(sec)
+    k = len(batches)
+    med = {name: statistics.median(p.get(name, 0.0) for p in passes) / k for name in passes[0]}
+    profiled = sum(med[name] for name, _ in PROFILE_PHASES)
+    train = med["train_forward"] + med["train_backward"]
+    return {"ms_per_batch": {name: 1000 * s for name, s in med.items()}, "batches": k, "repeats": repeats,
+            "profiled_features_ms": 1000 * profiled, "profiled_train_ms": 1000 * train,
+            "share_of_features": {name: med[name] / profiled for name, _ in PROFILE_PHASES + APART if name in med},
+            "over_train": {name: med[name] / train for name, _ in PROFILE_PHASES + APART if name in med},
+            "features_over_train_profiled": profiled / train,
+            "features_over_train_whole": med["features_whole"] / med["train_whole"],
+            "projection_before_over_after": (med["projection_before"] / med["projection"]
+                                             if med.get("projection") else None),
+            "timer": "cuda events" if torch.device(device).type == "cuda" else "wall clock"}
+
+
+def profile_rows(prof: dict) -> list[list]:
+    """Table rows: phase, ms per batch, share of the profiled features, x a training fwd+bwd."""
+    ms, over = prof["ms_per_batch"], prof["over_train"]
+    share = {k: f"{100 * v:.1f}%" for k, v in prof["share_of_features"].items()}
+    rows = [[label, ms[name], share[name], over[name]] for name, label in PROFILE_PHASES]
+    rows.append(["features, profiled (sum of the above)", prof["profiled_features_ms"], "100%",
+                 prof["features_over_train_profiled"]])
+    rows += [[label, ms[name], share[name], over[name]] for name, label in APART if name in ms]
+    rows += [["training step: forward (HF loss)", ms["train_forward"], None, ms["train_forward"] / prof["profiled_train_ms"]],
+             ["training step: backward into .grad", ms["train_backward"], None,
+              ms["train_backward"] / prof["profiled_train_ms"]],
+             ["features, whole (batch_features, Adam)", ms["features_whole"], None,
+              prof["features_over_train_whole"]],
+             ["training fwd+bwd, whole", ms["train_whole"], None, 1.0]]
+    return rows
+
+
+PROFILE_COLUMNS = ["phase (per batch)", "ms", "share of features", "x training fwd+bwd"]
+
+
 # ----------------------------------------------------------------------------- the run
 
+def run_profile(args) -> dict:
+    from elrea.features import num_lora_params
+    from elrea.projection import SparseProjector
+
+    model, encoded, info = build(args)
+    p = num_lora_params(model)
+    batches = batches_of(encoded, args.batch_size, info["pad_id"])
+    C.log(f"profile: {len(batches)} batches of {args.batch_size}, {args.repeats} passes ...")
+    prof = phase_profile(model, batches, SparseProjector(p, args.dim, args.seed), args.repeats, device=args.device)
+    config = {"batch_size": args.batch_size, "examples": len(encoded), "dim": args.dim, "lora_rank": args.rank,
+              "lora_targets": "all-linear", "num_lora_params": p, "repeats": args.repeats, "seed": args.seed,
+              "quick": args.quick, "preconditioner": "adam (synthetic moments)", **info}
+    return {"benchmark": "speed_features_profile", "config": config, "profile": prof}
+
+
 def run(args) -> dict:
+    if args.profile:
+        return run_profile(args)
     from elrea.features import num_lora_params, per_example_gradients
     from elrea.models import lora_parameters
     from elrea.projection import RademacherProjector, SparseProjector
@@ -256,7 +477,21 @@ def summarize(args, info, p, n, n_ref, n_batches, R, agree) -> dict:
             "agreement": agree, "targets": targets, "phases": R}
 
 
+def show_profile(report: dict):
+    c, prof = report["config"], report["profile"]
+    C.print_table(
+        f"Where the features' time goes: {c['model']}, {c['num_lora_params']:,} LoRA params -> {c['dim']}, "
+        f"batch {c['batch_size']}, {prof['batches']} batches, median of {prof['repeats']} ({prof['timer']})",
+        PROFILE_COLUMNS, profile_rows(prof),
+        [f"features / training fwd+bwd: {prof['features_over_train_whole']:.2f} whole, "
+         f"{prof['features_over_train_profiled']:.2f} profiled; the projection as nnz scatters took "
+         f"{C.fmt(prof['projection_before_over_after'])}x the single scatter's time",
+         C.machine_note(report)])
+
+
 def show(report: dict):
+    if report["benchmark"] == "speed_features_profile":
+        return show_profile(report)
     r, ra, ag, ph = report["results"], report["ratios"], report["agreement"], report["phases"]
     ref, el, pl, ed = r["reference"], r["elrea"], r["plain_fwd_bwd"], r["elrea_dense_projection"]
     # peak RSS includes the model and what earlier phases still hold; growth is the method's own

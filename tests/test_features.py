@@ -73,6 +73,19 @@ def test_adam_preconditioner_formula():
         pre("missing", g)
 
 
+def test_adam_preconditioner_in_place_equals_the_formula_bit_for_bit():
+    """The in-place preconditioner performs the formula's operations in its order, so its float32
+    result is the one the out-of-place expression gives, bit for bit (features unchanged)."""
+    torch.manual_seed(0)
+    g = torch.randn(4, 1000) * torch.logspace(-6, 1, 1000)
+    m, v = torch.randn(1000) * 1e-3, torch.rand(1000) * 1e-6
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    pre = AdamPreconditioner({"w": (m, v)}, betas=(b1, b2), eps=eps)
+    old = (b1 * m.reshape(1, -1) + (1 - b1) * g) / ((b2 * v.reshape(1, -1) + (1 - b2) * g * g).sqrt() + eps)
+    assert torch.equal(pre("w", g), old)
+    assert torch.equal(pre("w", g * 2), (b1 * m + (1 - b1) * g * 2) / ((b2 * v + (1 - b2) * (g * 2) * (g * 2)).sqrt() + eps))
+
+
 def test_batch_features_are_unit_and_batch_independent(tiny_model_dir, toy_rows):
     tok, enc = _encoded(tiny_model_dir, toy_rows, n=5)
     model = lora_model(tiny_model_dir)

@@ -81,12 +81,18 @@ def _capturing(caps: list[_Capture]):
 
 
 def per_example_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Each example's mean next-token loss over its labelled tokens: [n, T, V], [n, T] -> [n]."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    tok = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
-                          reduction="none")                          # (n, T-1)
-    count = (shift_labels != -100).sum(1).clamp(min=1)
+    """Each example's mean next-token loss over its labelled tokens: [n, T, V], [n, T] -> [n].
+
+    Position t predicts labels[t + 1]; the last position has no target (-100). The logits stay
+    [n * T, V] rows, contiguous, as a training loss has them: a [n, V, T] layout (the vocabulary
+    strided) makes the log-softmax and its backward several times slower (5x on a CPU at
+    SmolLM2's 49k vocabulary) and a sliced copy of the logits costs memory.
+    """
+    n, T, V = logits.shape
+    next_labels = F.pad(labels[:, 1:], (0, 1), value=-100)           # (n, T)
+    tok = F.cross_entropy(logits.float().reshape(n * T, V), next_labels.reshape(-1), ignore_index=-100,
+                          reduction="none").view(n, T)
+    count = (next_labels != -100).sum(1).clamp(min=1)
     return tok.sum(1) / count
 
 
@@ -108,6 +114,52 @@ def _requires_grad(caps: list[_Capture]):
             c.module.weight.requires_grad_(b)
 
 
+@contextmanager
+def lora_capture(model, adapter: str | None = None):
+    """Hooks on the LoRA factors to differentiate, gradients enabled to reach them: yields their
+    _Capture list, filled by the next forward (`capture_loss`). Restores everything on exit."""
+    caps = _lora_captures(model, adapter)
+    with _capturing(caps), _requires_grad(caps), torch.enable_grad():
+        yield caps
+
+
+def capture_loss(model, batch: dict) -> torch.Tensor:
+    """The forward inside `lora_capture`: sum over examples of each one's mean token loss."""
+    device = model_device(model)
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
+    return per_example_loss(out.logits, batch["labels"]).sum()
+
+
+def output_gradients(loss: torch.Tensor, caps: list[_Capture]) -> list[torch.Tensor | None]:
+    """d loss / d (each LoRA factor's output) [n, T, out], one backward for the batch."""
+    return list(torch.autograd.grad(loss, [c.output for c in caps], allow_unused=True))
+
+
+# bf16/fp16 matmuls with float32 accumulation straight into a float32 result, where torch has
+# them (CUDA); elsewhere, or if the op is missing, both operands are copied to float32 first.
+# Either way each product of two half-precision numbers is exact in float32: only the order of
+# the float32 sums may differ.
+_HALF = (torch.bfloat16, torch.float16)
+_bmm_out_dtype = {"ok": True}
+
+
+def example_gradients(cap: _Capture, e: torch.Tensor | None) -> torch.Tensor:
+    """Every example's gradient of one LoRA factor, float32 [n, out*in] (eq. 2):
+    dW_i = sum_t e_{i,t} u_{i,t}^T : (n, T, out) x (n, T, in) -> (n, out, in)."""
+    w, u = cap.module.weight, cap.inputs                              # (out, in), (n, T, in)
+    if e is None:
+        return torch.zeros(u.shape[0], w.numel(), device=w.device)
+    eT = e.transpose(1, 2)                                            # (n, out, T)
+    if e.is_cuda and e.dtype in _HALF and u.dtype == e.dtype and _bmm_out_dtype["ok"]:
+        try:
+            return torch.bmm(eT, u, out_dtype=torch.float32).reshape(len(e), -1)
+        except (TypeError, RuntimeError, NotImplementedError):   # an older torch: no bmm.dtype
+            _bmm_out_dtype["ok"] = False
+    return torch.bmm(eT.float(), u.float()).reshape(len(e), -1)
+
+
 def iter_per_example_gradients(model, batch: dict, adapter: str | None = None):
     """Yield (name, offset, grad [n, numel]) per LoRA parameter, from one backward pass.
 
@@ -116,26 +168,16 @@ def iter_per_example_gradients(model, batch: dict, adapter: str | None = None):
     off (model.eval()) for gradients to be deterministic. The batch moves to the model's device;
     the gradients are float32 on that device.
     """
-    caps = _lora_captures(model, adapter)
-    device = model_device(model)
-    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    with _capturing(caps), _requires_grad(caps), torch.enable_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=position_ids_from_mask(batch["attention_mask"]), use_cache=False)
-        loss = per_example_loss(out.logits, batch["labels"]).sum()
-        outputs = [c.output for c in caps]
-        grads = torch.autograd.grad(loss, outputs, allow_unused=True)
+    with lora_capture(model, adapter) as caps:
+        grads = output_gradients(capture_loss(model, batch), caps)
         offset = 0
-        for cap, e in zip(caps, grads):
-            w = cap.module.weight                                     # (out, in)
-            if e is None:
-                g = torch.zeros(cap.inputs.shape[0], w.numel(), device=w.device)
-            else:
-                # dW_i = sum_t e_{i,t} u_{i,t}^T : (n, T, out) x (n, T, in) -> (n, out, in), in float32
-                # whatever the backbone's dtype
-                g = torch.bmm(e.transpose(1, 2).float(), cap.inputs.float()).reshape(len(e), -1)
+        for i, cap in enumerate(caps):
+            g = example_gradients(cap, grads[i])
+            # after the backward these references alone keep the activations and output
+            # gradients alive: let each go once used, so memory falls as the loop goes on
+            grads[i] = cap.inputs = cap.output = None
             yield cap.name, offset, g
-            offset += w.numel()
+            offset += cap.module.weight.numel()
 
 
 def per_example_gradients(model, batch: dict) -> torch.Tensor:
@@ -158,24 +200,34 @@ class AdamPreconditioner:
 
         m' = b1 m + (1 - b1) g,  v' = b2 v + (1 - b2) g^2,  feature = m' / (sqrt(v') + eps)
 
-    The moments move to the gradients' device on first use (float32).
+    The moments move to the gradients' device on first use (float32), already scaled by b1, b2.
     """
 
     def __init__(self, moments: dict[str, tuple[torch.Tensor, torch.Tensor]], betas=(0.9, 0.999),
                  eps: float = 1e-8):
         self.moments, self.betas, self.eps = moments, betas, eps
+        self._cache: dict = {}
 
     def __call__(self, name: str, g: torch.Tensor) -> torch.Tensor:
         if name not in self.moments:
             raise KeyError(f"no Adam moments saved for parameter {name}")
-        m, v = self.moments[name]
-        if m.device != g.device:
-            m, v = m.to(g.device, torch.float32), v.to(g.device, torch.float32)
-            self.moments[name] = (m, v)
         b1, b2 = self.betas
-        m2 = b1 * m.reshape(1, -1) + (1 - b1) * g
-        v2 = b2 * v.reshape(1, -1) + (1 - b2) * g * g
-        return m2 / (v2.sqrt() + self.eps)
+        b1m, b2v = self._scaled(name, g.device)                       # (1, numel) each
+        # in place on two [n, numel] buffers, with the operations (and so the float32 roundings)
+        # of m' / (sqrt(v') + eps) written out: b1 m + (1 - b1) g, b2 v + ((1 - b2) g) g
+        m2 = torch.mul(g, 1 - b1).add_(b1m)
+        v2 = torch.mul(g, 1 - b2).mul_(g).add_(b2v)
+        return m2.div_(v2.sqrt_().add_(self.eps))
+
+    def _scaled(self, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b1 m, b2 v) as float32 [1, numel] on `device`: the same for every batch, so made once."""
+        key = (name, torch.device(device))
+        if key not in self._cache:
+            m, v = self.moments[name]
+            b1, b2 = self.betas
+            m, v = m.to(device, torch.float32).reshape(1, -1), v.to(device, torch.float32).reshape(1, -1)
+            self._cache[key] = (b1 * m, b2 * v)
+        return self._cache[key]
 
 
 def sgd_preconditioner(name: str, g: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,24 @@ class SparseProjector:
         return rows, weights
 
     def project_block(self, g: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
-        """out += P[offset:offset+L]^T-applied block: g [n, L] are coordinates offset..offset+L-1."""
+        """out += P[offset:offset+L]^T-applied block: g [n, L] are coordinates offset..offset+L-1.
+
+        One scatter per chunk: the nnz copies of the chunk, each scaled by its signed weights,
+        side by side k-major ([n, nnz * m]), added at their rows by a single index_add_. The
+        CPU kernel adds an index list in order, so every output gets the same terms in the same
+        order as nnz separate index_add_ calls, k = 0 first: the same float32 result, bit for bit.
+        """
+        g = g.float()
+        n = g.shape[0]
+        for start, stop, c, lo in _chunks(offset, g.shape[1]):
+            rows, weights = self._chunk(c, out.device)
+            hi = lo + stop - start
+            part = g[:, None, start:stop] * weights[None, :, lo:hi]  # (n, nnz, m)
+            out.index_add_(1, rows[:, lo:hi].reshape(-1), part.reshape(n, -1))
+        return out
+
+    def project_block_reference(self, g: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
+        """project_block as first written, one index_add_ per non-zero k (for tests and timing)."""
         g = g.float()
         for start, stop, c, lo in _chunks(offset, g.shape[1]):
             rows, weights = self._chunk(c, out.device)
