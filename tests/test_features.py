@@ -95,3 +95,19 @@ def test_batch_features_are_unit_and_batch_independent(tiny_model_dir, toy_rows)
     assert torch.allclose(both.norm(dim=1), torch.ones(5), atol=1e-5)
     alone = torch.cat([batch_features(model, collate([e], tok.pad_token_id), proj) for e in enc])
     assert torch.allclose(both, alone, atol=1e-5)
+
+
+def test_per_example_loss_equals_the_transposed_layout_within_float32_rounding():
+    """The loss reads the logits as contiguous [n*T, V] rows; the [n, V, T] layout it replaced
+    gives the same losses up to float32 summation order (the features' exact references,
+    above, hold either way), and a row without labels still counts as 0."""
+    torch.manual_seed(0)
+    n, T, V = 3, 9, 50
+    logits = torch.randn(n, T, V)
+    labels = torch.randint(0, V, (n, T))
+    labels[0, :4] = -100
+    labels[2] = -100
+    old_tok = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    old = old_tok.sum(1) / (labels[:, 1:] != -100).sum(1).clamp(min=1)
+    new = per_example_loss(logits, labels)
+    assert torch.allclose(new, old, rtol=1e-6, atol=0) and new[2] == 0
