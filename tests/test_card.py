@@ -141,7 +141,7 @@ def test_a_pushed_run_loads_back_by_hub_id_names_no_local_path_and_still_works(f
     with every router, and generates what the run generates."""
     import huggingface_hub
 
-    from elrea import publish
+    from elrea import card as publish
     from elrea.models import hub_id
 
     hub = tmp_path / "hub"

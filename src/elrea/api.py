@@ -107,11 +107,11 @@ class ELREA:
         return loaded
 
     def save_pretrained(self, out_dir: str | Path, include_eval: bool = False) -> Path:
-        """Write what the run ships to `out_dir` (elrea.publish.stage_copy): what inference and the
+        """Write what the run ships to `out_dir` (elrea.card.stage_copy): what inference and the
         card need (Run.SHIPPED: manifest, config, adapters, clusters, routers, card, report), and
         eval.json, every test prompt, reference and output, only with `include_eval`. Local paths
         are kept, so that the copy loads on this machine; `elrea push` uploads a copy without them."""
-        from .publish import stage_copy
+        from .card import stage_copy
 
         out_dir = Path(out_dir)
         with atomic_path(out_dir, is_dir=True) as tmp:

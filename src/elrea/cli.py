@@ -219,7 +219,7 @@ def cmd_serve(args):
 
 
 def cmd_push(args):
-    from .publish import push
+    from .card import push
     from .rundir import Manifest, check_readable
 
     check_readable(args.run, Manifest.load(args.run))  # not a run, or one being written: a clear error

@@ -171,7 +171,7 @@ class Run:
     # moments, twice the adapter: routing reads them only when features.test_preconditioner is
     # adam), "template" (PEFT's empty README of each adapter folder: never written out; the run's
     # card describes the adapters). `save_pretrained` and `elrea push` write what `shipped`
-    # selects (elrea.publish); loading a hub id downloads every pattern the repository has (runs
+    # selects (elrea.card); loading a hub id downloads every pattern the repository has (runs
     # pushed before kept the moments and templates, and their manifests record them). Never the
     # training data, the features, the logs or the checkpoints.
     SHIPPED = {"README.md": "card", MANIFEST: "inference", RUN_CONFIG: "inference", "report.md": "card",
