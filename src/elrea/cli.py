@@ -514,8 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the elrea backend (MMLU, BBH, ...)",
                        description="Runs lm-eval's own command line with --model elrea: e.g. `elrea lm-eval "
-                       "--model_args run=runs/mix,device=cuda --tasks mmlu --batch_size 8`. model_args: run, "
-                       "device, router, top_k, tau, max_length, add_bos_token. Everything after `lm-eval` "
+                       "--model_args run=runs/mix,device=cuda --tasks mmlu --batch_size auto`. model_args: run, "
+                       "device, dtype, batch_size, max_batch_size, router, top_k, tau, max_length, add_bos_token "
+                       "(lm-eval's --batch_size N or auto works too; its default is 1). Everything after `lm-eval` "
                        "goes to lm-eval (see `elrea lm-eval run --help`). Needs pip install 'elrea[eval]'.")
     p.set_defaults(func=lambda a: sys.exit(cmd_lm_eval([])))
 
