@@ -450,7 +450,7 @@ def run(args, report: dict, save) -> None:
             r["decoding"] = {}
             run_part("decoding", lambda: decoding_phase(model, adapters, args, vocab, r["decoding"]), args, r)
             save()
-        del model
+        model = adapters = None  # free the GPU before the next architecture
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()
     if "e2e" in args.parts and args.e2e_model and args.e2e_data:
