@@ -339,35 +339,13 @@ class Ensemble:
         """Sum over continuation tokens of log softmax(sum_c w_c logits_c): one value per continuation
         (with greedy=True, (value, whether every token is the mixed logits' argmax)).
 
-        weights: [K] for this prompt. One forward for all (adapter, continuation) rows; only the
-        positions that predict continuation tokens are mixed.
+        weights: [K] for this prompt. One forward for all (adapter, continuation) rows
+        (`score_batch` with the prompt as every request's context).
         """
-        device = self.device
-        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(-1)
-        keep = [c for c in range(len(self.names)) if weights[c] > 0]
-        rows = [(j, c) for c in keep for j in range(len(continuations))]       # adapter-major
-        ids, mask = left_pad([prompt + continuations[j] for j, _ in rows], self.pad_id, device)
-        L = max(len(c) for c in continuations)
-        with self._rows([c for _, c in rows]) as kw:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                             use_cache=False, logits_to_keep=L + 1, **kw)
-        logits = out.logits[:, -(L + 1):-1].float()                           # (R, L, V): predict the last L
-        row_w = torch.tensor([float(weights[c]) for _, c in rows], device=device)
-        owner = torch.tensor([j for j, _ in rows], device=device)
-        combined = torch.zeros(len(continuations), L, logits.shape[-1], device=device)
-        combined.index_add_(0, owner, logits * row_w[:, None, None])
-        logp = torch.log_softmax(combined, dim=-1)
-        scores = []
-        for j, cont in enumerate(continuations):
-            n = len(cont)
-            if n == 0:
-                scores.append((0.0, True) if greedy else 0.0)
-                continue
-            target = torch.tensor(cont, dtype=torch.long, device=device)
-            pred = logp[j, L - n:]                  # token t of the continuation is predicted at L-n+t
-            value = float(pred.gather(1, target[:, None]).sum())
-            scores.append((value, bool((pred.argmax(-1) == target).all())) if greedy else value)
-        return scores
+        w = torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1)
+        if not continuations:
+            return []
+        return self.score_batch([(prompt, c) for c in continuations], w.expand(len(continuations), -1), greedy)
 
     def score_many(self, requests: list[tuple[list[int], list[int]]], weights: torch.Tensor, greedy: bool = False,
                    batch_size: int | None = None, max_batch_size: int | None = None, on_batch=None) -> list:
