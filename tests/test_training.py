@@ -103,3 +103,35 @@ def test_checkpoints_of_another_training_are_not_resumed(tmp_path, tiny_model_di
     steps = _Steps()
     _train(tiny_model_dir, examples, tmp_path / "b", ckpt, resume=False, callbacks=[steps])
     assert steps.seen == [1, 2, 3, 4, 5, 6] and not ckpt.exists()
+
+
+def test_trainer_length_grouped_sampling_pads_less(tmp_path, tiny_model_dir, examples, monkeypatch):
+    """trainer_args {train_sampling_strategy: group_by_length} reaches Trainer's own sampler
+    (it reads each item's input_ids): the same examples train in batches of similar lengths."""
+    import elrea.training as training
+
+    enc, tok = examples
+    # the examples' tokens repeated to lengths 8..102, so that random batches mix short and long ones
+    varied = []
+    for e, n in zip(enc, range(8, 104, 2)):
+        ids = (e.input_ids * (n // len(e.input_ids) + 1))[:n]
+        varied.append(type(e)(ids, [-100] * (n // 2) + ids[n // 2:]))
+    widths = {}
+
+    def run(name, **args):
+        seen, real = [], training.collate
+
+        def recording(batch, pad_id, side="right"):
+            out = real(batch, pad_id, side)
+            seen.append((out["input_ids"].numel(), int(out["attention_mask"].sum())))
+            return out
+        monkeypatch.setattr(training, "collate", recording)
+        cfg = TrainConfig(lr=2e-3, batch_size=8, micro_batch_size=4, max_steps=4, trainer_args=args)
+        summary = train_adapter(lora_model(tiny_model_dir, randomize_b=False), varied, cfg, tmp_path / name,
+                                tok.pad_token_id, seed=3)
+        assert summary["steps"] == 4
+        widths[name] = sum(n for n, _ in seen) / sum(real_tokens for _, real_tokens in seen)   # padding factor
+
+    run("random")
+    run("grouped", train_sampling_strategy="group_by_length")
+    assert widths["grouped"] < widths["random"] - 0.1, widths

@@ -41,6 +41,10 @@ ADAM_EPS = 1e-8
 
 
 class _ListDataset(torch.utils.data.Dataset):
+    """Encoded examples as Trainer's items: mappings with `input_ids`, so that Trainer's own
+    length-aware samplers (trainer_args `train_sampling_strategy: group_by_length` or
+    `batch_rebalance`) can read each example's length."""
+
     def __init__(self, items: list[Encoded]):
         self.items = items
 
@@ -48,7 +52,12 @@ class _ListDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        return self.items[i]
+        e = self.items[i]
+        return {"input_ids": e.input_ids, "labels": e.labels}
+
+
+def _collator(pad_id: int):
+    return lambda batch: collate([Encoded(x["input_ids"], x["labels"]) for x in batch], pad_id, side="right")
 
 
 def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir: str | Path,
@@ -104,7 +113,7 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
         raise ConfigError(f"trainer_args: {e} (see transformers.TrainingArguments for the valid fields)") from None
     pin_to_device(args, device)
     trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(examples),
-                      data_collator=lambda b: collate(b, pad_id, side="right"),
+                      data_collator=_collator(pad_id),
                       callbacks=[*(callbacks or []), *([_no_final_checkpoint()] if checkpoints else [])])
     t0 = time.time()
     log.info("%s: %d examples, %d optimizer steps of %d sequences on %s%s", desc, len(examples),
