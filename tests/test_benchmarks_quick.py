@@ -297,3 +297,30 @@ def test_transfer_is_zero_on_the_same_backbone_and_not_on_a_quantised_one(fitted
     assert moved["reference_tokens"] == same["reference_tokens"]
     assert moved["mean_abs_dlogp_per_token"] > 1e-4 and moved["max_abs_dlogp"] >= moved["mean_abs_dlogp_per_token"]
     assert moved["mean_logp_per_token_own"] == same["mean_logp_per_token_own"]
+
+
+def test_padding_counts_what_trainer_samplers_batch(tmp_path, tiny_model_dir, toy_rows):
+    """benchmarks/padding.py: one epoch of each sampler's micro-batches, every example once;
+    grouping by length pads less on data of mixed lengths."""
+    sys.path.insert(0, str(BENCH))
+    import padding
+
+    from elrea.config import ModelConfig
+    from elrea.data import PromptFormatter, encode_all, load_records
+    from elrea.models import load_tokenizer
+    from elrea.testing import write_jsonl
+
+    rows = [dict(r, instruction=r["instruction"] + " please" * (i % 13) * 3) for i, r in enumerate(toy_rows)]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    r = padding.main(["--data", str(data), "--model", str(tiny_model_dir), "--max-length", "256",
+                      "--micro-batch-size", "4", "--batch-size", "8", "--out", str(tmp_path / "p.json")])
+    enc = encode_all(PromptFormatter(load_tokenizer(ModelConfig(name=str(tiny_model_dir))), max_length=256),
+                     load_records(data), "train")
+    real = sum(len(e.input_ids) for e in enc)
+    for order in r["orders"].values():
+        assert order["real_tokens"] == real and order["micro_batches"] == len(enc) // 4
+        assert order["padded_tokens"] >= real
+    assert r["orders"]["group_by_length"]["padded_tokens"] < r["orders"]["random"]["padded_tokens"]
+    assert padding.padding([3, 5, 4, 1], [0, 1, 2, 3], 2) == {
+        "padded_tokens": 10 + 8, "real_tokens": 13, "padded_per_real": round(18 / 13, 3),
+        "micro_batches": 2, "median_width": 4.5}

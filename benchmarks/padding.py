@@ -1,0 +1,117 @@
+"""python benchmarks/padding.py --data TRAIN.jsonl  -- what Trainer's length-grouped batches save.
+
+Training's forward and backward run on every position of a padded micro-batch, so their cost
+follows the padded tokens, not the real ones. This tokenizes a training file as `elrea fit`
+does (the model's chat template, data.max_length) and, for one epoch in the order each of
+Trainer's own samplers gives, counts the padded tokens per real token of the micro-batches
+(micro_batch_size sequences each):
+
+- random: Trainer's default (a RandomSampler, as the paper's training);
+- group_by_length: `base.trainer_args={train_sampling_strategy: group_by_length}`
+  (transformers' LengthGroupedSampler over batches of batch_size sequences).
+
+The ratio of the two is the training compute that grouping saves on this data (the same
+examples, epochs and optimizer steps). Nothing is trained; it takes seconds.
+
+    .venv/bin/python benchmarks/padding.py --data benchmarks/work/quality-bigbench-mix/data/train.jsonl --max-length 384
+    .venv/bin/python benchmarks/padding.py --quick      # tiny model, toy data (for tests)
+
+Options: --data, --model (default smollm2-135m-instruct), --max-length (default the config's
+data.max_length), --batch-size 16, --micro-batch-size 8, --seed 0, --quick, --out (default
+benchmarks/results/padding.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (RESULTS, command_line, machine, print_table, tiny_model_dir,  # noqa: E402
+                     write_report)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", help="a training JSONL file (instruction, response)")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--max-length", type=int, default=None, help="data.max_length (default: the config's)")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
+    ap.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny model and toy data (for tests)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not args.quick and not args.data:
+        ap.error("give --data TRAIN.jsonl (or --quick)")
+    return args
+
+
+def padding(lengths: list[int], order: list[int], micro: int) -> dict:
+    """Padded and real tokens of the micro-batches taken in `order`."""
+    padded, real, widths = 0, 0, []
+    for i in range(0, len(order), micro):
+        batch = [lengths[j] for j in order[i:i + micro]]
+        padded += max(batch) * len(batch)
+        real += sum(batch)
+        widths.append(max(batch))
+    return {"padded_tokens": padded, "real_tokens": real, "padded_per_real": round(padded / real, 3),
+            "micro_batches": len(widths), "median_width": statistics.median(widths)}
+
+
+def run(args) -> dict:
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from elrea.config import DataConfig, ModelConfig
+    from elrea.data import PromptFormatter, encode_all, load_records
+    from elrea.models import load_tokenizer
+    from elrea.testing import make_toy_records, write_jsonl
+
+    data = args.data
+    if args.quick:
+        data = write_jsonl(Path(tempfile.mkdtemp(prefix="padding-")) / "train.jsonl", make_toy_records(96, seed=0))
+        args.model = tiny_model_dir()
+    max_length = args.max_length or DataConfig().max_length
+    tok = load_tokenizer(ModelConfig(name=args.model))
+    encoded = encode_all(PromptFormatter(tok, max_length=max_length), load_records(data), "train")
+    lengths = [len(e.input_ids) for e in encoded]
+    gen = torch.Generator().manual_seed(args.seed)
+    random_order = torch.randperm(len(lengths), generator=gen).tolist()   # RandomSampler's order
+    grouped = list(LengthGroupedSampler(args.batch_size, lengths=lengths,
+                                        generator=torch.Generator().manual_seed(args.seed)))
+    assert sorted(grouped) == list(range(len(lengths)))   # one epoch: every example once
+    res = {"random": padding(lengths, random_order, args.micro_batch_size),
+           "group_by_length": padding(lengths, grouped, args.micro_batch_size)}
+    return {"data": "toy (elrea.testing)" if args.quick else str(data),
+            "model": "tiny" if args.quick else args.model, "examples": len(lengths), "max_length": max_length,
+            "mean_tokens": round(statistics.mean(lengths), 1), "batch_size": args.batch_size,
+            "micro_batch_size": args.micro_batch_size, "orders": res,
+            "random_over_grouped": round(res["random"]["padded_tokens"] / res["group_by_length"]["padded_tokens"], 2)}
+
+
+def show(r: dict) -> None:
+    rows = [[name, o["micro_batches"], o["median_width"], o["padded_tokens"], o["real_tokens"], o["padded_per_real"]]
+            for name, o in r["orders"].items()]
+    print_table(f"Padding over one epoch: {r['data']}, {r['examples']} examples (mean {r['mean_tokens']} tokens), "
+                f"micro-batches of {r['micro_batch_size']}",
+                ["order", "micro-batches", "median width", "padded tokens", "real tokens", "padded / real"], rows,
+                [f"random / group_by_length padded tokens: {r['random_over_grouped']} "
+                 "(the forward and backward run on every padded position)"])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    report = {"command": command_line(sys.argv[0] if argv is None else __file__, argv), "machine": machine()}
+    report.update(run(args))
+    show(report)
+    out = Path(args.out) if args.out else RESULTS / ("padding_quick.json" if args.quick else "padding.json")
+    write_report(out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
