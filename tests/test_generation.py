@@ -335,3 +335,33 @@ def test_a_row_that_ends_keeps_its_eos_then_pads(elrea_model):
     texts = m.generate(PROMPTS, eos_token_id=[m.tokenizer.eos_token_id, row0[j]],
                        **{k: v for k, v in gen.items() if k not in ("return_dict_in_generate", "output_scores")})
     assert texts[0] == m.tokenizer.decode(row0[:j], skip_special_tokens=True)    # text: the EOS id is not text
+
+
+def test_pad_token_id_pads_the_ids_and_no_op_arguments_are_accepted(elrea_model):
+    """pad_token_id= (what transformers users pass to silence its warning) pads the returned ids,
+    prompts' left padding and ended rows alike; use_cache / num_beams=1 change nothing; beams,
+    several sequences or attentions are refused, from keywords or a GenerationConfig."""
+    from transformers import GenerationConfig
+
+    m = elrea_model
+    tok, other = m.tokenizer, 7
+    assert other not in (tok.pad_token_id, tok.eos_token_id)
+    ids = tok([m.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in PROMPTS],
+              return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    w = _one_hot(2, len(m.adapters), 1)
+    plain = m.generate(**ids, weights=w, max_new_tokens=6)
+    padded = m.generate(**ids, weights=w, max_new_tokens=6, pad_token_id=other, use_cache=False, num_beams=1)
+    assert plain.shape == padded.shape
+    is_pad = plain == tok.pad_token_id
+    assert is_pad.any(), "the prompts should differ in length"
+    assert torch.equal(padded[is_pad], torch.full_like(padded[is_pad], other))
+    assert torch.equal(padded[~is_pad], plain[~is_pad])
+    via_config = m.generate(**ids, weights=w, generation_config=GenerationConfig(max_new_tokens=6, pad_token_id=other))
+    assert torch.equal(via_config, padded)
+    for bad in (dict(num_beams=4), dict(num_return_sequences=2), dict(output_attentions=True)):
+        name = next(iter(bad))
+        with pytest.raises(ConfigError, match=rf"generate: {name}=.* is not supported.*leave {name} out"):
+            m.generate(PROMPTS, **bad)
+    with pytest.raises(ConfigError, match=r"generation_config\.num_beams=2 is not supported"):
+        m.generate(PROMPTS, generation_config=GenerationConfig(num_beams=2))

@@ -301,8 +301,8 @@ class ELREA:
 
         weights [n, C+1] override routing. Generation arguments as in transformers
         (max_new_tokens, do_sample, temperature, top_p, top_k, min_p, repetition_penalty,
-        stop_strings, eos_token_id, return_dict_in_generate, output_scores, output_logits) or a
-        GenerationConfig; tokenizer= (transformers asks for it with stop_strings) must be the
+        stop_strings, eos_token_id, pad_token_id (pads the ids returned), return_dict_in_generate,
+        output_scores, output_logits; use_cache and num_beams=1 as no-ops) or a GenerationConfig; tokenizer= (transformers asks for it with stop_strings) must be the
         run's tokenizer (the same vocabulary). `streamer` (a transformers TextStreamer /
         TextIteratorStreamer, one prompt) receives tokens as they come. mode="weights" mixes the
         experts inside each layer instead of mixing logits.
@@ -334,7 +334,7 @@ class ELREA:
         """What model.generate returns for a decoder-only model (see `generate`): sequences
         [n, P + N], or with return_dict_in_generate a GenerateDecoderOnlyOutput holding them and
         the scores / logits asked for."""
-        pad = self.engine.pad_id
+        pad = self.engine.pad_id if decoding.pad_token_id is None else decoding.pad_token_id
         P, N = max(len(p) for p in prompts), max(len(r.ids) for r in runs)
         sequences = torch.full((len(runs), P + N), pad, dtype=torch.long, device="cpu")
         for i, (p, r) in enumerate(zip(prompts, runs)):

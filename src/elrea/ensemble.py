@@ -37,7 +37,7 @@ class Decoding:
     (a server whose client went away); the row then stops at the next step. output_scores /
     output_logits (transformers' names): keep, for every chosen token, the mixed scores after
     the processors / the raw mixed logits; return_dict_in_generate: the caller reports ids and
-    those in a transformers GenerateDecoderOnlyOutput.
+    those in a transformers GenerateDecoderOnlyOutput, its rows padded with pad_token_id.
     """
 
     max_new_tokens: int = 64
@@ -50,6 +50,7 @@ class Decoding:
     output_scores: bool = False
     output_logits: bool = False
     return_dict_in_generate: bool = False
+    pad_token_id: int | None = None      # pads returned ids (transformers' name); None: the run's pad id
 
 
 def sampling(temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64,

@@ -1,7 +1,7 @@
 """Generation arguments as transformers users write them, resolved into an ensemble `Decoding`.
 
 `ELREA.generate(prompts, max_new_tokens=..., do_sample=..., temperature=..., top_p=...,
-top_k=..., min_p=..., repetition_penalty=..., stop_strings=..., eos_token_id=...,
+top_k=..., min_p=..., repetition_penalty=..., stop_strings=..., eos_token_id=..., pad_token_id=...,
 return_dict_in_generate=..., output_scores=..., output_logits=...)`, or a
 `transformers.GenerationConfig`, on top of the run's `generation` defaults. The result is
 built from transformers' own logits processors and stopping criteria, in the order
@@ -11,6 +11,9 @@ without `do_sample`); decoding stops on every id of `eos_token_id` (a list for L
 Qwen), and on a stop string after the token that completes it (the string is kept, as in
 transformers). `tokenizer=`, which transformers requires with `stop_strings`, is accepted when
 it is the run's tokenizer (the same vocabulary): stop strings are always matched with the run's.
+`pad_token_id` pads the ids returned (token ids in, or return_dict_in_generate), as in
+transformers. use_cache, num_beams=1, num_return_sequences=1 and output_attentions /
+output_hidden_states=False are accepted as the no-ops they are here; other values are refused.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ from .errors import ConfigError
 
 # what elrea's decoding implements; anything else is an error that lists these
 GENERATION_ARGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
-                   "repetition_penalty", "stop_strings", "eos_token_id", "return_dict_in_generate",
+                   "repetition_penalty", "stop_strings", "eos_token_id", "pad_token_id", "return_dict_in_generate",
                    "output_scores", "output_logits")
+# transformers arguments elrea's decoding has no other value for: accepted at these values (and
+# use_cache at any: elrea always decodes with its KV cache, the output is the same), else refused
+NEUTRAL = {"num_beams": 1, "num_return_sequences": 1, "output_attentions": False, "output_hidden_states": False}
 # what ELREA.generate takes besides these (listed when a name is unknown)
 OTHER_ARGS = ("generation_config", "seed", "weights", "mode", "raw", "streamer", "tokenizer", "input_ids",
               "attention_mask")
@@ -45,6 +51,14 @@ def resolve(run_defaults, run_tokenizer, default_eos: list[int], device, generat
     """A Decoding from the run's GenerationConfig section, a transformers GenerationConfig and
     keyword arguments (later ones win). Unknown arguments are an error naming the valid ones;
     `tokenizer` (the caller's, as transformers asks with stop_strings) must be the run's."""
+    kwargs.pop("use_cache", None)
+    given = generation_config.to_diff_dict() if generation_config is not None else {}
+    for name, neutral in NEUTRAL.items():
+        for where, v in (("", kwargs.pop(name, None)), ("generation_config.", given.get(name))):
+            if v is not None and v != neutral:
+                raise ConfigError(f"generate: {where}{name}={v!r} is not supported: elrea's ensembled decoding "
+                                  f"is greedy or sampled, one sequence per prompt, without attentions or hidden "
+                                  f"states; leave {name} out (or set it to {neutral!r})")
     unknown = sorted(set(kwargs) - set(GENERATION_ARGS))
     if unknown:
         raise ConfigError(f"generate: unknown argument(s) {', '.join(map(repr, unknown))}; valid: "
@@ -53,7 +67,6 @@ def resolve(run_defaults, run_tokenizer, default_eos: list[int], device, generat
     args = {"max_new_tokens": run_defaults.max_new_tokens, "temperature": run_defaults.temperature,
             "top_p": run_defaults.top_p, "eos_token_id": default_eos}
     if generation_config is not None:
-        given = generation_config.to_diff_dict()
         args.update({k: given[k] for k in GENERATION_ARGS if k in given and given[k] is not None})
     explicit = {k: v for k, v in kwargs.items() if v is not None}
     args.update(explicit)
@@ -77,7 +90,8 @@ def resolve(run_defaults, run_tokenizer, default_eos: list[int], device, generat
     return Decoding(int(args["max_new_tokens"]), do_sample, _processors(args, temperature, do_sample),
                     _stopping(args.get("stop_strings"), run_tokenizer), eos, generator,
                     output_scores=bool(args.get("output_scores")), output_logits=bool(args.get("output_logits")),
-                    return_dict_in_generate=bool(args.get("return_dict_in_generate")))
+                    return_dict_in_generate=bool(args.get("return_dict_in_generate")),
+                    pad_token_id=None if args.get("pad_token_id") is None else int(args["pad_token_id"]))
 
 
 def check_tokenizer(given, run_tokenizer) -> None:
