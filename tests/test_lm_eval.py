@@ -12,6 +12,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from elrea.data import Encoded
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS = "tests/lm_eval_tasks"   # data_files in the YAMLs are relative to the repository root
 
@@ -231,3 +233,28 @@ def test_backend_dtype_and_device(fitted_run, elrea_model, caplog):
     with caplog.at_level(logging.INFO, logger="elrea.integrations.lm_eval"):
         ELREALM.create_from_arg_obj({"run": str(fitted_run), "device": "cuda"}, {"device": "cuda:0"})
     assert [r.levelno for r in caplog.records if "device" in r.getMessage()] == [logging.INFO]
+
+
+def test_rolling_loglikelihood_batches_windows_of_all_documents(fitted_run, elrea_model):
+    """Many documents of many windows each, scored together 3 windows per forward: each
+    document's total equals its windows scored one by one (engine.score), with its own routing."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from elrea.integrations.lm_eval import ELREALM
+
+    lm = ELREALM(run=str(fitted_run), device="cpu", batch_size=3, max_length=6)
+    docs = ["Add 3 and 4. The answer is 7.", "Reverse the word abc: cba.", "x",
+            "Sort these words: pear, apple, fig. apple, fig, pear. And once more: fig."]
+    got = lm.loglikelihood_rolling([SimpleNamespace(args=(d,)) for d in docs], disable_tqdm=True)
+    eos = lm.tok.eos_token_id
+    for doc, total in zip(docs, got):
+        ids = lm.tok(doc, add_special_tokens=False)["input_ids"]
+        head = ids[:6]
+        w = elrea_model.route([Encoded(head, [-100] + head[1:])])[0]
+        windows = list(map(make_disjoint_window, get_rolling_token_windows(ids, prefix_token=eos, max_seq_len=6,
+                                                                           context_len=1)))
+        assert sum(len(p) for _, p in windows) == len(ids)       # every token predicted once
+        one_by_one = sum(lm.model.engine.score(list(c), [list(p)], w)[0] for c, p in windows)
+        assert abs(total - one_by_one) < 1e-4, (doc, total, one_by_one)
+    assert len(set(round(t, 3) for t in got)) == len(docs)
+    assert lm.loglikelihood_rolling([], disable_tqdm=True) == []

@@ -148,24 +148,38 @@ class ELREALM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """lm-eval's disjoint rolling windows of every document (each token predicted once, after
+        the EOS token); each document routed once on its first window, then the windows of all
+        documents scored together, `batch_size` per forward of the stacked adapters (longest
+        first), and each document's sum returned."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         from ..data import Encoded
 
         self._warn_raw_prompts()
-        out = []
-        for r in tqdm(requests, desc="loglikelihood_rolling", disable=disable_tqdm):
-            (text,) = r.args
-            ids = self.tok(text, add_special_tokens=False)["input_ids"]
-            head = ids[:self.max_length] or [self.tok.eos_token_id]
-            w = self.model.route([Encoded(head, [-100] + head[1:])], **self.route_kwargs)[0]
-            total = 0.0
+        if not requests:
+            return []
+        eos = self.tok.eos_token_id
+        docs = [self.tok(r.args[0], add_special_tokens=False)["input_ids"] for r in requests]
+        heads = [ids[:self.max_length] or [eos] for ids in docs]
+        w = self.model.route([Encoded(h, [-100] + h[1:]) for h in heads], **self.route_kwargs)
+        windows, owner = [], []
+        for d, ids in enumerate(docs):
             for ctx, pred in map(make_disjoint_window, get_rolling_token_windows(
-                    ids, prefix_token=self.tok.eos_token_id, max_seq_len=self.max_length, context_len=1)):
-                total += self.model.engine.score(ctx, [pred], w)[0]
-            self.cache_hook.add_partial("loglikelihood_rolling", (text,), total)
-            out.append(total)
-        return out
+                    ids, prefix_token=eos, max_seq_len=self.max_length, context_len=1)):
+                windows.append((list(ctx), list(pred)))
+                owner.append(d)
+        bar = tqdm(total=len(windows), desc="loglikelihood_rolling", disable=disable_tqdm)
+        auto = self.batch_size == "auto"
+        scores = self.model.engine.score_many(windows, w[owner], batch_size=None if auto else self.batch_size,
+                                              max_batch_size=self.max_batch_size, on_batch=bar.update)
+        bar.close()
+        totals = [0.0] * len(docs)
+        for d, score in zip(owner, scores):   # in window order, as a one-window-at-a-time sum adds them
+            totals[d] += score
+        for r, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, total)
+        return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Requests with the same generation arguments are decoded together, `batch_size` prompts
