@@ -7,11 +7,15 @@ Trainer's own samplers gives, counts the padded tokens per real token of the mic
 (micro_batch_size sequences each):
 
 - random: Trainer's default (a RandomSampler, as the paper's training);
+- batch_rebalance: `base.trainer_args={train_sampling_strategy: batch_rebalance}`
+  (transformers' BatchRebalanceSampler): every optimizer step still takes batch_size random
+  examples, as random does, but splits them into micro-batches of similar lengths (of any
+  sizes), so the step's gradient is the same sum over the same kind of batch;
 - group_by_length: `base.trainer_args={train_sampling_strategy: group_by_length}`
-  (transformers' LengthGroupedSampler over batches of batch_size sequences).
+  (transformers' LengthGroupedSampler): the steps themselves hold examples of similar lengths.
 
-The ratio of the two is the training compute that grouping saves on this data (the same
-examples, epochs and optimizer steps). Nothing is trained; it takes seconds.
+The ratios to random are the training compute each saves on this data (the same examples,
+epochs and optimizer steps). Nothing is trained; it takes seconds.
 
     .venv/bin/python benchmarks/padding.py --data benchmarks/work/quality-bigbench-mix/data/train.jsonl --max-length 384
     .venv/bin/python benchmarks/padding.py --quick      # tiny model, toy data (for tests)
@@ -62,9 +66,18 @@ def padding(lengths: list[int], order: list[int], micro: int) -> dict:
             "micro_batches": len(widths), "median_width": statistics.median(widths)}
 
 
+def padded_groups(lengths: list[int], groups: list[list[int]]) -> dict:
+    """`padding` of micro-batches given as lists of indices (of any sizes)."""
+    order, sizes = [j for g in groups for j in g], [len(g) for g in groups]
+    widths = [max(lengths[j] for j in g) for g in groups]
+    padded, real = sum(w * n for w, n in zip(widths, sizes)), sum(lengths[j] for j in order)
+    return {"padded_tokens": padded, "real_tokens": real, "padded_per_real": round(padded / real, 3),
+            "micro_batches": len(groups), "median_width": statistics.median(widths)}
+
+
 def run(args) -> dict:
     import torch
-    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
     from elrea.config import DataConfig, ModelConfig
     from elrea.data import PromptFormatter, encode_all, load_records
@@ -84,13 +97,19 @@ def run(args) -> dict:
     grouped = list(LengthGroupedSampler(args.batch_size, lengths=lengths,
                                         generator=torch.Generator().manual_seed(args.seed)))
     assert sorted(grouped) == list(range(len(lengths)))   # one epoch: every example once
+    accum = max(1, args.batch_size // args.micro_batch_size)
+    rebalanced = list(BatchRebalanceSampler(lengths, effective_batch_size=args.batch_size, dp_size=1,
+                                            grad_accum=accum, seed=args.seed, drop_last=False))   # as Trainer
     res = {"random": padding(lengths, random_order, args.micro_batch_size),
+           "batch_rebalance": padded_groups(lengths, rebalanced),
            "group_by_length": padding(lengths, grouped, args.micro_batch_size)}
     return {"data": "toy (elrea.testing)" if args.quick else str(data),
             "model": "tiny" if args.quick else args.model, "examples": len(lengths), "max_length": max_length,
             "mean_tokens": round(statistics.mean(lengths), 1), "batch_size": args.batch_size,
             "micro_batch_size": args.micro_batch_size, "orders": res,
-            "random_over_grouped": round(res["random"]["padded_tokens"] / res["group_by_length"]["padded_tokens"], 2)}
+            "random_over_grouped": round(res["random"]["padded_tokens"] / res["group_by_length"]["padded_tokens"], 2),
+            "random_over_rebalanced": round(res["random"]["padded_tokens"] / res["batch_rebalance"]["padded_tokens"],
+                                            2)}
 
 
 def show(r: dict) -> None:
@@ -99,8 +118,9 @@ def show(r: dict) -> None:
     print_table(f"Padding over one epoch: {r['data']}, {r['examples']} examples (mean {r['mean_tokens']} tokens), "
                 f"micro-batches of {r['micro_batch_size']}",
                 ["order", "micro-batches", "median width", "padded tokens", "real tokens", "padded / real"], rows,
-                [f"random / group_by_length padded tokens: {r['random_over_grouped']} "
-                 "(the forward and backward run on every padded position)"])
+                [f"random / batch_rebalance padded tokens: {r['random_over_rebalanced']}; random / "
+                 f"group_by_length: {r['random_over_grouped']} (the forward and backward run on every padded "
+                 "position)"])
 
 
 def main(argv=None) -> dict:

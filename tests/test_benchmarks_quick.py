@@ -301,7 +301,8 @@ def test_transfer_is_zero_on_the_same_backbone_and_not_on_a_quantised_one(fitted
 
 def test_padding_counts_what_trainer_samplers_batch(tmp_path, tiny_model_dir, toy_rows):
     """benchmarks/padding.py: one epoch of each sampler's micro-batches, every example once;
-    grouping by length pads less on data of mixed lengths."""
+    rebalancing each step's micro-batches pads less than random ones, grouping steps by length
+    less still, on data of mixed lengths."""
     sys.path.insert(0, str(BENCH))
     import padding
 
@@ -320,7 +321,9 @@ def test_padding_counts_what_trainer_samplers_batch(tmp_path, tiny_model_dir, to
     for order in r["orders"].values():
         assert order["real_tokens"] == real and order["micro_batches"] == len(enc) // 4
         assert order["padded_tokens"] >= real
-    assert r["orders"]["group_by_length"]["padded_tokens"] < r["orders"]["random"]["padded_tokens"]
+    assert set(r["orders"]) == {"random", "batch_rebalance", "group_by_length"}
+    assert r["orders"]["group_by_length"]["padded_tokens"] < r["orders"]["batch_rebalance"]["padded_tokens"] \
+        < r["orders"]["random"]["padded_tokens"]
     assert padding.padding([3, 5, 4, 1], [0, 1, 2, 3], 2) == {
         "padded_tokens": 10 + 8, "real_tokens": 13, "padded_per_real": round(18 / 13, 3),
         "micro_batches": 2, "median_width": 4.5}

@@ -106,8 +106,9 @@ def test_checkpoints_of_another_training_are_not_resumed(tmp_path, tiny_model_di
 
 
 def test_trainer_length_grouped_sampling_pads_less(tmp_path, tiny_model_dir, examples, monkeypatch):
-    """trainer_args {train_sampling_strategy: group_by_length} reaches Trainer's own sampler
-    (it reads each item's input_ids): the same examples train in batches of similar lengths."""
+    """trainer_args {train_sampling_strategy: group_by_length or batch_rebalance} reach Trainer's
+    own samplers (they read each item's input_ids): the same examples train in micro-batches of
+    similar lengths."""
     import elrea.training as training
 
     enc, tok = examples
@@ -134,4 +135,37 @@ def test_trainer_length_grouped_sampling_pads_less(tmp_path, tiny_model_dir, exa
 
     run("random")
     run("grouped", train_sampling_strategy="group_by_length")
+    run("rebalanced", train_sampling_strategy="batch_rebalance")   # random steps, micro-batches by length
     assert widths["grouped"] < widths["random"] - 0.1, widths
+    assert widths["rebalanced"] < widths["random"] - 0.05, widths
+
+
+def test_how_a_step_is_split_into_micro_batches_does_not_change_it(tmp_path, tiny_model_dir, examples):
+    """The loss of an optimizer step is the mean over all its response tokens, whatever its
+    micro-batches (Trainer's num_items_in_batch): what lets batch_rebalance split each random
+    step by length without changing it. Plain SGD, no dropout, the same 16 examples in order."""
+    from peft import get_peft_model
+
+    from elrea.config import LoraConfig
+    from elrea.models import load_backbone, peft_lora_config
+
+    enc, tok = examples
+    # loss on the last 1..n-1 tokens: micro-batches of very unequal token counts, whose means
+    # would weigh tokens unequally if each micro-batch were averaged on its own
+    enc = [type(e)(e.input_ids, [-100] * (len(e.input_ids) - k) + e.input_ids[-k:])
+           for i, e in enumerate(enc[:16]) for k in [1 + (7 * i) % (len(e.input_ids) - 1)]]
+    assert len({sum(x != -100 for x in e.labels) for e in enc}) > 6
+    weights = {}
+    for micro in (16, 4, 2):
+        torch.manual_seed(0)
+        model = get_peft_model(load_backbone(ModelConfig(name=str(tiny_model_dir))),
+                               peft_lora_config(LoraConfig(dropout=0.0)))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.2)
+        cfg = TrainConfig(lr=0.5, batch_size=16, micro_batch_size=micro, max_steps=1,
+                          trainer_args={"optim": "sgd", "train_sampling_strategy": "sequential"})
+        train_adapter(model, enc, cfg, tmp_path / str(micro), tok.pad_token_id, seed=3)
+        weights[micro] = load_file(str(tmp_path / str(micro) / "adapter_model.safetensors"))
+    for micro in (4, 2):
+        _same(weights[16], weights[micro])

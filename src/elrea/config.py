@@ -117,9 +117,9 @@ class TrainConfig:
     report_to: Any = _f([], "Where Trainer also sends its logs: [] (the run directory only), [tensorboard] "
                         "(into RUN/logs/), [wandb], ... Not part of any stage fingerprint.")
     trainer_args: Any = _f({}, "Extra transformers TrainingArguments, e.g. {lr_scheduler_type: cosine, "
-                           "logging_steps: 5}, or {train_sampling_strategy: group_by_length} (batches of "
-                           "similar lengths: less padding, faster on data of mixed lengths); the fields above "
-                           "keep their own names.")
+                           "logging_steps: 5}, or {train_sampling_strategy: batch_rebalance} (each step's "
+                           "micro-batches cut by length: less padding on data of mixed lengths, the same "
+                           "steps); the fields above keep their own names.")
 
     def validate(self, p="train"):
         _positive(p, "lr", self.lr)
