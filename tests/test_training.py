@@ -42,9 +42,10 @@ def examples(tiny_model_dir, toy_data):
     return encode_all(PromptFormatter(tok, max_length=128), load_records(toy_data / "train.jsonl")[:48], "train"), tok
 
 
-def _train(model_dir, examples, out, ckpt, fingerprint="fp", callbacks=None, resume=True):
+def _train(model_dir, examples, out, ckpt, fingerprint="fp", callbacks=None, resume=True, **trainer_args):
     enc, tok = examples
-    cfg = TrainConfig(lr=2e-3, batch_size=8, micro_batch_size=4, max_steps=6, checkpoint_every=2)
+    cfg = TrainConfig(lr=2e-3, batch_size=8, micro_batch_size=4, max_steps=6, checkpoint_every=2,
+                      trainer_args=trainer_args)
     model = lora_model(model_dir, randomize_b=False)
     return train_adapter(model, enc, cfg, out, tok.pad_token_id, seed=3, save_moments=True, fingerprint=fingerprint,
                          checkpoint_dir=ckpt, resume=resume, callbacks=callbacks)
@@ -60,16 +61,18 @@ def _same(a: dict, b: dict):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
-def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir, examples):
-    _train(tiny_model_dir, examples, tmp_path / "whole", tmp_path / "ck-whole")
+@pytest.mark.parametrize("sampling", ["random", "batch_rebalance"])
+def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir, examples, sampling):
+    how = dict(train_sampling_strategy=sampling)
+    _train(tiny_model_dir, examples, tmp_path / "whole", tmp_path / "ck-whole", **how)
     assert not (tmp_path / "ck-whole").exists()  # removed once the adapter is saved
 
     ckpt = tmp_path / "ck"
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_model_dir, examples, tmp_path / "resumed", ckpt, callbacks=[_Crash(4)])
+        _train(tiny_model_dir, examples, tmp_path / "resumed", ckpt, callbacks=[_Crash(4)], **how)
     assert not (tmp_path / "resumed").exists() and (ckpt / "checkpoint-4").is_dir()
     steps = _Steps()
-    summary = _train(tiny_model_dir, examples, tmp_path / "resumed", ckpt, callbacks=[steps])
+    summary = _train(tiny_model_dir, examples, tmp_path / "resumed", ckpt, callbacks=[steps], **how)
     assert steps.seen == [5, 6] and summary["steps"] == 6 and not ckpt.exists()
     for whole, resumed in zip(_saved(tmp_path / "whole"), _saved(tmp_path / "resumed")):
         _same(whole, resumed)
