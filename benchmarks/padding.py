@@ -54,25 +54,18 @@ def parse_args(argv=None):
     return args
 
 
-def padding(lengths: list[int], order: list[int], micro: int) -> dict:
-    """Padded and real tokens of the micro-batches taken in `order`."""
-    padded, real, widths = 0, 0, []
-    for i in range(0, len(order), micro):
-        batch = [lengths[j] for j in order[i:i + micro]]
-        padded += max(batch) * len(batch)
-        real += sum(batch)
-        widths.append(max(batch))
-    return {"padded_tokens": padded, "real_tokens": real, "padded_per_real": round(padded / real, 3),
-            "micro_batches": len(widths), "median_width": statistics.median(widths)}
-
-
 def padded_groups(lengths: list[int], groups: list[list[int]]) -> dict:
-    """`padding` of micro-batches given as lists of indices (of any sizes)."""
-    order, sizes = [j for g in groups for j in g], [len(g) for g in groups]
+    """Padded and real tokens of micro-batches given as lists of example indices (of any sizes)."""
     widths = [max(lengths[j] for j in g) for g in groups]
-    padded, real = sum(w * n for w, n in zip(widths, sizes)), sum(lengths[j] for j in order)
+    padded = sum(w * len(g) for w, g in zip(widths, groups))
+    real = sum(lengths[j] for g in groups for j in g)
     return {"padded_tokens": padded, "real_tokens": real, "padded_per_real": round(padded / real, 3),
             "micro_batches": len(groups), "median_width": statistics.median(widths)}
+
+
+def padding(lengths: list[int], order: list[int], micro: int) -> dict:
+    """`padded_groups` of the micro-batches of `micro` examples taken in `order`."""
+    return padded_groups(lengths, [order[i:i + micro] for i in range(0, len(order), micro)])
 
 
 def run(args) -> dict:

@@ -302,8 +302,9 @@ class ELREA:
         weights [n, C+1] override routing. Generation arguments as in transformers
         (max_new_tokens, do_sample, temperature, top_p, top_k, min_p, repetition_penalty,
         stop_strings, eos_token_id, pad_token_id (pads the ids returned), return_dict_in_generate,
-        output_scores, output_logits; use_cache and num_beams=1 as no-ops) or a GenerationConfig; tokenizer= (transformers asks for it with stop_strings) must be the
-        run's tokenizer (the same vocabulary). `streamer` (a transformers TextStreamer /
+        output_scores, output_logits; use_cache and num_beams=1 as no-ops) or a GenerationConfig;
+        tokenizer= (transformers asks for it with stop_strings) must be the run's tokenizer (the
+        same vocabulary). `streamer` (a transformers TextStreamer /
         TextIteratorStreamer, one prompt) receives tokens as they come. mode="weights" mixes the
         experts inside each layer instead of mixing logits.
         """

@@ -66,8 +66,7 @@ def resolve(run_defaults, run_tokenizer, default_eos: list[int], device, generat
     check_tokenizer(tokenizer, run_tokenizer)
     args = {"max_new_tokens": run_defaults.max_new_tokens, "temperature": run_defaults.temperature,
             "top_p": run_defaults.top_p, "eos_token_id": default_eos}
-    if generation_config is not None:
-        args.update({k: given[k] for k in GENERATION_ARGS if k in given and given[k] is not None})
+    args.update({k: given[k] for k in GENERATION_ARGS if k in given and given[k] is not None})
     explicit = {k: v for k, v in kwargs.items() if v is not None}
     args.update(explicit)
     temperature = float(args.get("temperature") or 0.0)
