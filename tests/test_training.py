@@ -172,3 +172,54 @@ def test_how_a_step_is_split_into_micro_batches_does_not_change_it(tmp_path, tin
         weights[micro] = load_file(str(tmp_path / str(micro) / "adapter_model.safetensors"))
     for micro in (4, 2):
         _same(weights[16], weights[micro])
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_cpu_dropout_is_dropout(p):
+    """CpuDropout keeps each element with probability 1 - p and scales it by 1 / (1 - p), as
+    nn.Dropout does; its masks follow torch's seed; its gradient is the same mask and scale."""
+    from elrea.training import CpuDropout
+
+    layer = CpuDropout(p).train()
+    x = torch.randn(64, 50, 64, requires_grad=True)
+    torch.manual_seed(0)
+    y = layer(x)
+    kept = y != 0
+    n = x.numel()
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    torch.testing.assert_close(y[kept], x[kept] / (1 - p), rtol=1e-6, atol=0)
+    g = torch.randn_like(x)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g * kept / (1 - p), rtol=1e-6, atol=0)
+
+    torch.manual_seed(0)
+    assert torch.equal(layer(x) != 0, kept)                  # the same seed, the same mask
+    assert not torch.equal(layer(x) != 0, kept)              # the next call, another one
+    xb = x.detach().bfloat16()
+    assert layer(xb).dtype == torch.bfloat16
+    assert torch.equal(layer.eval()(x), x)                   # eval mode: the identity
+    assert torch.equal(CpuDropout(0.0).train()(x), x)
+
+
+def test_training_on_the_cpu_uses_cpu_dropout_and_gives_the_layers_back(tmp_path, tiny_model_dir, examples):
+    from elrea.training import CpuDropout, cpu_dropout
+
+    seen = []
+
+    class Look(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            seen.append({type(m.lora_dropout["default"]) for m in model.modules() if hasattr(m, "lora_dropout")})
+
+    enc, tok = examples
+    model = lora_model(tiny_model_dir, randomize_b=False)
+    layers = [m.lora_dropout for m in model.modules() if hasattr(m, "lora_dropout")]
+    assert layers and all(type(d["default"]) is torch.nn.Dropout for d in layers)
+    cfg = TrainConfig(lr=2e-3, batch_size=8, micro_batch_size=4, max_steps=2)
+    train_adapter(model, enc, cfg, tmp_path / "a", tok.pad_token_id, seed=3, callbacks=[Look()])
+    assert seen == [{CpuDropout}, {CpuDropout}]
+    assert all(type(d["default"]) is torch.nn.Dropout for d in layers)   # put back: PEFT's own model again
+
+    with pytest.raises(RuntimeError), cpu_dropout(model) as swapped:
+        assert swapped == len(layers) and all(type(d["default"]) is CpuDropout for d in layers)
+        raise RuntimeError("a failed training")
+    assert all(type(d["default"]) is torch.nn.Dropout for d in layers)

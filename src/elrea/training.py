@@ -11,6 +11,10 @@ features need. Given a checkpoint folder, Trainer saves a resumable checkpoint e
 `checkpoint_every` steps there (transformers loads them back with weights_only=True), and a
 stage interrupted by Ctrl-C, a crash or the end of a working day resumes from the last one with
 the same optimizer, scheduler, RNG and data order; the folder is removed once the adapter is saved.
+
+On the CPU, LoRA dropout draws its masks from numpy's PCG64 (`CpuDropout`): torch's CPU dropout
+draws one mt19937 float per element, and with dropout on the input of every adapted linear
+layer that took more of a training step than the layers' matmuls (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import TrainConfig
@@ -119,7 +124,8 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     log.info("%s: %d examples, %d optimizer steps of %d sequences on %s%s", desc, len(examples),
              steps, cfg.micro_batch_size * accum * world, device,
              f", resuming from step {last.name.rsplit('-', 1)[-1]}" if last else "")
-    with _tensorboard_dir(cfg, logs_dir), out_of_space(checkpoints) if checkpoints else contextlib.nullcontext():
+    with _tensorboard_dir(cfg, logs_dir), out_of_space(checkpoints) if checkpoints else contextlib.nullcontext(), \
+            cpu_dropout(peft_model):
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.time() - t0
     summary = {"steps": int(result.global_step), "train_loss": float(result.training_loss),
@@ -135,6 +141,59 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     peft_model.eval()
     scratch.cleanup()
     return summary
+
+
+class CpuDropout(torch.nn.Dropout):
+    """`nn.Dropout(p)` whose mask, on the CPU, comes from numpy's PCG64 instead of torch's mt19937.
+
+    The same layer in distribution: each element is kept independently with probability 1 - p
+    (to within 2**-32) and kept ones are scaled by 1 / (1 - p), so the output's expectation is
+    the input. Each call seeds a fresh PCG64 from one draw of torch's generator, so masks follow
+    `torch.manual_seed` / `transformers.set_seed`, and a training resumed from a checkpoint (which
+    restores torch's RNG state) draws the masks the uninterrupted one would have. In eval mode,
+    with p = 0, on other devices (CUDA's own dropout is fast) and on inputs under `SMALL`
+    elements (where seeding a generator costs more than torch's draws) it is `nn.Dropout`.
+    """
+
+    SMALL = 1 << 15
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+        self._threshold = -(2 ** 31) + round(p * 2 ** 32)   # uniform int32 >= threshold: kept
+        self._scale = 2 ** 32 / (2 ** 32 - round(p * 2 ** 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu" or x.numel() < self.SMALL:
+            return super().forward(x)
+        seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
+        bits = np.random.Generator(np.random.PCG64(seed)).integers(
+            -(2 ** 31), 2 ** 31, size=x.numel(), dtype=np.int32)
+        keep = torch.from_numpy(bits).view(x.shape) >= self._threshold
+        return torch.where(keep, x, 0).mul_(self._scale)
+
+
+@contextlib.contextmanager
+def cpu_dropout(peft_model):
+    """Inside: the model's LoRA dropout layers (PEFT's `lora_dropout[name]`, nn.Dropout with p > 0)
+    are `CpuDropout` when the model is on the CPU; the originals are put back on leaving."""
+    swapped = []
+    if model_device(peft_model).type == "cpu":
+        for module in peft_model.modules():
+            layers = getattr(module, "lora_dropout", None)
+            if not isinstance(layers, torch.nn.ModuleDict):
+                continue
+            for name, layer in layers.items():
+                if type(layer) is torch.nn.Dropout and layer.p > 0:
+                    fast = CpuDropout(layer.p)
+                    fast.train(layer.training)
+                    layers[name] = fast
+                    swapped.append((layers, name, layer))
+    try:
+        yield len(swapped)
+    finally:
+        for layers, name, layer in swapped:
+            layer.train(layers[name].training)
+            layers[name] = layer
 
 
 def _no_final_checkpoint():

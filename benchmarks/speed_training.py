@@ -1,0 +1,178 @@
+"""python benchmarks/speed_training.py --data TRAIN.jsonl  -- what LoRA dropout costs a CPU training step.
+
+PEFT's LoRA puts `nn.Dropout(p)` on the input of every adapted linear layer (p = 0.05 by
+default, the paper's). On the CPU, torch draws that mask one mt19937 float per element, which
+for an all-linear LoRA (seven adapted layers per block) costs about as much as the layers'
+matmuls. `elrea fit` trains with `elrea.training.CpuDropout` instead (the same dropout: each
+element kept with probability 1 - p, kept ones scaled by 1 / (1 - p); masks from numpy's PCG64).
+
+This times one training micro-batch (forward, backward and AdamW on the LoRA parameters) on
+micro-batches of real examples of a training file, with three dropouts side by side, their
+repetitions interleaved:
+
+- torch: PEFT's own `nn.Dropout` (what Trainer on a PEFT model does without elrea);
+- elrea: `CpuDropout`, as `elrea fit` trains on the CPU;
+- none: lora.dropout = 0, the floor (no dropout at all: a different training).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/speed_training.py \\
+        --data benchmarks/work/quality-bigbench-mix/data/train.jsonl --max-length 384
+    .venv/bin/python benchmarks/speed_training.py --quick        # tiny model, toy data (for tests)
+
+Options: --data, --model (default smollm2-135m-instruct), --dtype (float32; bfloat16 trains
+under bf16 autocast as `elrea fit` does), --max-length (default the config's data.max_length),
+--micro-batch-size 8, --micro-batches 4 (per timed repetition), --repeats 2 (the median is
+reported; about 6 minutes on 2 cores), --threads, --seed 0, --quick, --out (default
+benchmarks/results/speed_training.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, command_line, machine, print_table, tiny_model_dir, write_report  # noqa: E402
+
+import torch  # noqa: E402
+
+VARIANTS = ("torch", "elrea", "none")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", help="a training JSONL file (instruction, response)")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--max-length", type=int, default=None, help="data.max_length (default: the config's)")
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--micro-batches", type=int, default=4, help="micro-batches per timed repetition")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny model and toy data (for tests)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not args.quick and not args.data:
+        ap.error("give --data TRAIN.jsonl (or --quick)")
+    return args
+
+
+def micro_batches(encoded, n: int, size: int, seed: int, pad_id: int) -> list[dict]:
+    """`n` micro-batches of `size` examples drawn at random (the same for every variant)."""
+    from elrea.data import collate
+
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(encoded), generator=g).tolist()
+    picks = [order[(i * size) % len(order):][:size] for i in range(n)]
+    return [collate([encoded[j] for j in p], pad_id, side="right") for p in picks]
+
+
+def run(args) -> dict:
+    from peft import get_peft_model
+
+    from elrea.config import DataConfig, LoraConfig, ModelConfig
+    from elrea.data import PromptFormatter, encode_all, load_records
+    from elrea.models import load_backbone, load_tokenizer, peft_lora_config
+    from elrea.testing import make_toy_records, write_jsonl
+    from elrea.training import cpu_dropout
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data
+    if args.quick:
+        data = write_jsonl(Path(tempfile.mkdtemp(prefix="speed-training-")) / "train.jsonl",
+                           make_toy_records(64, seed=0))
+        args.model = tiny_model_dir()
+    max_length = args.max_length or DataConfig().max_length
+    mcfg = ModelConfig(name=args.model, dtype=args.dtype)
+    tok = load_tokenizer(mcfg)
+    encoded = encode_all(PromptFormatter(tok, max_length=max_length), load_records(data), "train")
+    batches = micro_batches(encoded, args.micro_batches, args.micro_batch_size, args.seed, tok.pad_token_id)
+    lora = LoraConfig()
+    torch.manual_seed(args.seed)
+    model = get_peft_model(load_backbone(mcfg, "cpu", training=True), peft_lora_config(lora))
+    model.train()
+    start = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    layers = [m.lora_dropout["default"] for m in model.modules() if hasattr(m, "lora_dropout")]
+
+    @contextlib.contextmanager
+    def variant(name):
+        with torch.no_grad():   # every variant times the same weights
+            for k, v in model.named_parameters():
+                if k in start:
+                    v.copy_(start[k])
+        if name == "none":
+            for d in layers:
+                d.p = 0.0
+        try:
+            with cpu_dropout(model) if name == "elrea" else contextlib.nullcontext():
+                yield
+        finally:
+            for d in layers:
+                d.p = lora.dropout
+
+    def timed_pass(name, batches=batches) -> float:
+        with variant(name):
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+            t0 = time.perf_counter()
+            for b in batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+                    loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                 labels=b["labels"]).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+
+    for name in VARIANTS:   # warm-up: allocator, kernels, first-call paths
+        timed_pass(name, batches[:1])
+    times = {name: [] for name in VARIANTS}
+    for _ in range(args.repeats):   # interleaved: a slow spell of the machine hits every variant
+        for name in VARIANTS:
+            times[name].append(timed_pass(name))
+    median = {k: statistics.median(v) for k, v in times.items()}
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    per_batch = {k: round(v / len(batches), 4) for k, v in median.items()}
+    return {"data": "toy (elrea.testing)" if args.quick else str(data), "model": "tiny" if args.quick else args.model,
+            "dtype": args.dtype, "threads": torch.get_num_threads(), "lora": {"rank": lora.rank,
+            "dropout": lora.dropout, "target_modules": lora.target_modules, "dropout_layers": len(layers)},
+            "micro_batch_size": args.micro_batch_size, "micro_batches": len(batches),
+            "tokens": {"real": real, "padded": padded}, "repeats": args.repeats,
+            "seconds_per_micro_batch": per_batch, "all_seconds": times,
+            "torch_over_elrea": round(median["torch"] / median["elrea"], 3),
+            "dropout_share_torch": round((median["torch"] - median["none"]) / median["torch"], 3),
+            "dropout_share_elrea": round((median["elrea"] - median["none"]) / median["elrea"], 3)}
+
+
+def show(r: dict) -> None:
+    label = {"torch": "torch nn.Dropout (PEFT's)", "elrea": "elrea CpuDropout", "none": "no dropout (floor)"}
+    rows = [[label[k], f"{v:.3f}", f"{r['seconds_per_micro_batch']['torch'] / v:.2f}x"]
+            for k, v in r["seconds_per_micro_batch"].items()]
+    print_table(f"One training micro-batch (forward, backward, AdamW): {r['model']} {r['dtype']}, LoRA r"
+                f"{r['lora']['rank']} on {r['lora']['dropout_layers']} layers, dropout {r['lora']['dropout']}; "
+                f"{r['micro_batches']} micro-batches of {r['micro_batch_size']} "
+                f"({r['tokens']['padded']} padded tokens)",
+                ["dropout", "s per micro-batch", "speed vs torch"], rows,
+                [f"torch / elrea: {r['torch_over_elrea']}x; dropout's share of a step: torch "
+                 f"{r['dropout_share_torch']:.0%}, elrea {r['dropout_share_elrea']:.0%}"])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    report = {"command": command_line(sys.argv[0] if argv is None else __file__, argv), "machine": machine()}
+    report.update(run(args))
+    show(report)
+    name = "speed_training_quick.json" if args.quick else "speed_training.json"
+    out = Path(args.out) if args.out else RESULTS / name
+    write_report(out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
