@@ -15,13 +15,18 @@ Trainer's own samplers gives, counts the padded tokens per real token of the mic
   (transformers' LengthGroupedSampler): the steps themselves hold examples of similar lengths.
 
 The ratios to random are the training compute each saves on this data (the same examples,
-epochs and optimizer steps). Nothing is trained; it takes seconds.
+epochs and optimizer steps). With `--eval FILE ...`, the same count for decoding: the prompts
+of each file (as evaluation encodes them) in batches of --generation-batch-size, in input
+order and longest first (`elrea.evaluation.by_length`, how `elrea eval` and `elrea compare`
+batch them). Nothing is trained or decoded; it takes seconds.
 
-    .venv/bin/python benchmarks/padding.py --data benchmarks/work/quality-bigbench-mix/data/train.jsonl --max-length 384
+    .venv/bin/python benchmarks/padding.py --data benchmarks/work/quality-bigbench-mix/data/train.jsonl --max-length 384 \
+        --eval benchmarks/work/quality-bigbench-mix/data/{validation,test,bbh}.jsonl
     .venv/bin/python benchmarks/padding.py --quick      # tiny model, toy data (for tests)
 
 Options: --data, --model (default smollm2-135m-instruct), --max-length (default the config's
-data.max_length), --batch-size 16, --micro-batch-size 8, --seed 0, --quick, --out (default
+data.max_length), --batch-size 16, --micro-batch-size 8, --eval FILE ..., --generation-batch-size
+8 (the config's generation.batch_size), --seed 0, --quick, --out (default
 benchmarks/results/padding.json).
 """
 
@@ -45,6 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-length", type=int, default=None, help="data.max_length (default: the config's)")
     ap.add_argument("--batch-size", type=int, default=16, help="sequences per optimizer step")
     ap.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward")
+    ap.add_argument("--eval", nargs="*", default=[], help="evaluation JSONL files: their prompts' padding")
+    ap.add_argument("--generation-batch-size", type=int, default=8, help="prompts decoded together")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny model and toy data (for tests)")
     ap.add_argument("--out", default=None)
@@ -93,6 +100,17 @@ def run(args) -> dict:
     accum = max(1, args.batch_size // args.micro_batch_size)
     rebalanced = list(BatchRebalanceSampler(lengths, effective_batch_size=args.batch_size, dp_size=1,
                                             grad_accum=accum, seed=args.seed, drop_last=False))   # as Trainer
+    from elrea.evaluation import by_length
+
+    b = args.generation_batch_size
+    prompts = {}
+    for f in args.eval:
+        plen = [len(e.input_ids) for e in encode_all(PromptFormatter(tok, max_length=max_length), load_records(f),
+                                                     "instruction")]
+        orders = {"input": padding(plen, list(range(len(plen))), b), "by_length": padding(plen, by_length(plen), b)}
+        prompts[Path(f).name] = {"prompts": len(plen), "orders": orders,
+                                 "input_over_by_length": round(orders["input"]["padded_tokens"]
+                                                               / orders["by_length"]["padded_tokens"], 2)}
     res = {"random": padding(lengths, random_order, args.micro_batch_size),
            "batch_rebalance": padded_groups(lengths, rebalanced),
            "group_by_length": padding(lengths, grouped, args.micro_batch_size)}
@@ -102,7 +120,8 @@ def run(args) -> dict:
             "micro_batch_size": args.micro_batch_size, "orders": res,
             "random_over_grouped": round(res["random"]["padded_tokens"] / res["group_by_length"]["padded_tokens"], 2),
             "random_over_rebalanced": round(res["random"]["padded_tokens"] / res["batch_rebalance"]["padded_tokens"],
-                                            2)}
+                                            2),
+            **({"generation_batch_size": b, "eval": prompts} if prompts else {})}
 
 
 def show(r: dict) -> None:
@@ -114,6 +133,12 @@ def show(r: dict) -> None:
                 [f"random / batch_rebalance padded tokens: {r['random_over_rebalanced']}; random / "
                  f"group_by_length: {r['random_over_grouped']} (the forward and backward run on every padded "
                  "position)"])
+    if r.get("eval"):
+        rows = [[name, e["prompts"], e["orders"]["input"]["padded_per_real"], e["orders"]["by_length"]["padded_per_real"],
+                 e["input_over_by_length"]] for name, e in r["eval"].items()]
+        print_table(f"Prompt padding when decoding, batches of {r['generation_batch_size']}",
+                    ["file", "prompts", "padded / real, input order", "padded / real, longest first",
+                     "x fewer padded"], rows)
 
 
 def main(argv=None) -> dict:

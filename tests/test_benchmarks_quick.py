@@ -315,7 +315,11 @@ def test_padding_counts_what_trainer_samplers_batch(tmp_path, tiny_model_dir, to
     rows = [dict(r, instruction=r["instruction"] + " please" * (i % 13) * 3) for i, r in enumerate(toy_rows)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     r = padding.main(["--data", str(data), "--model", str(tiny_model_dir), "--max-length", "256",
-                      "--micro-batch-size", "4", "--batch-size", "8", "--out", str(tmp_path / "p.json")])
+                      "--micro-batch-size", "4", "--batch-size", "8", "--out", str(tmp_path / "p.json"),
+                      "--eval", str(data), "--generation-batch-size", "4"])
+    prompts = r["eval"]["train.jsonl"]["orders"]
+    assert prompts["by_length"]["real_tokens"] == prompts["input"]["real_tokens"]
+    assert prompts["by_length"]["padded_tokens"] < prompts["input"]["padded_tokens"]   # mixed lengths
     enc = encode_all(PromptFormatter(load_tokenizer(ModelConfig(name=str(tiny_model_dir))), max_length=256),
                      load_records(data), "train")
     real = sum(len(e.input_ids) for e in enc)

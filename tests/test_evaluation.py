@@ -45,14 +45,43 @@ def test_evaluation_resumes_from_its_finished_batches(elrea_model, records, tmp_
     m = elrea_model
     whole = evaluate(m, records, progress=False)
     assert set(whole["examples"][0]) >= {"elrea_output", "base_output", "elrea", "base", "weights", "source"}
-    # a run interrupted after its first batch: the second run decodes only the rest
-    methods = {"elrea": Method(), "base": Method(column=0)}
-    key = evaluation_key(m, records, methods, None, m.config.generation.batch_size, "")
-    first = answer_all(m, records[: m.config.generation.batch_size], methods, desc=None)
-    RowLog(tmp_path / "partial", key).add(0, first)
+    # a run interrupted in its second batch: the next run decodes only what is left
     calls = []
     original = m.generate
+
+    def crash_in_second_batch(enc, **kw):
+        if len(calls) == 2:   # the ensemble and the base adapter of the first batch are done
+            raise KeyboardInterrupt
+        calls.append(len(enc))
+        return original(enc, **kw)
+
+    monkeypatch.setattr(m, "generate", crash_in_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(m, records, progress=False, resume=tmp_path / "partial")
+    calls.clear()
     monkeypatch.setattr(m, "generate", lambda enc, **kw: calls.append(len(enc)) or original(enc, **kw))
     resumed = evaluate(m, records, progress=False, resume=tmp_path / "partial")
     assert sum(calls) == 2 * (len(records) - m.config.generation.batch_size)  # ensemble and base, rest only
     assert resumed == whole
+
+
+def test_batches_hold_prompts_of_similar_lengths_and_rows_come_back_in_input_order(elrea_model, monkeypatch):
+    """answer_all decodes the longest prompts together first; its rows are in the input's order
+    and the same answers each prompt gets decoded alone."""
+    from elrea.data import Record
+
+    m = elrea_model
+    words = [3, 40, 5, 38, 1, 36, 4, 39, 2, 37, 6, 35]
+    recs = [Record(messages=[{"role": "user", "content": " ".join(["count"] * n)}], response=str(n), source=f"s{n}")
+            for n in words]
+    seen = []
+    original = m.generate
+    monkeypatch.setattr(m, "generate", lambda enc, **kw: seen.append([len(e.input_ids) for e in enc])
+                        or original(enc, **kw))
+    rows = answer_all(m, recs, {"m": Method(column=0)}, desc=None)
+    assert [r["source"] for r in rows] == [r.source for r in recs]
+    b = m.config.generation.batch_size
+    assert len(seen) == -(-len(recs) // b) and b < len(recs)
+    assert min(seen[0]) >= max(seen[1])            # the long prompts in the first batch, the short in the next
+    alone = [original(m.encode([r.messages]), weights=torch.eye(len(m.adapters))[:1])[0] for r in recs]
+    assert [r["m_output"] for r in rows] == alone

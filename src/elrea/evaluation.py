@@ -123,6 +123,10 @@ def answer_all(model, records, methods: dict[str, Method], checker=exact_checker
     {"source", "reference", "<name>_output": text, "<name>": right or not, "<name>_weights":
     the routing weights, for the methods that route}.
 
+    Batches hold prompts of similar lengths, longest first (as lm-eval's and vLLM's batching
+    do): a batch's prompts are padded to its longest, and on a mixture of tasks batches in input
+    order padded about twice the real prompt tokens (docs/benchmarks.md).
+
     With `procs` (elrea.distributed.Processes) of N processes, each answers its contiguous share
     of the batches and every process returns every row. With `resume` (a directory), each
     finished batch of rows is kept there (RowLog) and a re-run with the same `key` (say, the
@@ -131,11 +135,12 @@ def answer_all(model, records, methods: dict[str, Method], checker=exact_checker
     from .distributed import Processes, map_batches
 
     procs = procs or Processes(0, 1, model.device)
-    enc_all = None if signal is None else model.encode([r.messages for r in records])
+    enc_all = model.encode([r.messages for r in records])
+    order = by_length([len(e.input_ids) for e in enc_all])
 
     def run(idx: list[int]) -> list[dict]:
         recs = [records[i] for i in idx]
-        batch = [enc_all[i] for i in idx] if enc_all is not None else model.encode([r.messages for r in recs])
+        batch = [enc_all[i] for i in idx]
         rows = [{"source": r.source, "reference": r.response} for r in recs]
         for name, answer in answers.items():
             texts, w = answer(batch, None if signal is None else signal[idx])
@@ -146,16 +151,25 @@ def answer_all(model, records, methods: dict[str, Method], checker=exact_checker
         return rows
 
     batch_size = model.config.generation.batch_size
-    rows_log = RowLog(resume, key, procs.rank) if resume is not None else None
+    # the batches' order is part of what a kept batch means: logs of another order are not resumed
+    rows_log = RowLog(resume, f"{key}/by-length", procs.rank) if resume is not None else None
     done = rows_log.done() if rows_log else {}
     if done and procs.is_main:
         log.info("evaluation: resuming after %d finished batches of %d examples kept in %s",
                  len(done), batch_size, resume)
     with contextlib.ExitStack() as stack:
         answers = {n: stack.enter_context(m.answering(model, max_new_tokens)) for n, m in methods.items()}
-        rows = map_batches(procs, list(range(len(records))), batch_size, run, desc=desc,
+        rows = map_batches(procs, order, batch_size, run, desc=desc,
                            done=done, on_batch=rows_log.add if rows_log else None)
-    return rows
+    in_order = [None] * len(rows)
+    for i, row in zip(order, rows):
+        in_order[i] = row
+    return in_order
+
+
+def by_length(lengths: list[int]) -> list[int]:
+    """Indices, longest first (ties in input order): consecutive batches of them pad little."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
 
 
 def evaluate(model, records, max_new_tokens: int | None = None, progress: bool = True,
