@@ -50,6 +50,18 @@ def add_common_args(ap, out_name: str):
                          f"or {out_name}_quick.json with --quick)")
 
 
+def parse_data_args(ap, argv=None):
+    """--seed, --quick and --out added to a benchmark that reads a --data file; parsed, with
+    --data required unless --quick."""
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny model and toy data (for tests)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not args.quick and not args.data:
+        ap.error("give --data TRAIN.jsonl (or --quick)")
+    return args
+
+
 def default_out(args, out_name: str) -> Path:
     if args.out:
         return Path(args.out)

@@ -39,8 +39,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, command_line, machine, print_table, tiny_model_dir,  # noqa: E402
-                     write_report)
+from _common import (RESULTS, command_line, machine, parse_data_args, print_table,  # noqa: E402
+                     tiny_model_dir, write_report)
 
 
 def parse_args(argv=None):
@@ -52,13 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward/backward")
     ap.add_argument("--eval", nargs="*", default=[], help="evaluation JSONL files: their prompts' padding")
     ap.add_argument("--generation-batch-size", type=int, default=8, help="prompts decoded together")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="tiny model and toy data (for tests)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not args.quick and not args.data:
-        ap.error("give --data TRAIN.jsonl (or --quick)")
-    return args
+    return parse_data_args(ap, argv)
 
 
 def padded_groups(lengths: list[int], groups: list[list[int]]) -> dict:

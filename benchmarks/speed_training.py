@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, machine, print_table, tiny_model_dir, write_report  # noqa: E402
+from _common import (RESULTS, command_line, machine, parse_data_args, print_table,  # noqa: E402
+                     tiny_model_dir, write_report)
 
 import torch  # noqa: E402
 
@@ -53,13 +54,7 @@ def parse_args(argv=None):
     ap.add_argument("--micro-batches", type=int, default=4, help="micro-batches per timed repetition")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="tiny model and toy data (for tests)")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    if not args.quick and not args.data:
-        ap.error("give --data TRAIN.jsonl (or --quick)")
-    return args
+    return parse_data_args(ap, argv)
 
 
 def micro_batches(encoded, n: int, size: int, seed: int, pad_id: int) -> list[dict]:
