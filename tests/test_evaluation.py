@@ -5,7 +5,7 @@ and the resumable evaluator both use."""
 import pytest
 import torch
 
-from elrea.evaluation import Method, RowLog, answer_all, evaluate, evaluation_key, normalize_answer
+from elrea.evaluation import Method, answer_all, evaluate, normalize_answer
 from elrea.testing import make_toy_records, write_jsonl
 
 

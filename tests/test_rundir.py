@@ -402,7 +402,13 @@ def test_damage_is_one_clear_line_never_a_traceback(tmp_path, fitted_run, tiny_m
                               "--out", run, *FAST, "clustering.num_clusters=4", "--from", "clusters"]}[command]()
     if command == "fit":   # the data must load for fit to reach the lock: any valid file will do
         write_jsonl(run / "nowhere.jsonl", make_toy_records(64, seed=0))
-    r = _elrea(*args)
+    if command == "route":  # refused from the run's files alone, before torch loads (a second, not ten)
+        r = subprocess.run([sys.executable, "-c", "import sys; from elrea.cli import main; code = main(sys.argv[1:]); "
+                            "print('torch', 'torch' in sys.modules); sys.exit(code)", *map(str, args)],
+                           capture_output=True, text=True, timeout=300, env=ENV)
+        assert "torch False" in r.stdout, r.stdout
+    else:
+        r = _elrea(*args)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert re.search(message, r.stderr.strip().splitlines()[-1]), r.stderr
 

@@ -21,8 +21,8 @@ from .data import PromptFormatter
 from .errors import ConfigError, RunDirError
 from .features import Featurizer
 from .models import load_backbone, load_tokenizer, model_device
-from .rundir import Manifest, Run, atomic_path, check_readable
-from .stages import INFERENCE_STAGES, STAGES
+from .rundir import Manifest, Run, atomic_path
+from .stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +70,7 @@ class ELREA:
         from safetensors.torch import load_file
 
         run = Run(_local_run(run_dir))
-        manifest = Manifest.load(run.root)
-        check_readable(run.root, manifest)  # no stage being rewritten or left half-done
-        run.check_consistent(manifest)
-        run.verify(manifest.data.get("stages", {}), INFERENCE_STAGES)  # every file as recorded (SHA-256)
-        config = run.config()
-        recorded = manifest.data.get("backbone")
-        if recorded and recorded != config.model.name:
-            raise RunDirError(f"{run.config_path}: names the backbone {config.model.name!r}, but the run was fitted "
-                              f"on {recorded!r} ({run.manifest}); the config file was changed or replaced: restore "
-                              f"it (the resolved config is also under \"config\" in {run.manifest.name})")
+        manifest, config = run.check_loadable()
         tokenizer = load_tokenizer(config.model)
         if backbone is None:
             from .distributed import resolve_device

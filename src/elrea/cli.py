@@ -90,15 +90,16 @@ def _is_main() -> bool:
 
 def _load(args):
     """(ELREA on this process's device, Processes): --device, else the run's model.device."""
-    from .api import ELREA
-    from .distributed import processes
     from .rundir import Run
 
-    device = args.device
-    if device is None:
-        run = Run(args.run)
-        device = run.config_dict().get("model", {}).get("device", "auto") if run.config_path.exists() else "auto"
-    procs = processes(device)
+    device, run = args.device, Run(args.run)
+    if run.root.exists():  # a damaged run is refused now, before torch and transformers load
+        _, config = run.check_loadable(verify=False)
+        device = device or config.model.device
+    from .api import ELREA
+    from .distributed import processes
+
+    procs = processes(device or "auto")
     return ELREA.from_pretrained(args.run, device=procs.device), procs
 
 
@@ -125,10 +126,9 @@ def _write_jsonl(path, rows):
 
 
 def cmd_generate(args):
-    from .distributed import map_batches
-
     prompts = _read_prompts(args)  # a bad --input fails before the model loads
     model, procs = _load(args)
+    from .distributed import map_batches
 
     def run(batch):  # route and decode one batch; under N processes each runs its share
         enc = model.encode(batch)  # once, for routing and decoding
@@ -155,10 +155,9 @@ def cmd_generate(args):
 
 
 def cmd_route(args):
-    from .distributed import map_batches
-
     prompts = _read_prompts(args)
     model, procs = _load(args)
+    from .distributed import map_batches
     w = map_batches(procs, prompts, model.config.routing.batch_size,
                     lambda batch: model.route(batch, router=args.router, tau=args.tau,
                                               top_k=args.top_k).tolist(),

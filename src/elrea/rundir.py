@@ -37,11 +37,15 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import OutOfSpace, RunDirError, RunInUse
 from .stages import INFERENCE_STAGES
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 log = logging.getLogger(__name__)
 MANIFEST = "elrea.json"
@@ -342,6 +346,26 @@ class Run:
     def stage_dir(self, stage: str) -> Path:
         """The folder a stage writes: the one named after it (base/, features/, clusters/, ...)."""
         return self.root / stage
+
+    def check_loadable(self, verify: bool = True) -> tuple["Manifest", "RunConfig"]:
+        """Refuse (RunDirError naming the file and the command that fixes it) a run that cannot be
+        loaded for inference as it stands: not a finished run, a stage being rewritten or left
+        half-done, files from another fit, a config that names another backbone than the fit's,
+        and with `verify` any inference file changed since it was recorded (SHA-256). None of it
+        needs torch, so the CLI refuses a damaged run in a second, before the libraries load.
+        Returns (manifest, config)."""
+        manifest = Manifest.load(self.root)
+        check_readable(self.root, manifest)  # no stage being rewritten or left half-done
+        self.check_consistent(manifest)
+        if verify:
+            self.verify(manifest.data.get("stages", {}), INFERENCE_STAGES)
+        config = self.config()
+        recorded = manifest.data.get("backbone")
+        if recorded and recorded != config.model.name:
+            raise RunDirError(f"{self.config_path}: names the backbone {config.model.name!r}, but the run was fitted "
+                              f"on {recorded!r} ({self.manifest}); the config file was changed or replaced: restore "
+                              f"it (the resolved config is also under \"config\" in {self.manifest.name})")
+        return manifest, config
 
     def check_consistent(self, manifest: "Manifest") -> None:
         """Every inference file comes from the fit the manifest records: the adapters' training
