@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 
 # `make demo FULL=1`: the full demo (twice the examples, about twice the time)
+# `make test JOBS=0`: the tests in this one process. Each test process runs torch on one thread (tiny
+# models gain nothing from more), so by default one test process runs per core, up to 4.
+JOBS   ?= auto
 .PHONY: install test demo bench clean
 
 $(STAMP): pyproject.toml Makefile
@@ -22,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --maxprocesses 4 --dist worksteal
 
 demo: install
 	$(VENV)/bin/elrea demo --out runs/demo $(if $(FULL),--full)
