@@ -335,16 +335,19 @@ def test_padding_counts_what_trainer_samplers_batch(tmp_path, tiny_model_dir, to
 
 
 def test_speed_training_times_each_dropout_on_the_same_batches(tmp_path):
-    """benchmarks/speed_training.py --quick: torch's dropout, elrea's and none, each timed the
-    asked number of times on the same micro-batches of real examples; its ratios follow its times."""
+    """benchmarks/speed_training.py --quick: torch's dropout, elrea's with every logit and with
+    labelled logits, and none, each timed the asked number of times on the same micro-batches of
+    real examples; its ratios follow its times."""
     sys.path.insert(0, str(BENCH))
     import speed_training
 
     r = speed_training.main(["--quick", "--repeats", "2", "--micro-batches", "3", "--out", str(tmp_path / "t.json")])
     assert json.loads((tmp_path / "t.json").read_text())["torch_over_elrea"] == r["torch_over_elrea"]
-    assert {k: len(v) for k, v in r["all_seconds"].items()} == {"torch": 2, "elrea": 2, "none": 2}
+    assert {k: len(v) for k, v in r["all_seconds"].items()} == {"torch": 2, "elrea_every_logit": 2, "elrea": 2, "none": 2}
     assert all(t > 0 for v in r["all_seconds"].values() for t in v)
     assert r["lora"]["dropout_layers"] > 0 and r["micro_batches"] == 3
     assert 0 < r["tokens"]["real"] <= r["tokens"]["padded"]
     med = {k: statistics.median(v) for k, v in r["all_seconds"].items()}
     assert r["torch_over_elrea"] == round(med["torch"] / med["elrea"], 3)
+    assert r["every_logit_over_labelled"] == round(med["elrea_every_logit"] / med["elrea"], 3)
+    assert 0 < r["labelled_tokens"] < r["tokens"]["real"]

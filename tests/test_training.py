@@ -223,3 +223,65 @@ def test_training_on_the_cpu_uses_cpu_dropout_and_gives_the_layers_back(tmp_path
         assert swapped == len(layers) and all(type(d["default"]) is CpuDropout for d in layers)
         raise RuntimeError("a failed training")
     assert all(type(d["default"]) is torch.nn.Dropout for d in layers)
+
+
+def test_logits_only_where_a_label_is_are_the_loss_and_gradients_of_every_logit(tmp_path, tiny_model_dir, examples,
+                                                                                 monkeypatch):
+    """Training computes logits only at the positions whose next token is labelled
+    (labelled_logits): the loss and every LoRA gradient are those of the model's own loss over
+    every logit, train_adapter projects exactly the labelled tokens onto the vocabulary, and with
+    that off (a model that cannot) it trains the same adapter."""
+    import elrea.training as training
+    from elrea.data import collate
+    from elrea.training import labelled_logits, trims_logits
+
+    enc, tok = examples
+    model = lora_model(tiny_model_dir)   # eval mode: no dropout, the same function twice
+    batch = collate(enc[:8], tok.pad_token_id)
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < n < batch["labels"].numel() / 2
+
+    def loss_and_grads(b):
+        model.zero_grad()
+        out = model(**b, num_items_in_batch=torch.tensor(n))
+        out.loss.backward()
+        return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    (full, g_full), (kept, g_kept) = loss_and_grads(batch), loss_and_grads(labelled_logits(batch))
+    assert trims_logits(model) and kept.logits.shape == (n, full.logits.shape[-1])
+    assert torch.allclose(full.loss, kept.loss, rtol=1e-6, atol=0)
+    for k in g_full:
+        assert g_full[k].abs().max() > 0 and torch.allclose(g_full[k], g_kept[k], rtol=1e-5, atol=1e-8), k
+
+    def train(name):
+        projected, labelled, real = [], [], training.collate
+
+        def recording(batch, pad_id, side="right"):
+            out = real(batch, pad_id, side)
+            labelled.append((int((out["labels"][:, 1:] != -100).sum()), out["labels"].numel()))
+            return out
+        monkeypatch.setattr(training, "collate", recording)
+        m = lora_model(tiny_model_dir, randomize_b=False)
+        m.get_output_embeddings().register_forward_hook(lambda mod, args, out: projected.append(args[0].shape[:-1].numel()))
+        cfg = TrainConfig(lr=2e-3, batch_size=8, micro_batch_size=4, max_steps=3)
+        train_adapter(m, enc, cfg, tmp_path / name, tok.pad_token_id, seed=3)
+        return projected, labelled, load_file(str(tmp_path / name / "adapter_model.safetensors"))
+
+    projected, labelled, trimmed = train("trimmed")
+    # (the data loader may collate a batch ahead of the last step)
+    assert len(projected) == 6 and projected == [k for k, _ in labelled][:6]
+    monkeypatch.setattr(training, "trims_logits", lambda model: False)
+    projected, labelled, every = train("every")
+    assert projected == [t for _, t in labelled][:6]
+    for k in trimmed:
+        assert torch.allclose(trimmed[k], every[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_models_that_cannot_keep_some_logits_get_them_all():
+    from elrea.training import trims_logits
+
+    class Plain(torch.nn.Module):   # a forward without logits_to_keep (remote code, older models)
+        def forward(self, input_ids, attention_mask=None, labels=None):
+            return input_ids
+
+    assert not trims_logits(Plain())

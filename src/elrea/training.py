@@ -15,6 +15,12 @@ the same optimizer, scheduler, RNG and data order; the folder is removed once th
 On the CPU, LoRA dropout draws its masks from numpy's PCG64 (`CpuDropout`): torch's CPU dropout
 draws one mt19937 float per element, and with dropout on the input of every adapted linear
 layer that took more of a training step than the layers' matmuls (docs/benchmarks.md).
+
+The loss is over the response tokens only, so the model computes logits only where a label is
+(`labelled_logits`: transformers' `logits_to_keep` as a mask, with the shifted labels given):
+projecting every prompt position onto the vocabulary, and its softmax, was about a fifth of a
+step on instruction data with long prompts and short answers. The loss is the same sum over the
+same tokens.
 """
 
 from __future__ import annotations
@@ -61,8 +67,44 @@ class _ListDataset(torch.utils.data.Dataset):
         return {"input_ids": e.input_ids, "labels": e.labels}
 
 
-def _collator(pad_id: int):
-    return lambda batch: collate([Encoded(x["input_ids"], x["labels"]) for x in batch], pad_id, side="right")
+def _collator(pad_id: int, trim: bool):
+    def collator(batch):
+        out = collate([Encoded(x["input_ids"], x["labels"]) for x in batch], pad_id, side="right")
+        return labelled_logits(out) if trim else out
+
+    return collator
+
+
+def labelled_logits(batch: dict) -> dict:
+    """`batch` (input_ids, attention_mask, labels) with the model told to compute logits only at
+    the positions whose next token is labelled: `logits_to_keep`, a [batch, length] boolean mask,
+    and `shift_labels`, those positions' labels in the same (row-major) order. transformers'
+    causal LM loss then sums over exactly the tokens it would with every logit; Trainer counts
+    the tokens of `num_items_in_batch` from `shift_labels`."""
+    labels = batch["labels"]
+    shift = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    keep = shift != -100
+    return {**batch, "logits_to_keep": keep, "shift_labels": shift[keep]}
+
+
+def trims_logits(model) -> bool:
+    """Whether `model` (a PEFT model or a transformers causal LM) takes `labelled_logits` batches:
+    its forward takes `logits_to_keep` and slices with transformers' mask-aware
+    `slice_logits_to_keep`, and its loss is transformers' causal LM loss (which takes
+    `shift_labels` as given). Models that do not (remote code, custom losses) get every logit."""
+    import inspect
+
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401 - masks need it
+    except ImportError:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return ("logits_to_keep" in inspect.signature(base.forward).parameters
+                and base.loss_function is ForCausalLMLoss)
+    except (AttributeError, ValueError, TypeError):
+        return False
 
 
 def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir: str | Path,
@@ -117,8 +159,10 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
 
         raise ConfigError(f"trainer_args: {e} (see transformers.TrainingArguments for the valid fields)") from None
     pin_to_device(args, device)
+    # one process per device: torch's DataParallel (n_gpu > 1) would split the flat shift_labels wrongly
+    trim = trims_logits(peft_model) and args.n_gpu <= 1
     trainer = Trainer(model=peft_model, args=args, train_dataset=_ListDataset(examples),
-                      data_collator=_collator(pad_id),
+                      data_collator=_collator(pad_id, trim),
                       callbacks=[*(callbacks or []), *([_no_final_checkpoint()] if checkpoints else [])])
     t0 = time.time()
     log.info("%s: %d examples, %d optimizer steps of %d sequences on %s%s", desc, len(examples),
