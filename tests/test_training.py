@@ -201,6 +201,20 @@ def test_cpu_dropout_is_dropout(p):
     assert torch.equal(CpuDropout(0.0).train()(x), x)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 1 << 15, (1 << 15) + 3])
+def test_cpu_dropout_bits_are_numpys_integers(n):
+    """The masks' bits, PCG64's raw outputs cut in halves, are the numbers numpy's own
+    Generator.integers draws over the int32 range (even and odd counts)."""
+    import numpy as np
+
+    from elrea.training import uniform_int32
+
+    for seed in (0, 12345, 2 ** 62 + 7):
+        want = np.random.Generator(np.random.PCG64(seed)).integers(-(2 ** 31), 2 ** 31, size=n, dtype=np.int32)
+        got = uniform_int32(seed, n)
+        assert got.dtype == np.int32 and got.shape == (n,) and np.array_equal(got, want)
+
+
 def test_training_on_the_cpu_uses_cpu_dropout_and_gives_the_layers_back(tmp_path, tiny_model_dir, examples):
     from elrea.training import CpuDropout, cpu_dropout
 

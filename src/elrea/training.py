@@ -210,10 +210,17 @@ class CpuDropout(torch.nn.Dropout):
         if not self.training or self.p == 0 or x.device.type != "cpu" or x.numel() < self.SMALL:
             return super().forward(x)
         seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))
-        bits = np.random.Generator(np.random.PCG64(seed)).integers(
-            -(2 ** 31), 2 ** 31, size=x.numel(), dtype=np.int32)
-        keep = torch.from_numpy(bits).view(x.shape) >= self._threshold
+        keep = torch.from_numpy(uniform_int32(seed, x.numel())).view(x.shape) >= self._threshold
         return torch.where(keep, x, 0).mul_(self._scale)
+
+
+def uniform_int32(seed: int, n: int) -> np.ndarray:
+    """`np.random.Generator(np.random.PCG64(seed)).integers(-2**31, 2**31, n, dtype=np.int32)`, the
+    same numbers at about twice the speed: PCG64's raw 64-bit outputs cut into 32-bit halves (as
+    numpy's buffered draws cut them), shifted by -2**31 (the sign bit flipped)."""
+    raw = np.random.PCG64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
+    raw ^= np.uint32(1 << 31)
+    return raw.view(np.int32)
 
 
 @contextlib.contextmanager
