@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -89,8 +90,8 @@ def labelled_logits(batch: dict) -> dict:
 
 def trims_logits(model) -> bool:
     """Whether `model` (a PEFT model or a transformers causal LM) takes `labelled_logits` batches:
-    its forward takes `logits_to_keep` and slices with transformers' mask-aware
-    `slice_logits_to_keep`, and its loss is transformers' causal LM loss (which takes
+    transformers slices logits by mask (`slice_logits_to_keep`, transformers 5), the model's
+    forward takes `logits_to_keep`, and its loss is transformers' causal LM loss (which takes
     `shift_labels` as given). Models that do not (remote code, custom losses) get every logit."""
     import inspect
 
@@ -217,7 +218,9 @@ class CpuDropout(torch.nn.Dropout):
 def uniform_int32(seed: int, n: int) -> np.ndarray:
     """`np.random.Generator(np.random.PCG64(seed)).integers(-2**31, 2**31, n, dtype=np.int32)`, the
     same numbers at about twice the speed: PCG64's raw 64-bit outputs cut into 32-bit halves (as
-    numpy's buffered draws cut them), shifted by -2**31 (the sign bit flipped)."""
+    numpy's buffered draws cut them, low half first), shifted by -2**31 (the sign bit flipped)."""
+    if sys.byteorder != "little":   # the halves' order in memory would not be numpy's
+        return np.random.Generator(np.random.PCG64(seed)).integers(-(2 ** 31), 2 ** 31, size=n, dtype=np.int32)
     raw = np.random.PCG64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
     raw ^= np.uint32(1 << 31)
     return raw.view(np.int32)
