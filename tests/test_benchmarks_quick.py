@@ -351,3 +351,16 @@ def test_speed_training_times_each_dropout_on_the_same_batches(tmp_path):
     assert r["torch_over_elrea"] == round(med["torch"] / med["elrea"], 3)
     assert r["every_logit_over_labelled"] == round(med["elrea_every_logit"] / med["elrea"], 3)
     assert 0 < r["labelled_tokens"] < r["tokens"]["real"]
+
+
+def test_shared_decoding_gives_each_routing_its_own_answers_with_fewer_rows(fitted_run, toy_data, tmp_path):
+    """benchmarks/shared_decoding.py: the run's routings decoded one by one and together give
+    the same answers; together, each (prompt, adapter) row is prefilled once."""
+    r = _run_script("shared_decoding.py", "--run", str(fitted_run), "--data", str(toy_data / "test.jsonl"),
+                    "--limit", "10", "--routers", "gradient", "learned", "--max-new-tokens", "6", out=tmp_path / "s.json")
+    assert r["same_answers"] is True and r["prompts"] == 10
+    assert len(r["routings"]) == 6 and "gradient tau 2" in r["routings"] and "learned top-1" in r["routings"]
+    one, together = r["ways"]["one_by_one"], r["ways"]["together"]
+    assert together["prefill_rows"] == 10 * r["adapters"] < one["prefill_rows"]
+    assert together["decode_rows"] <= one["decode_rows"]
+    assert r["ratios"]["prefill_rows"] == round(one["prefill_rows"] / together["prefill_rows"], 2)

@@ -276,3 +276,115 @@ def test_a_freed_slot_below_a_running_one_is_not_written_past_the_busy_columns(e
             got += [tok for s, tok, _ in events if step >= 75 and s is b]
         step += 1
     assert a.rows == [0] and b.rows == [1] and got == late
+
+
+# ----------------------------------------------------------------------------- shared rows
+
+def _routings(n_prompts, seed):
+    """Several routings of the same prompts: two dense ones, a top-1 on each adapter, one that
+    leaves an adapter out; as compare's trials of one run are."""
+    g = torch.Generator().manual_seed(seed)
+    sets = [torch.softmax(torch.randn(n_prompts, len(NAMES), generator=g) * t, 1) for t in (1.0, 3.0)]
+    sets += [torch.nn.functional.one_hot(torch.full((n_prompts,), c), len(NAMES)).float() for c in range(len(NAMES))]
+    part = torch.rand(n_prompts, len(NAMES), generator=g)
+    part[:, 1] = 0.0
+    return sets + [part / part.sum(1, keepdim=True)]
+
+
+def test_routings_of_the_same_prompts_share_rows_and_decode_as_if_alone(engine):
+    """One call with every routing of the same prompts gives each the tokens it gets alone; it
+    prefills each (prompt, adapter) row once and decodes no more rows; the parting rows forked.
+    (The tiny model's random adapters disagree at once, so most rows fork early here.)"""
+    prompts, sets = _prompts(3, seed=11), _routings(3, seed=11)
+    alone, decoded_alone = [], 0
+    for w in sets:
+        before = engine.stats.decode_rows
+        alone.append(engine.generate(prompts, w, max_new_tokens=12))
+        decoded_alone += engine.stats.decode_rows - before
+    prefill_rows, decode_rows = engine.stats.prefill_rows, engine.stats.decode_rows
+    got = engine.generate(prompts * len(sets), torch.cat(sets), max_new_tokens=12)
+    assert [got[i * 3:(i + 1) * 3] for i in range(len(sets))] == alone
+    assert engine.stats.prefill_rows - prefill_rows == 3 * len(NAMES)       # each (prompt, adapter) once
+    assert engine.stats.decode_rows - decode_rows <= decoded_alone
+    assert engine._pool.forks > 0                       # the routings did part somewhere
+    assert len({str(a) for a in alone}) > 1             # ... and decoded different text
+
+
+def test_routings_that_choose_alike_decode_each_row_once(engine):
+    """Two routings that pick the same tokens (weights a little apart) never fork: the call
+    computes the rows of one of them."""
+    prompts, w = _prompts(3, seed=15), _weights(3, seed=15)
+    near = torch.softmax(torch.log(w) * 1.02, 1) * (w > 0)
+    alone = [engine.generate(prompts, x, max_new_tokens=10) for x in (w, near)]
+    assert alone[0] == alone[1]
+    before = engine.stats.decode_rows
+    engine.generate(prompts, w, max_new_tokens=10)
+    one = engine.stats.decode_rows - before
+    before = engine.stats.decode_rows
+    assert engine.generate(prompts * 2, torch.cat([w, near]), max_new_tokens=10) == alone[0] * 2
+    assert engine.stats.decode_rows - before == one and engine._pool.forks == 0
+
+
+def test_a_fork_with_no_free_slot_grows_the_pool_and_changes_nothing(engine):
+    prompts = _prompts(2, seed=12)
+    g = torch.Generator().manual_seed(12)
+    sets = [torch.softmax(torch.randn(2, len(NAMES), generator=g) * 4, 1) for _ in range(12)]
+    alone = [engine.generate(prompts, w, max_new_tokens=16) for w in sets]
+    got = engine.generate(prompts * len(sets), torch.cat(sets), max_new_tokens=16)
+    pool = engine._pool
+    assert pool.n > bucket(2 * len(NAMES))               # started with the 6 distinct rows' bucket, grew
+    assert [got[i * 2:(i + 1) * 2] for i in range(len(sets))] == alone
+    grown = pool.n
+    assert engine.generate(prompts * len(sets), torch.cat(sets), max_new_tokens=16) == got
+    assert engine._pool is pool and pool.n == grown      # the next such call reuses the grown pool
+
+
+def test_requests_that_share_rows_but_sample_or_stop_apart_are_decoded_as_if_alone(engine):
+    """Sharing is by prompt: requests with other decodings (a seed, an EOS, a length) fork when
+    their tokens part, and a finished request leaves its rows to the others."""
+    prompt, w = _prompts(1, seed=13)[0], _weights(2, seed=13)[1:2]
+    eos = engine.generate([prompt], w, max_new_tokens=12)[0][3]
+
+    def specs():
+        draw = lambda seed: sampling(0.9, 1.0, 10, [], torch.Generator().manual_seed(seed))  # noqa: E731
+        return [draw(1), draw(2), sampling(max_new_tokens=12, eos_ids=[eos]), sampling(max_new_tokens=3),
+                sampling(max_new_tokens=12)]
+
+    alone = [engine.decode([prompt], w, s)[0].ids for s in specs()]
+    got = [d.ids for d in engine.decode([prompt] * 5, w.repeat(5, 1), specs())]
+    assert got == alone
+    assert alone[2][-1] == eos and len(alone[3]) == 3 and len(alone[4]) == 12
+
+
+def test_shared_rows_on_the_compiled_step_get_room_for_every_row(peft_model):
+    prompts, sets = _prompts(2, seed=14), _routings(2, seed=14)
+    eager = Ensemble(peft_model, NAMES, pad_id=0, compile="off")
+    ref = eager.generate(prompts * len(sets), torch.cat(sets), max_new_tokens=8)
+    eager.close()
+    eng = Ensemble(peft_model, NAMES, pad_id=0, compile="dynamo")
+    try:
+        assert eng.generate(prompts * len(sets), torch.cat(sets), max_new_tokens=8) == ref
+        every = int((torch.cat(sets) > 0).sum())
+        assert eng._pool.n == bucket(every) and eng.stats.fallback is None   # no growth: no new graphs
+    finally:
+        eng.close()
+
+
+def test_when_the_pool_may_not_grow_parting_requests_wait_and_go_on_from_their_tokens(engine):
+    """share_growth=1: a fork with no free slot defers the requests that part; each goes on
+    later from its prompt and tokens so far, and ends with the tokens it gets alone."""
+    prompts = _prompts(2, seed=12)
+    g = torch.Generator().manual_seed(12)
+    sets = [torch.softmax(torch.randn(2, len(NAMES), generator=g) * 4, 1) for _ in range(12)]
+    alone = [engine.generate(prompts, w, max_new_tokens=16) for w in sets]
+    engine.share_growth = 1
+    engine._pool = None
+    prefills = engine.stats.prefills
+    try:
+        got = engine.decode(prompts * len(sets), torch.cat(sets), sampling(max_new_tokens=16))
+    finally:
+        engine.share_growth = 2
+    assert engine._pool.n == bucket(2 * len(NAMES))      # never grew
+    assert [[d.text_ids for d in got[i * 2:(i + 1) * 2]] for i in range(len(sets))] == alone
+    assert {d.reason for d in got} == {"length"}
+    assert engine.stats.prefills - prefills > 1          # the deferred ones came back in later prefills

@@ -41,6 +41,25 @@ def test_methods_answer_as_the_engine_and_the_adapter_folder_do(elrea_model, rec
     assert "arrow_router" not in m.engine.names and "lora_single" not in m.engine.names  # removed after
 
 
+def test_methods_of_one_run_answer_together_as_each_alone(elrea_model, records, monkeypatch):
+    """Routings and columns of the run's adapters answer a batch in one decoding call whose
+    copies of a prompt share rows: each method's answers are those it gives alone, and each
+    (prompt, adapter) is prefilled once."""
+    m = elrea_model
+    methods = {"tau0.5": Method(router="gradient", tau=0.5, top_k=0), "tau2": Method(router="gradient", tau=2.0, top_k=0),
+               "top1": Method(router="gradient", tau=1.0, top_k=1), "base": Method(column=0)}
+    alone = {n: _answers(m, records, method) for n, method in methods.items()}
+    calls = []
+    original = m.generate
+    monkeypatch.setattr(m, "generate", lambda enc, **kw: calls.append(len(enc)) or original(enc, **kw))
+    before = m.engine.stats.prefill_rows
+    rows = answer_all(m, records, methods, desc=None)
+    assert {n: [r[f"{n}_output"] for r in rows] for n in methods} == alone
+    assert m.engine.stats.prefill_rows - before == len(records) * len(m.adapters)
+    b = m.config.generation.batch_size
+    assert calls == [len(methods) * min(b, len(records) - s) for s in range(0, len(records), b)]
+
+
 def test_evaluation_resumes_from_its_finished_batches(elrea_model, records, tmp_path, monkeypatch):
     m = elrea_model
     whole = evaluate(m, records, progress=False)
@@ -50,7 +69,7 @@ def test_evaluation_resumes_from_its_finished_batches(elrea_model, records, tmp_
     original = m.generate
 
     def crash_in_second_batch(enc, **kw):
-        if len(calls) == 2:   # the ensemble and the base adapter of the first batch are done
+        if len(calls) == 1:   # the first batch is done (its ensemble and base adapter in one call)
             raise KeyboardInterrupt
         calls.append(len(enc))
         return original(enc, **kw)

@@ -309,13 +309,14 @@ class ELREA:
             raise ConfigError(f"generate: a streamer takes one prompt at a time, got {len(enc)}")
         if mode not in ("logits", "weights"):
             raise ConfigError(f"mode: unknown {mode!r}; valid: logits, weights")
-        bs, runs = self.config.generation.batch_size, []
-        for s in range(0, len(enc), bs):
-            ids = [e.input_ids for e in enc[s:s + bs]]
+        runs = [None] * len(enc)
+        for idx in _batches([e.input_ids for e in enc], self.config.generation.batch_size):
+            ids = [enc[i].input_ids for i in idx]
             if streamer is not None:
                 streamer.put(torch.tensor([ids[0]], device="cpu"))
             put = None if streamer is None else (lambda b, tok: streamer.put(torch.tensor([tok], device="cpu")))
-            runs += self.engine.decode(ids, weights[s:s + bs], decoding, on_token=put, mix=mode == "weights")
+            for i, r in zip(idx, self.engine.decode(ids, weights[idx], decoding, on_token=put, mix=mode == "weights")):
+                runs[i] = r
         if streamer is not None:
             streamer.end()
         if is_token_ids(prompts) or decoding.return_dict_in_generate:
@@ -479,3 +480,19 @@ def _load_adapter(loader, backbone, path: Path, name: str):
     except Exception as e:  # noqa: BLE001 - safetensors/JSON errors for truncated files
         raise RunDirError(f"{path}: cannot load adapter ({type(e).__name__}: {e}); "
                           "re-run `elrea fit` to recreate it") from None
+
+
+def _batches(prompts: list[list[int]], size: int) -> list[list[int]]:
+    """Indices of `prompts` in decoding batches of `size` distinct prompts, in order; the copies
+    of a prompt (say, one per routing) go in its batch, where the engine decodes them on shared
+    rows (elrea.engine.Slots)."""
+    where: dict[tuple, int] = {}
+    batches: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        b = where.get(tuple(p))
+        if b is None:
+            if not batches or len({tuple(prompts[j]) for j in batches[-1]}) >= size:
+                batches.append([])
+            b = where[tuple(p)] = len(batches) - 1
+        batches[b].append(i)
+    return batches

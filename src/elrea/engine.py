@@ -18,6 +18,9 @@ serve`, the lm-eval backend and `elrea compare`. It decodes on a pool of slots (
   after its processors, and the mixed logits before them, are kept for it (`decode`);
 - requests join (prefill, then the next step) and leave (their slots are free at the next
   host sync) at any time: the server's continuous batching is this pool;
+- in a static batch, requests with the same prompt share their rows (one per adapter) until
+  their tokens part, when the row forks (`Slots`): several routings of the same prompts cost
+  one prefill and their distinct continuations;
 - the decode step is compiled with torch.compile where that pays (`compile="auto"`: CUDA
   graphs on a GPU, eager on a CPU), once per (S, L) bucket; a failed compile falls back to
   eager and says once why.
@@ -75,6 +78,8 @@ class Seq:
     done: bool = False
     reason: str | None = None
     tokens: int = 0
+    budget: int | None = None          # new tokens it may make (Slots.add sets it)
+    deferred: bool = False             # left the pool to go on later (Slots._part)
     scores: list = field(default_factory=list)   # (V,) per token, on the device, when decoding.output_scores
     logits: list = field(default_factory=list)   # (V,) per token, on the device, when decoding.output_logits
 
@@ -104,6 +109,8 @@ class Stats:
     fallback: str | None = None                        # why decoding runs eagerly, if it does
     steps: int = 0
     prefills: int = 0
+    prefill_rows: int = 0                              # (prompt, adapter) rows prefilled
+    decode_rows: int = 0                               # rows computed by decode steps, summed over steps
 
 
 class Ensemble:
@@ -121,6 +128,9 @@ class Ensemble:
         self.dtype = _model_dtype(model)
         self.set_compile(compile)
         self.sync_every = sync_every
+        # a call's requests of the same prompt share rows (Slots); when their choices part, the pool
+        # may grow to this many times the slots of its distinct rows, then requests wait their turn
+        self.share_growth = 2
         self.stats = Stats()
         self._stack: fastlora.Stacked | None = None
         self._stack_checked = False
@@ -225,16 +235,20 @@ class Ensemble:
 
     # ------------------------------------------------------------------ decoding
 
-    def slots(self, n: int, length: int, fresh: bool = False) -> "Slots":
-        """A pool of n slots x length columns (both rounded up to powers of two), reused by the next
-        call while the bucket and adapters stay the same; fresh=True: a pool of the caller's own
-        (a server's, which nothing else may reset)."""
+    def slots(self, n: int, length: int, fresh: bool = False, requests: int | None = None) -> "Slots":
+        """A pool of n slots x length columns (both rounded up to powers of two) for at least
+        `requests` requests (default n), reused by the next call while the columns and adapters
+        stay the same and its slots suffice (a larger pool costs no compute: steps cover the busy
+        slots only); fresh=True: a pool of the caller's own (a server's, which nothing else may
+        reset)."""
         n, length = bucket(n), bucket(length, 64)
+        requests = bucket(max(n, requests or 0))
         if fresh:
-            return Slots(self, n, length)
-        if self._pool is None or (self._pool.n, self._pool.length) != (n, length):
+            return Slots(self, n, length, requests)
+        p = self._pool
+        if p is None or p.length != length or p.n < n or p.nq < requests:
             self._pool = None
-            self._pool = Slots(self, n, length)
+            self._pool = Slots(self, n, length, requests)
         self._pool.reset()
         return self._pool
 
@@ -258,19 +272,51 @@ class Ensemble:
         if mix and self.stack is None:           # PEFT's weighted adapters, one per prompt
             yield from self._decode_mixed_peft(prompts, weights, specs, stream)
             return
-        rows = B if mix else int((weights > 0).sum())
+        # requests of the same prompt share their rows until their choices part (Slots): the pool
+        # holds the distinct (prompt, adapter) rows and grows if forks need more; a compiled step
+        # gets room for every row at once instead (growing would rebuild its graphs)
+        distinct: dict[tuple, set] = {}
+        for p, w in zip(prompts, weights):
+            distinct.setdefault(tuple(p), set()).update([0] if mix else torch.nonzero(w > 0).flatten().tolist())
+        every = B if mix else int((weights > 0).sum())
+        rows = every if mix or self.compile != "off" else sum(len(c) for c in distinct.values())
         longest = max(len(p) for p in prompts) + max(s.max_new_tokens for s in specs)
-        pool = self.slots(rows, longest)
-        seqs = [pool.add(p, w, s, mix=mix, tag=b) for b, (p, w, s) in enumerate(zip(prompts, weights, specs))]
-        order = {s.q: b for b, s in enumerate(seqs)}
+        pool = self.slots(rows, longest, requests=B)
+        pool.grow_to = max(pool.n, self.share_growth * bucket(rows))
+        seqs = [pool.add(p, w, s, mix=mix, tag=b, share=True)
+                for b, (p, w, s) in enumerate(zip(prompts, weights, specs))]
+        made: list[list[int]] = [[] for _ in range(B)]
         sync = 1 if stream or any(s.stopping is not None for s in specs) else self.sync_every
-        while any(not s.done for s in pool.live()):
-            for events in pool.step(sync, release=False):
-                tokens, reasons = [None] * B, [None] * B
-                for seq, tok, reason in events:
-                    b = order[seq.q]
-                    tokens[b], reasons[b] = tok, reason
-                yield tokens, reasons, seqs
+        waiting: list[Seq] = []
+        while True:
+            while any(not s.done for s in pool.live()):
+                for events in pool.step(sync, release=False):
+                    tokens, reasons = [None] * B, [None] * B
+                    for seq, tok, reason in events:
+                        b = seq.tag
+                        tokens[b] = tok
+                        made[b].append(tok)
+                        if reason == "deferred":
+                            waiting.append(seq)
+                        else:
+                            reasons[b] = reason
+                    yield tokens, reasons, seqs
+            if not waiting:
+                return
+            for seq in pool.live():          # all finished: their slots go to the ones waiting
+                pool._release(seq)
+            later = []
+            for old in waiting:              # on, from the tokens so far (Slots._part: the pool was full)
+                b = old.tag
+                try:
+                    new = pool.add(prompts[b] + made[b], weights[b], specs[b], tag=b, share=True,
+                                   budget=specs[b].max_new_tokens - len(made[b]))
+                except PoolFull:
+                    later.append(old)
+                    continue
+                new.scores, new.logits = old.scores, old.logits
+                seqs[b] = new
+            waiting = later
 
     def _decode_mixed_peft(self, prompts, weights, specs, stream):
         names = mix_in_layers(self.model, weights, self.names)
@@ -466,44 +512,62 @@ class Slots:
     """S slots x L columns of KV cache, and the requests decoding in them (see the module docstring).
 
     Row-indexed device state (S,): the token each row reads next, its position, its write
-    column, its first valid column, its weight, its request, its LoRA selector. Request-indexed
-    state (S + 1,; index S is the placeholder that free rows point to): finished, tokens so
-    far, token budget, EOS ids, and the history (prompt, then new tokens) that processors and
-    stop strings read.
+    column, its first valid column, the request it reads its next token from (`owner`), its LoRA
+    selector. Request-indexed state (Q + 1,; index Q is the placeholder that free rows point
+    to): finished, tokens so far, token budget, EOS ids, and the history (prompt, then new
+    tokens) that processors and stop strings read. Which requests mix which rows, with what
+    weight, are the links (row, request, weight).
+
+    Shared rows (`add(..., share=True)`): a row is a (prompt, adapter, tokens so far) state,
+    whatever weight the requests give it. Requests that join in the same prefill with the same
+    prompt share the row of each adapter they both weigh: one prefill and one decode row
+    serve them all, each mixing it with its own weight. When their choices part (their weights
+    or processors pick different tokens), the row forks at that step: the requests that chose
+    differently get a copy of its cache on a free slot (the pool grows when none is free) and
+    go on alone. Every request's tokens are what it would decode alone; the work is that of the
+    distinct continuations. `elrea compare` and `elrea eval` decode several routings of the
+    same prompts this way (docs/method.md, "Decoding several routings at once").
     """
 
-    def __init__(self, engine: Ensemble, n: int, length: int):
+    def __init__(self, engine: Ensemble, n: int, length: int, requests: int | None = None):
         self.engine, self.n, self.length = engine, n, length
+        self.nq = Q = max(n, requests or 0)
         dev, S = engine.device, n
         self.cache = SlotCache(S, length)
         self._kw = _cache_kwarg(engine.model)
         z = lambda *shape, dtype=torch.long: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
         self.tok, self.pos = z(S, 1), z(S, 1)
         self.cols, self.starts, self.owner = z(S), z(S), z(S)
-        self.row_w = z(S, dtype=torch.float32)
         stack = engine.stack
         self.selector = (z(S, len(engine.names) * stack.rank, dtype=stack.dtype) if stack is not None else None)
         self.adapter_names = [engine.names[0]] * S                      # the fallback's per-row names
-        self.done = torch.ones(S + 1, dtype=torch.bool, device=dev)
-        self.n_new, self.max_new = z(S + 1), z(S + 1)
-        self.eos = torch.full((S + 1, 4), -1, dtype=torch.long, device=dev)
-        self.history = torch.full((S + 1, length), engine.pad_id, dtype=torch.long, device=dev)
-        self.hcol = z(S + 1)
+        self.done = torch.ones(Q + 1, dtype=torch.bool, device=dev)
+        self.n_new, self.max_new = z(Q + 1), z(Q + 1)
+        self.eos = torch.full((Q + 1, 4), -1, dtype=torch.long, device=dev)
+        self.history = torch.full((Q + 1, length), engine.pad_id, dtype=torch.long, device=dev)
+        self.hcol = z(Q + 1)
         self._arange = torch.arange(length, device=dev)
-        for t in (self.tok, self.pos, self.cols, self.starts, self.row_w, self.selector):
-            if t is not None:
-                torch._dynamo.mark_static_address(t)
+        self._mark_static()
         self._step_fn = None
         self._shapes: set = set()
+        self.forks = 0                       # rows copied because the requests sharing them parted
+        self.grow_to = 2 * n                 # the most slots forks may grow the pool to (then: deferral)
         self.reset()
 
+    def _mark_static(self) -> None:
+        for t in (self.tok, self.pos, self.cols, self.starts, self.selector):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+
     def reset(self) -> None:
-        S = self.n
-        self.free_rows, self.free_q = list(range(S)), list(range(S))
+        self.free_rows, self.free_q = list(range(self.n)), list(range(self.nq))
         self.seqs: dict[int, Seq] = {}
         self.pending: list[Seq] = []
-        self.owner.fill_(S)
-        self.row_w.zero_()
+        self.links: dict[int, dict[int, float]] = {}     # row -> {request: weight}, in joining order
+        self._link_t = None                              # (rows, requests, weights) on the device
+        self._shared: set[int] = set()                   # rows that more than one request reads
+        self._joining: dict[tuple, dict[int, int]] = {}  # prompt -> {adapter: row}, until the prefill
+        self.owner.fill_(self.nq)
         self.cols.zero_()
         self.starts.zero_()
         self.done.fill_(True)
@@ -517,22 +581,36 @@ class Slots:
         return list(self.seqs.values())
 
     def add(self, prompt: list[int], weights: torch.Tensor, decoding: Decoding, mix: bool = False,
-            tag=None) -> Seq:
-        """Queue a request for the next step's prefill; PoolFull when its slots are not free now."""
+            tag=None, share: bool = False, budget: int | None = None) -> Seq:
+        """Queue a request for the next step's prefill; PoolFull when its slots are not free now.
+        share=True: it shares rows with the requests of the same prompt that join in the same
+        prefill (see the class docstring); the pool then grows when a fork finds no free slot.
+        budget: the new tokens it may make, when not its Decoding's max_new_tokens."""
         weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(-1)
         need = self.rows_needed(weights, mix)
         if need == 0:
             raise ValueError("weights: every weight is 0")
-        if len(prompt) + decoding.max_new_tokens > self.length:
-            raise ValueError(f"a prompt of {len(prompt)} tokens plus {decoding.max_new_tokens} new tokens does not "
+        budget = decoding.max_new_tokens if budget is None else budget
+        if len(prompt) + budget > self.length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens plus {budget} new tokens does not "
                              f"fit the engine's {self.length} columns")
-        if need > len(self.free_rows):
-            raise PoolFull(f"{need} slots needed, {len(self.free_rows)} free")
+        kept = [0] if mix else [c for c in range(len(weights)) if weights[c] > 0]
+        joined = self._joining.setdefault(tuple(prompt), {}) if share and not mix else {}
+        fresh = [c for c in kept if c not in joined]
+        if len(fresh) > len(self.free_rows) or not self.free_q:
+            raise PoolFull(f"{len(fresh)} slots needed, {len(self.free_rows)} free")
         if len(decoding.eos_ids) > self.eos.shape[1]:
-            self.eos = torch.cat([self.eos, torch.full((self.n + 1, len(decoding.eos_ids)), -1,
+            self.eos = torch.cat([self.eos, torch.full((self.nq + 1, len(decoding.eos_ids)), -1,
                                                        dtype=torch.long, device=self.eos.device)], 1)
-        rows = [self.free_rows.pop(0) for _ in range(need)]        # the lowest free: the busy prefix stays short
-        seq = Seq(self.free_q.pop(0), rows, list(prompt), decoding, weights, mix, tag)
+        rows = []
+        for c in kept:
+            if c not in joined:
+                joined[c] = self.free_rows.pop(0)        # the lowest free: the busy prefix stays short
+                self.links[joined[c]] = {}
+            rows.append(joined[c])
+        seq = Seq(self.free_q.pop(0), rows, list(prompt), decoding, weights, mix, tag, budget=budget)
+        for row, c in zip(rows, kept):
+            self._link(row, seq.q, 1.0 if mix else float(weights[c]))
         self.seqs[seq.q] = seq
         self.pending.append(seq)
         return seq
@@ -540,15 +618,149 @@ class Slots:
     def cancel(self, seq: Seq) -> None:
         seq.decoding.cancelled = True
 
-    def _release(self, seq: Seq) -> None:
+    def _link(self, row: int, q: int, w: float) -> None:
+        self.links[row][q] = w
+        if len(self.links[row]) > 1:
+            self._shared.add(row)
+        self._link_t = None
+
+    def _link_tensors(self):
+        """(rows, requests, weights) of every link on the device, rows ascending: what mixing reads."""
+        if self._link_t is None:
+            flat = [(r, q, w) for r in sorted(self.links) for q, w in self.links[r].items()]
+            dev = self.owner.device
+            self._link_t = (torch.tensor([f[0] for f in flat], dtype=torch.long, device=dev),
+                            torch.tensor([f[1] for f in flat], dtype=torch.long, device=dev),
+                            torch.tensor([f[2] for f in flat], dtype=torch.float32, device=dev))
+        return self._link_t
+
+    def _mix(self, logits: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(Q + 1, V): each request's weighted sum of its rows' logits. logits: (S', V) of rows
+        0..S'-1, or of `rows` (a prefill's)."""
+        lrow, lq, lw = self._link_tensors()
+        mixed = torch.zeros(self.nq + 1, logits.shape[1], device=logits.device)
+        if rows is not None:                 # a prefill: its rows only, at their place in `logits`
+            where = torch.full((self.n,), -1, dtype=torch.long, device=logits.device)
+            where[rows] = torch.arange(len(rows), device=logits.device)
+            at = where[lrow]
+            keep = at >= 0
+            lrow, lq, lw = at[keep], lq[keep], lw[keep]
+        else:
+            keep = lrow < logits.shape[0]
+            lrow, lq, lw = lrow[keep], lq[keep], lw[keep]
+        mixed.index_add_(0, lq, logits[lrow].float() * lw[:, None])
+        return mixed
+
+    def _release(self, seq: Seq, done: list | None = None) -> None:
         self.seqs.pop(seq.q, None)
-        rows = torch.tensor(seq.rows, device=self.owner.device)
-        self.owner[rows] = self.n
-        self.row_w[rows] = 0.0
-        self.cols[rows] = 0
-        self.starts[rows] = 0
-        self.free_rows = sorted(self.free_rows + seq.rows)
+        freed = []
+        for row in set(seq.rows):
+            links = self.links.get(row, {})
+            links.pop(seq.q, None)
+            if links:
+                self._retarget(row, done)
+            else:
+                self.links.pop(row, None)
+                self._shared.discard(row)
+                freed.append(row)
+        if freed:
+            rows = torch.tensor(freed, device=self.owner.device)
+            self.owner[rows] = self.nq
+            self.cols[rows] = 0
+            self.starts[rows] = 0
+            self.free_rows = sorted(self.free_rows + freed)
+        self._link_t = None
         self.free_q.append(seq.q)
+
+    def _retarget(self, row: int, done: list | None = None) -> None:
+        """Point a row at a request of its own that is still going (the one whose token it reads);
+        `done`: the device's finished flags, where the host's may lag."""
+        live = [q for q in self.links[row] if q in self.seqs and not (done[q] if done else self.seqs[q].done)]
+        if len(live) < 2:
+            self._shared.discard(row)
+        if live:
+            self.owner[row] = live[0]
+
+    # ------------------------------------------------------------------ forks
+
+    def _part(self, nxt: torch.Tensor, why: torch.Tensor) -> None:
+        """After a step chose every request's token (nxt, (Q + 1,)): give the requests that share
+        a row but chose differently rows of their own (copies of it), so that every row reads one
+        token. One host sync, and only while some row is shared. Where the pool may not grow
+        further (`grow_to`), the requests that would fork are deferred instead (why 3): they
+        leave the pool now, and the caller adds each back later with its tokens so far as its
+        prompt (`_steps`)."""
+        if not self._shared:
+            return
+        toks, done = nxt.tolist(), self.done.tolist()
+        for row in sorted(self._shared):
+            if row not in self._shared:          # left by a deferral earlier in this loop
+                continue
+            live = [q for q in self.links[row] if not done[q]]
+            groups: dict[int, list[int]] = {}
+            for q in live:
+                groups.setdefault(toks[q], []).append(q)
+            parts = list(groups.values())
+            if parts:
+                self.owner[row] = parts[0][0]
+            for part in parts[1:]:
+                if self.free_rows or self.n < self.grow_to:
+                    self._fork(row, part)
+                    continue
+                for q in part:                   # no room: these go on later, from their tokens so far
+                    seq = self.seqs[q]
+                    self._release(seq, done)
+                    seq.deferred = True
+                    done[q] = True
+                    self.done[q] = True
+                    why[q] = 3
+            if not parts or len(parts[0]) < 2:
+                self._shared.discard(row)
+
+    def _fork(self, row: int, qs: list[int]) -> None:
+        """Move requests `qs` off `row` onto a copy of it."""
+        if not self.free_rows:
+            self._grow()
+        new = self.free_rows.pop(0)
+        for k, v in zip(self.cache.keys, self.cache.values):
+            k[new] = k[row]
+            v[new] = v[row]
+        for t in (self.tok, self.pos, self.cols, self.starts, self.selector):
+            if t is not None:
+                t[new] = t[row]
+        self.adapter_names[new] = self.adapter_names[row]
+        self.owner[new] = qs[0]
+        self.links[new] = {}
+        for q in qs:
+            self._link(new, q, self.links[row].pop(q))
+            seq = self.seqs[q]
+            seq.rows = [new if r == row else r for r in seq.rows]
+        if len(qs) < 2:
+            self._shared.discard(new)
+        self.forks += 1
+        self._link_t = None
+
+    def _grow(self) -> None:
+        """Twice the slots (a fork found none free): every row tensor and the cache copied over.
+        The decode step's compiled graphs, if any, are rebuilt for the new tensors."""
+        S, dev = self.n, self.engine.device
+        n = 2 * S
+
+        def bigger(t, fill=0):
+            out = torch.full((n, *t.shape[1:]), fill, dtype=t.dtype, device=dev)
+            out[:S] = t
+            return out
+
+        self.tok, self.pos, self.cols, self.starts = (bigger(t) for t in (self.tok, self.pos, self.cols, self.starts))
+        self.owner = bigger(self.owner, self.nq)
+        if self.selector is not None:
+            self.selector = bigger(self.selector)
+        self.adapter_names += [self.engine.names[0]] * S
+        self.cache.grow(n)
+        self.free_rows = sorted(self.free_rows + list(range(S, n)))
+        self.n = n
+        self._mark_static()
+        self._step_fn, self._shapes = None, set()
 
     # ------------------------------------------------------------------ steps
 
@@ -585,7 +797,7 @@ class Slots:
                     seq.tokens += 1
                     _keep(seq, kept)
                     if why:
-                        seq.done, seq.reason = True, ("stop" if why == 1 else "length")
+                        seq.done, seq.reason = True, {1: "stop", 2: "length", 3: "deferred"}[why]
                     events.append((seq, tok, seq.reason if why else None))
                 steps.append(events)
         if release:
@@ -597,15 +809,18 @@ class Slots:
         """One forward for every row of the requests that joined: their prompts, left-padded to T,
         written to their slots' columns [0, T); then their first token."""
         eng, dev = self.engine, self.engine.device
-        rows, prompts, adapters, weights, mixes = [], [], [], [], []
+        rows, prompts, adapters, mixes, owners = [], [], [], [], []
         for seq in new:
             kept = [0] if seq.mix else [c for c in range(len(eng.names)) if seq.weights[c] > 0]
             for r, c in zip(seq.rows, kept):
+                if r in rows:                     # a row shared with a request before it
+                    continue
                 rows.append(r)
                 prompts.append(seq.prompt)
                 adapters.append(c)
-                weights.append(1.0 if seq.mix else float(seq.weights[c]))
                 mixes.append(seq.weights if seq.mix else None)
+                owners.append(seq.q)
+        self._joining = {}
         ids, mask = left_pad(prompts, eng.pad_id, dev)                         # (n, T)
         T = ids.shape[1]
         rows_t = torch.tensor(rows, device=dev)
@@ -613,8 +828,7 @@ class Slots:
         self.starts[rows_t] = T - lens
         self.cols[rows_t] = T
         self.pos[rows_t, 0] = lens
-        self.row_w[rows_t] = torch.tensor(weights, device=dev)
-        self.owner[rows_t] = torch.tensor([seq.q for seq in new for _ in seq.rows], device=dev)
+        self.owner[rows_t] = torch.tensor(owners, device=dev)
         if self.selector is not None:
             sel = eng.stack.select(torch.tensor(adapters, device=dev))                  # (n, K r)
             for i, w in enumerate(mixes):
@@ -644,32 +858,34 @@ class Slots:
                 self.eos[seq.q, :len(seq.decoding.eos_ids)] = torch.tensor(sorted(seq.decoding.eos_ids), device=dev)
         self.hcol[qs] = T
         self.n_new[qs] = 0
-        self.max_new[qs] = torch.tensor([seq.decoding.max_new_tokens for seq in new], device=dev)
+        self.max_new[qs] = torch.tensor([seq.budget for seq in new], device=dev)
         self.done[qs] = False
         eng.stats.prefills += 1
-        mixed = torch.zeros(self.n + 1, logits.shape[1], device=dev)
-        mixed.index_add_(0, self.owner[rows_t], logits * self.row_w[rows_t, None])
-        which = torch.zeros(self.n + 1, dtype=torch.bool, device=dev)
+        eng.stats.prefill_rows += len(rows)
+        mixed = self._mix(logits, rows_t)
+        which = torch.zeros(self.nq + 1, dtype=torch.bool, device=dev)
         which[qs] = True
         nxt, why, kept = self._advance(mixed, which, new)
+        self._part(nxt, why)
+        rows_t = torch.tensor(sorted({r for seq in new for r in seq.rows}), device=dev)
         self.tok[rows_t] = nxt[self.owner[rows_t]][:, None]
         return [nxt, why], kept
 
     def _decode(self, live: list[Seq]):
         """One step for every slot: the compiled forward, mixing, choice, stop conditions."""
         eng = self.engine
-        logits = self._forward()                                                # (S, V)
-        mixed = torch.zeros(self.n + 1, logits.shape[1], device=logits.device)
-        mixed.index_add_(0, self.owner, logits.float() * self.row_w[:, None])
-        which = torch.zeros(self.n + 1, dtype=torch.bool, device=logits.device)
+        logits = self._forward()                                                # (S', V), S' <= S
+        mixed = self._mix(logits)
+        which = torch.zeros(self.nq + 1, dtype=torch.bool, device=logits.device)
         which[torch.tensor([s.q for s in live], device=logits.device, dtype=torch.long)] = True
-        busy = (self.owner < self.n).long()                   # free slots stay at column 0
+        busy = (self.owner < self.nq).long()                  # free slots stay at column 0
         self.pos.add_(busy[:, None])
         self.cols.add_(busy).clamp_(max=self.length - 1)
         for seq in self.seqs.values():
             seq.col = min(seq.col + 1, self.length - 1)
         eng.stats.steps += 1
         nxt, why, kept = self._advance(mixed, which, live)
+        self._part(nxt, why)
         self.tok.copy_(nxt[self.owner][:, None])
         return [nxt, why], kept
 
@@ -747,17 +963,15 @@ class Slots:
         return min(bucket(hi), self.n), min(bucket(span, 64), self.length)
 
     def _forward(self) -> torch.Tensor:
-        """Logits (S, V) of the decode step; rows past the busy prefix are zeros (their slots are free)."""
+        """Logits (S', V) of the decode step for the busy prefix of S' slots (the rows past it are free)."""
         eng = self.engine
         hi, span = self._busy()
+        eng.stats.decode_rows += hi
         self.cache.decode(self.cols[:hi], span)
         sel = self.selector[:hi] if self.selector is not None else None
         ctx = eng.stack.rows(sel) if sel is not None else contextlib.nullcontext()
         args = (self.tok[:hi], self.pos[:hi], self.cols[:hi], self.starts[:hi], sel, self._arange[:span])
-        out = self._run_step(ctx, args, (hi, span))
-        if hi == self.n:
-            return out
-        return torch.cat([out, out.new_zeros(self.n - hi, out.shape[1])])
+        return self._run_step(ctx, args, (hi, span))
 
     def _run_step(self, ctx, args, shape) -> torch.Tensor:
         eng = self.engine

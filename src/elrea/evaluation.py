@@ -105,14 +105,18 @@ class Method:
             with model.engine.arrow(experts, top_k=min(self.arrow, len(experts))) as name:
                 yield alone(name)
         else:
-            def answer(batch, signal=None):
+            def weights(batch, signal=None):
                 if self.column is not None:
                     w = torch.zeros(len(batch), len(model.adapters))
                     w[:, self.column] = 1.0
-                else:
-                    w = model.route(batch if signal is None else None, router=self.router, tau=self.tau,
-                                    top_k=self.top_k, features=signal)
+                    return w
+                return model.route(batch if signal is None else None, router=self.router, tau=self.tau,
+                                   top_k=self.top_k, features=signal)
+
+            def answer(batch, signal=None):
+                w = weights(batch, signal)
                 return model.generate(batch, weights=w, max_new_tokens=max_new_tokens), w
+            answer.weights = weights       # what answer_all needs to decode several such methods at once
             yield answer
 
 
@@ -121,7 +125,10 @@ def answer_all(model, records, methods: dict[str, Method], checker=exact_checker
                signal=None, desc: str | None = "evaluating") -> list[dict]:
     """Each record answered by each of `methods` ({name: Method}) and checked: rows in input order,
     {"source", "reference", "<name>_output": text, "<name>": right or not, "<name>_weights":
-    the routing weights, for the methods that route}.
+    the routing weights, for the methods that route}. The methods that weigh the run's own
+    adapters (routed, or one column) answer each batch in one call: the engine decodes their
+    copies of a prompt on shared rows until their tokens part (elrea.engine.Slots), so k
+    routings of a run cost about one prefill and their distinct continuations, not k decodes.
 
     Batches hold prompts of similar lengths, longest first (as lm-eval's and vLLM's batching
     do): a batch's prompts are padded to its longest, and on a mixture of tasks batches in input
@@ -131,7 +138,10 @@ def answer_all(model, records, methods: dict[str, Method], checker=exact_checker
     of the batches and every process returns every row. With `resume` (a directory), each
     finished batch of rows is kept there (RowLog) and a re-run with the same `key` (say, the
     evaluation_key) continues after them: the rows equal an uninterrupted run's. `signal` [n, d]:
-    the routers' signal computed before for every record (one routed method only)."""
+    the routers' signal computed before for every record (one routed method only), or
+    {method name: [n, d]} for several."""
+    import torch
+
     from .distributed import Processes, map_batches
 
     procs = procs or Processes(0, 1, model.device)
@@ -142,8 +152,16 @@ def answer_all(model, records, methods: dict[str, Method], checker=exact_checker
         recs = [records[i] for i in idx]
         batch = [enc_all[i] for i in idx]
         rows = [{"source": r.source, "reference": r.response} for r in recs]
+        signals = {n: (signal.get(n) if isinstance(signal, dict) else signal) for n in answers}
+        signals = {n: (None if sig is None else sig[idx]) for n, sig in signals.items()}
+        together = [n for n, a in answers.items() if hasattr(a, "weights")]
+        done = {}
+        if len(together) > 1:                  # one call: the engine shares their rows per prompt
+            ws = [answers[n].weights(batch, signals[n]) for n in together]
+            texts = model.generate(batch * len(ws), weights=torch.cat(ws), max_new_tokens=max_new_tokens)
+            done = {n: (texts[k * len(batch):(k + 1) * len(batch)], w) for k, (n, w) in enumerate(zip(together, ws))}
         for name, answer in answers.items():
-            texts, w = answer(batch, None if signal is None else signal[idx])
+            texts, w = done[name] if name in done else answer(batch, signals[name])
             for i, (row, r, t) in enumerate(zip(rows, recs, texts)):
                 row[f"{name}_output"], row[name] = t, bool(checker(r.source, t, r))
                 if w is not None and methods[name].column is None:

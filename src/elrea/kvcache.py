@@ -83,6 +83,17 @@ class SlotCache(Cache):
         V[self._rows, :, :T] = value_states.to(V.dtype)
         return key_states, value_states
 
+    def grow(self, slots: int) -> None:
+        """Room for `slots` slots, the rows there now kept (the engine's pool, when a fork of a
+        shared row finds no free slot): new tensors, so a compiled step must be rebuilt."""
+        for group in (self.keys, self.values):
+            for i, t in enumerate(group):
+                bigger = torch.zeros((slots, *t.shape[1:]), dtype=t.dtype, device=t.device)
+                bigger[:t.shape[0]] = t
+                torch._dynamo.mark_static_address(bigger)
+                group[i] = bigger
+        self.slots = slots
+
     # what transformers' model code may ask a cache; the engine passes its own 4D masks and
     # position ids, so these only have to be truthful
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -21,6 +21,7 @@ from .stats import accuracy, paired_difference
 
 log = logging.getLogger(__name__)
 ARROW_TOP_K = 3   # PEFT's ArrowConfig default and the Arrow paper's choice
+COST_PROMPTS = 16  # test prompts each method decodes alone to measure its inference cost
 
 
 @dataclass
@@ -177,12 +178,11 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     best_method = f"elrea-{best['router']}" + (f"-top{best['top_k']}" if best["top_k"] else "")
     if opt.budget_curve:
         methods["elrea-half"] = (half, Method(router=best["router"], tau=best["tau"], top_k=best["top_k"]))
-    seconds = {}
-    for m, (rd, method) in methods.items():
-        outputs = work.outputs("test", m, rd, test_records, method)
-        results[m] = accuracy(test_records, outputs["correct"])
-        seconds[m] = outputs.get("seconds", 0.0) / max(1, len(test_records))
+    outputs = work.outputs_all("test", methods, test_records)
+    for m in methods:
+        results[m] = accuracy(test_records, outputs[m]["correct"])
         log.info("test %s: mean accuracy %.3f", m, results[m]["mean"])
+    seconds = {m: work.cost(m, rd, test_records, method) for m, (rd, method) in methods.items()}
     budget = {m: {"steps": stages["base"]["steps"] if m == "lora" else
                   (steps_of(matched) if m == "lora-matched" else steps_of(rd)),
                   "test_mean": results[m]["mean"], "seconds_per_prompt": round(seconds[m], 4)}
@@ -193,8 +193,9 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
         if name == "test":
             continue
         acc = {}
-        for m, (rd, method) in methods.items():
-            acc[m] = accuracy(records, work.outputs(f"test-{name}", m, rd, records, method, check=file_check)["correct"])
+        outputs = work.outputs_all(f"test-{name}", methods, records, check=file_check)
+        for m in methods:
+            acc[m] = accuracy(records, outputs[m]["correct"])
             log.info("%s %s: mean accuracy %.3f", name, m, acc[m]["mean"])
         held_out[name] = {"path": str(path), "examples": len(records), "accuracy": acc,
                           "versus_lora_matched": _versus(records, acc, opt.seed)}
@@ -308,6 +309,15 @@ def _best(trials, router, top_k: int) -> dict:
     return max(mine, key=lambda t: t["validation"])
 
 
+def _group_name(methods: dict) -> str:
+    """A short name for a set of method keys (the partial directory of their joint decoding)."""
+    import hashlib
+
+    keys = sorted(methods)
+    return keys[0] if len(keys) == 1 else f"{len(keys)}-methods-" + hashlib.sha256(
+        "\n".join(keys).encode()).hexdigest()[:10]
+
+
 def _clean(t: dict) -> dict:
     return {k: v for k, v in t.items() if k != "correct"}
 
@@ -382,51 +392,84 @@ class _Work:
             self.loaded = rd.root
         return self.model
 
-    def outputs(self, split: str, key: str, rd: Run, records, method: Method, signal=None, check=None) -> dict:
-        """Decoded outputs and 0/1 results (by `check`, default the test file's) of one method on
-        one split, answered by elrea.evaluation.answer_all (cached in OUT/evals; finished batches
-        survive interruption)."""
+    def outputs_all(self, split: str, methods: dict, records, signals: dict | None = None, check=None) -> dict:
+        """{key: decoded outputs and 0/1 results} of methods {key: (run, Method)} on one split, each
+        cached as OUT/evals/<split>-<key>.json. What is not cached is answered by
+        elrea.evaluation.answer_all: the methods that weigh one run's own adapters (routed, or a
+        column) in one call per run, which decodes their copies of a prompt on shared rows;
+        the others (an adapter folder, Arrow) alone. Finished batches survive interruption.
+        signals: {key: the router's signal for every record}, where computed before."""
         check = check or self.check
+        out = {}
+        groups: dict[tuple, dict] = {}
+        for key, (rd, method) in methods.items():
+            cached = self._cached(split, key, rd, records, method)
+            if cached is not None:
+                out[key] = cached
+                continue
+            alone = method.adapter is not None or method.arrow is not None
+            groups.setdefault((str(rd.root), key if alone else ""), {})[key] = (rd, method)
+        for group in groups.values():
+            rd = next(iter(group.values()))[0]
+            model = self.load(rd)
+            wanted = {k: m for k, (_, m) in group.items()}
+            partial = self.out / "evals" / f"{split}-{_group_name(wanted)}.partial"
+            t = time.time()
+            sig = {k: (signals or {}).get(k) for k in wanted}
+            rows = answer_all(model, records, wanted, check, resume=partial, signal=sig,
+                              desc=f"{split} {', '.join(wanted)}", key=evaluation_key(model, records, wanted))
+            seconds = round(time.time() - t, 2)
+            for k, method in wanted.items():
+                out[k] = {"run": str(rd.root), "how": method.key(), "outputs": [r[f"{k}_output"] for r in rows],
+                          "correct": [int(r[k]) for r in rows], "seconds": seconds, "decoded_with": sorted(wanted)}
+                write_json(self.out / "evals" / f"{split}-{k}.json", out[k])
+            RowLog(partial, "").clear()
+        return out
+
+    def _cached(self, split: str, key: str, rd: Run, records, method: Method) -> dict | None:
         path = self.out / "evals" / f"{split}-{key}.json"
         if path.exists():
             cached = read_json(path)
             if cached.get("run") == str(rd.root) and cached.get("how") == method.key() \
                     and len(cached.get("outputs", [])) == len(records):
                 return cached
+        return None
+
+    def cost(self, key: str, rd: Run, records, method: Method, n: int = COST_PROMPTS) -> float:
+        """Decoding seconds per prompt of one method alone, on the first `n` test prompts (cached
+        as OUT/evals/cost-<key>.json): its inference cost beside its accuracy. The test answers
+        themselves are decoded several methods at once, so their time is not one method's."""
+        path = self.out / "evals" / f"cost-{key}.json"
+        sample = records[:n]
+        if path.exists():
+            cached = read_json(path)
+            if cached.get("run") == str(rd.root) and cached.get("how") == method.key() \
+                    and cached.get("prompts") == len(sample):
+                return cached["seconds_per_prompt"]
         model = self.load(rd)
-        partial = path.with_suffix(".partial")
         t = time.time()
-        rows = answer_all(model, records, {"m": method}, check, resume=partial, signal=signal, desc=f"{split} {key}",
-                          key=evaluation_key(model, records, {"m": method}))
-        result = {"run": str(rd.root), "how": method.key(), "outputs": [r["m_output"] for r in rows],
-                  "correct": [int(r["m"]) for r in rows], "seconds": round(time.time() - t, 2)}
+        answer_all(model, sample, {key: method}, self.check, desc=None)
+        result = {"run": str(rd.root), "how": method.key(), "prompts": len(sample),
+                  "seconds_per_prompt": round((time.time() - t) / max(1, len(sample)), 4)}
         write_json(path, result)
-        RowLog(partial, "").clear()
-        return result
+        return result["seconds_per_prompt"]
 
     def validate(self, name: str, rd: Run, val, opt: CompareOptions) -> list[dict]:
         """Validation accuracy of every router x temperature (all experts), of top-1 (tau 1) and of
-        each other top-k of `opt.top_ks` (at the temperature best for all experts)."""
+        each other top-k of `opt.top_ks` (at the temperature best for all experts); the trials of
+        each round decoded together (`outputs_all`)."""
         from ..errors import RunDirError
 
         model = self.load(rd)
-        trials = []
-        signals = {}
         n_experts = len(model.adapters) - 1
-        for router in opt.routers:
-            settings = [(tau, 0) for tau in opt.tau_grid] + [(1.0, 1)] * (1 in opt.top_ks)
-            settings += [(None, k) for k in opt.top_ks if 1 < k < n_experts]
-            for tau, k in settings:
-                if tau is None:   # sparse: the temperature that served all experts best
-                    full = [t for t in trials if t["router"] == router and t["top_k"] == 0]
-                    if not full:
-                        break
-                    tau = max(full, key=lambda t: t["validation"])["tau"]
+        signals, trials = {}, []
+
+        def round_(settings: list[tuple]) -> None:
+            methods, sigs, where = {}, {}, {}
+            for router, tau, k in settings:
                 method = Method(router=router, tau=tau, top_k=k)
                 key = f"{name}-{router}-tau{tau:g}-top{k}"
-                path = self.out / "evals" / f"validation-{key}.json"
-                sig = None
-                if not path.exists():
+                if self._cached("validation", key, rd, val, method) is None:
                     if router not in signals:
                         try:
                             signals[router] = model.router(router).signal(model.encode([r.messages for r in val]))
@@ -434,13 +477,28 @@ class _Work:
                             log.warning("router %s: %s; left out", router, e)
                             signals[router] = False
                     if signals[router] is False:
-                        break
-                    sig = signals[router]
-                res = self.outputs("validation", key, rd, val, method, signal=sig)
+                        continue
+                    sigs[key] = signals[router]
+                methods[key] = (rd, method)
+                where[key] = (router, tau, k)
+            results = self.outputs_all("validation", methods, val, sigs)
+            for key, (router, tau, k) in where.items():
                 trials.append({"run": name, "router": router, "tau": tau, "top_k": k,
-                               "validation": accuracy(val, res["correct"])["mean"],
+                               "validation": accuracy(val, results[key]["correct"])["mean"],
                                "num_clusters": n_experts})
                 log.info("validation %s: %.3f", key, trials[-1]["validation"])
+
+        # all experts at each temperature, and top-1; then each other top-k at the temperature that
+        # served all experts best
+        round_([(r, tau, 0) for r in opt.routers for tau in opt.tau_grid]
+               + [(r, 1.0, 1) for r in opt.routers if 1 in opt.top_ks])
+        sparse = []
+        for router in opt.routers:
+            full = [t for t in trials if t["router"] == router and t["top_k"] == 0]
+            if full:
+                tau = max(full, key=lambda t: t["validation"])["tau"]
+                sparse += [(router, tau, k) for k in opt.top_ks if 1 < k < n_experts]
+        round_(sparse)
         return trials
 
     def routing_cost(self, rd: Run, records, routers, n_single: int = 8) -> dict:
