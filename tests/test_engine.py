@@ -130,6 +130,7 @@ def test_sync_every_stream_eos_and_stop_strings_give_the_same_tokens(engine, pef
     eos = ref[1][4]                                             # a token prompt 1 produces: stops it there
     base = engine.generate(prompts, w, sampling(max_new_tokens=12, eos_ids=[eos]))
     assert base[1] == ref[1][:ref[1].index(eos)]
+    engine.cpu_syncs_every_step = False                         # chunks of sync_every steps, as on a GPU
     for sync in (1, 3, 32):
         engine.sync_every = sync
         assert engine.generate(prompts, w, sampling(max_new_tokens=12, eos_ids=[eos])) == base
@@ -141,6 +142,8 @@ def test_sync_every_stream_eos_and_stop_strings_give_the_same_tokens(engine, pef
 
 def test_sampling_is_seeded_and_independent_of_syncs(engine):
     prompts, w = _prompts(3, seed=6), _weights(3, seed=6)
+
+    engine.cpu_syncs_every_step = False
 
     def draw(sync):
         engine.sync_every = sync
@@ -261,13 +264,15 @@ def test_an_almost_empty_pool_decodes_only_its_busy_slots_and_columns(engine):
 
 
 def test_a_freed_slot_below_a_running_one_is_not_written_past_the_busy_columns(engine):
-    """Slot 0 ends a long answer while slot 1's young request still needs few columns: the free
-    slot must stay out of the step (it once kept advancing its column past the busy span)."""
+    """Slot 0 ends a long answer while slot 2's young request still needs few columns (slot 1
+    runs on, so the busy prefix is more than half full and nothing moves): the free slot must
+    stay out of the step (it once kept advancing its column past the busy span)."""
     w = engine.one_hot("c", 1)[0]
-    first, second = _prompts(2, seed=11)
+    first, second, third = _prompts(3, seed=11)
     late = engine.generate([second], w[None], max_new_tokens=40)[0]
     pool = engine.slots(16, 256, fresh=True)
     a = pool.add(first, w, sampling(max_new_tokens=100))
+    c = pool.add(third, w, sampling(max_new_tokens=130))
     got, step = [], 0
     while pool.live():
         if step == 75:
@@ -275,7 +280,29 @@ def test_a_freed_slot_below_a_running_one_is_not_written_past_the_busy_columns(e
         for events in pool.step(1):
             got += [tok for s, tok, _ in events if step >= 75 and s is b]
         step += 1
-    assert a.rows == [0] and b.rows == [1] and got == late
+    assert a.rows == [0] and b.rows == [2] and got == late
+    assert c.rows == [0] and pool.moves == 1        # c moved down only once b had finished too
+
+
+def test_a_static_batch_frees_finished_rows_and_moves_running_ones_down(engine):
+    """The requests that finish at the first host sync give their rows up; the one still running
+    moves to the slots below, so each later step computes its rows alone; same tokens."""
+    prompts, w = _prompts(4, seed=16), _weights(4, seed=16)
+    specs = [sampling(max_new_tokens=2)] * 3 + [sampling(max_new_tokens=20)]
+    alone = [engine.decode([p], w[i:i + 1], specs[i])[0].ids for i, p in enumerate(prompts)]
+    before = engine.stats.decode_rows
+    got = engine.decode(prompts, w, specs)
+    assert [d.ids for d in got] == alone
+    rows, last = int((w > 0).sum()), int((w[3] > 0).sum())
+    # a CPU syncs every step: the second token's step is the last with every row, then 18 steps
+    # of the last prompt's rows alone (and no step after its 20th token)
+    assert engine.stats.decode_rows - before == rows + 18 * last
+    assert engine._pool.moves == last
+    engine.cpu_syncs_every_step = False             # in chunks of 8 (a GPU's): rows freed at the first sync
+    before = engine.stats.decode_rows
+    assert [d.ids for d in engine.decode(prompts, w, specs)] == alone
+    first = engine.sync_every - 1                   # decode steps before the first sync (the prefill is one)
+    assert engine.stats.decode_rows - before == first * rows + (3 * engine.sync_every - 1 - first) * last
 
 
 # ----------------------------------------------------------------------------- shared rows

@@ -245,8 +245,8 @@ class GenerationConfig:
     batch_size: int = _f(8, "Prompts decoded together.")
     compile: str = _f("auto", "torch.compile the decode step: auto (CUDA graphs on a GPU, eager on a CPU), "
                       "off, default, reduce-overhead, max-autotune, or dynamo (traced only, for tests).")
-    sync_every: int = _f(8, "Decode steps between host syncs when nobody streams (EOS, lengths and stop "
-                         "strings are checked on the device every step).")
+    sync_every: int = _f(8, "Decode steps between host syncs on a GPU when nobody streams (EOS, lengths and "
+                         "stop strings are checked on the device every step); a CPU syncs every step.")
 
     def validate(self, p="generation"):
         _positive(p, "max_new_tokens", self.max_new_tokens)

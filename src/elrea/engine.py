@@ -12,8 +12,8 @@ serve`, the lm-eval backend and `elrea compare`. It decodes on a pool of slots (
   is the same graph whatever the routing;
 - the rows' logits are mixed per request on the device, l_q = sum_{rows r of q} w_r logits_r,
   then each request's transformers processors, greedy or sampled choice, EOS, length and stop
-  strings run on the device too; tokens come to the host every `sync_every` steps (every step
-  when a caller streams);
+  strings run on the device too; tokens come to the host every `sync_every` steps on a GPU
+  (every step when a caller streams, and on a CPU, where the host is the device);
 - where a request asks (transformers' output_scores / output_logits), each step's mixed scores
   after its processors, and the mixed logits before them, are kept for it (`decode`);
 - requests join (prefill, then the next step) and leave (their slots are free at the next
@@ -128,6 +128,10 @@ class Ensemble:
         self.dtype = _model_dtype(model)
         self.set_compile(compile)
         self.sync_every = sync_every
+        # on a CPU the host is the device: reading tokens every step costs nothing, ends a batch at
+        # its last token and frees finished requests' rows at once (tests turn it off to check
+        # that syncs in chunks decode the same)
+        self.cpu_syncs_every_step = True
         # a call's requests of the same prompt share rows (Slots); when their choices part, the pool
         # may grow to this many times the slots of its distinct rows, then requests wait their turn
         self.share_growth = 2
@@ -140,6 +144,11 @@ class Ensemble:
         if attn not in ("sdpa", "eager", None):
             raise ValueError(f"the decoding engine needs attn_implementation 'sdpa' or 'eager' (custom masks), "
                              f"the model uses {attn!r}; load it with attn_implementation='sdpa'")
+
+    @property
+    def steps_per_sync(self) -> int:
+        """Decode steps between host syncs when nobody streams: sync_every, or 1 on a CPU."""
+        return 1 if self.device.type == "cpu" and self.cpu_syncs_every_step else self.sync_every
 
     def set_compile(self, mode: str) -> None:
         """How the decode step runs from now on (see the class docstring); pools already built keep theirs."""
@@ -286,7 +295,7 @@ class Ensemble:
         seqs = [pool.add(p, w, s, mix=mix, tag=b, share=True)
                 for b, (p, w, s) in enumerate(zip(prompts, weights, specs))]
         made: list[list[int]] = [[] for _ in range(B)]
-        sync = 1 if stream or any(s.stopping is not None for s in specs) else self.sync_every
+        sync = 1 if stream or any(s.stopping is not None for s in specs) else self.steps_per_sync
         waiting: list[Seq] = []
         while True:
             while any(not s.done for s in pool.live()):
@@ -551,6 +560,7 @@ class Slots:
         self._step_fn = None
         self._shapes: set = set()
         self.forks = 0                       # rows copied because the requests sharing them parted
+        self.moves = 0                       # rows moved down to shorten the busy prefix (_compact)
         self.grow_to = 2 * n                 # the most slots forks may grow the pool to (then: deferral)
         self.reset()
 
@@ -663,14 +673,65 @@ class Slots:
                 self.links.pop(row, None)
                 self._shared.discard(row)
                 freed.append(row)
-        if freed:
-            rows = torch.tensor(freed, device=self.owner.device)
-            self.owner[rows] = self.nq
-            self.cols[rows] = 0
-            self.starts[rows] = 0
-            self.free_rows = sorted(self.free_rows + freed)
+        self._free(freed)
         self._link_t = None
         self.free_q.append(seq.q)
+
+    def _drop_rows(self, seq: Seq) -> None:
+        """A finished request stops reading its rows; those no other request reads are freed."""
+        freed = []
+        for row in set(seq.rows):
+            links = self.links.get(row, {})
+            links.pop(seq.q, None)
+            if links:
+                self._retarget(row)
+            else:
+                self.links.pop(row, None)
+                self._shared.discard(row)
+                freed.append(row)
+        seq.rows = []
+        self._free(freed)
+        self._link_t = None
+
+    def _free(self, rows: list[int]) -> None:
+        if rows:
+            t = torch.tensor(rows, device=self.owner.device)
+            self.owner[t] = self.nq
+            self.cols[t] = 0
+            self.starts[t] = 0
+            self.free_rows = sorted(self.free_rows + rows)
+
+    def _compact(self) -> None:
+        """At a host sync, when at most half the busy prefix of slots is read by a request, move the
+        top rows into the free slots below (their cache and state copied): a decode step covers
+        the busy prefix, so finished requests below running ones would otherwise cost a row each."""
+        used = sorted(r for r, links in self.links.items() if links)
+        if not used or len(used) > (used[-1] + 1) // 2:
+            return
+        low = [r for r in self.free_rows if r < used[-1]]
+        moves = []
+        while low and used and low[0] < used[-1]:
+            moves.append((used.pop(), low.pop(0)))
+        src = torch.tensor([m[0] for m in moves], device=self.owner.device)
+        dst = torch.tensor([m[1] for m in moves], device=self.owner.device)
+        for k, v in zip(self.cache.keys, self.cache.values):
+            k[dst] = k[src]
+            v[dst] = v[src]
+        for t in (self.tok, self.pos, self.cols, self.starts, self.owner, self.selector):
+            if t is not None:
+                t[dst] = t[src]
+        for a, b in moves:
+            self.adapter_names[b] = self.adapter_names[a]
+            self.links[b] = self.links.pop(a)
+            for q in self.links[b]:
+                self.seqs[q].rows = [b if r == a else r for r in self.seqs[q].rows]
+            if a in self._shared:
+                self._shared.discard(a)
+                self._shared.add(b)
+        self.free_rows = [r for r in self.free_rows if r not in set(dst.tolist())]
+        self._free(src.tolist())
+        self.moves += len(moves)
+        self._link_t = None
 
     def _retarget(self, row: int, done: list | None = None) -> None:
         """Point a row at a request of its own that is still going (the one whose token it reads);
@@ -803,6 +864,10 @@ class Slots:
         if release:
             for seq in [s for s in self.seqs.values() if s.done]:
                 self._release(seq)
+        else:       # a static batch keeps its finished requests (their draws), not their rows
+            for seq in [s for s in self.seqs.values() if s.done and s.rows]:
+                self._drop_rows(seq)
+        self._compact()
         return steps
 
     def _prefill(self, new: list[Seq]):

@@ -243,7 +243,7 @@ class Engine:
 
     def _step(self) -> None:
         streaming = any(t.job.stream or t.job.stop for t in self._texts.values())
-        sync = 1 if streaming or self._waiting else self.model.engine.sync_every
+        sync = 1 if streaming or self._waiting else self.model.engine.steps_per_sync
         for events in self.pool.step(sync):
             for seq, tok, reason in events:
                 s = self._texts.get(seq.q)
