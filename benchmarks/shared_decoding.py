@@ -46,6 +46,9 @@ def parse_args(argv=None):
     ap.add_argument("--top-k", nargs="*", type=int, default=[1])
     ap.add_argument("--max-new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1, help="timed repetitions of each way (the median)")
+    ap.add_argument("--ways", nargs="*", default=["one_by_one", "together"], choices=["one_by_one", "together"],
+                    help="which ways to run (one_by_one alone runs on an engine without row counts too: with "
+                         "PYTHONPATH=<an older checkout>/src, for a before/after)")
     ap.add_argument("--out", default=None)
     return ap.parse_args(argv)
 
@@ -95,41 +98,71 @@ def run(args) -> dict:
 
     result = {}
     for way, fn in (("one_by_one", one_by_one), ("together", together)):
+        if way not in args.ways:
+            continue
         times = []
         for _ in range(args.repeats):
-            p, d, pool_forks = stats.prefill_rows, stats.decode_rows, _forks(model)
+            p, d, forks, moves = (_count(stats, k) for k in ("prefill_rows", "decode_rows", "forks", "moves"))
             t = time.perf_counter()
             answers = fn()
             times.append(time.perf_counter() - t)
-            rows = {"prefill_rows": stats.prefill_rows - p, "decode_rows": stats.decode_rows - d}
+            rows = {"prefill_rows": _count(stats, "prefill_rows") - p, "decode_rows": _count(stats, "decode_rows") - d}
         result[way] = {"seconds": round(statistics.median(times), 2), "all_seconds": [round(x, 2) for x in times],
                        **rows, "answers": answers}
         if way == "together":
-            result[way]["forks"] = _forks(model) - pool_forks
-    same = result["one_by_one"]["answers"] == result["together"]["answers"]
+            result[way]["forks"] = _count(stats, "forks") - forks
+        result[way]["rows_moved"] = _count(stats, "moves") - moves
+    report = {"elrea": _source(), "run": str(args.run), "data": str(data), "prompts": len(enc), "adapters": len(model.adapters),
+              "routings": names, "generation_batch_size": model.config.generation.batch_size,
+              "max_new_tokens": args.max_new_tokens or model.config.generation.max_new_tokens, "ways": result}
+    if len(result) == 2:
+        a, b = result["one_by_one"], result["together"]
+        report["same_answers"] = a["answers"] == b["answers"]
+        report["ratios"] = {"seconds": round(a["seconds"] / b["seconds"], 2),
+                            "prefill_rows": round(a["prefill_rows"] / b["prefill_rows"], 2),
+                            "decode_rows": round(a["decode_rows"] / max(1, b["decode_rows"]), 2)}
     for way in result.values():
-        way.pop("answers")
-    a, b = result["one_by_one"], result["together"]
-    return {"run": str(args.run), "data": str(data), "prompts": len(enc), "adapters": len(model.adapters),
-            "routings": names, "generation_batch_size": model.config.generation.batch_size,
-            "max_new_tokens": args.max_new_tokens or model.config.generation.max_new_tokens,
-            "ways": result, "same_answers": same,
-            "ratios": {"seconds": round(a["seconds"] / b["seconds"], 2),
-                       "prefill_rows": round(a["prefill_rows"] / b["prefill_rows"], 2),
-                       "decode_rows": round(a["decode_rows"] / max(1, b["decode_rows"]), 2)}}
+        way["answers_digest"] = _digest(way.pop("answers"))
+    return report
 
 
-def _forks(model) -> int:
-    pool = model.engine._pool
-    return 0 if pool is None else pool.forks
+def _source() -> dict:
+    """Which elrea decoded: its source directory and that checkout's commit (PYTHONPATH may point
+    at an older one)."""
+    import subprocess
+
+    import elrea
+
+    src = Path(elrea.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=src, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"source": str(src), "commit": commit}
+
+
+def _count(stats, name: str) -> int:
+    return getattr(stats, name, 0)        # an engine from before these counts: 0
+
+
+def _digest(answers) -> str:
+    """A hash of every routing's answers: runs on other engines (--ways, PYTHONPATH) compare by it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(answers).encode()).hexdigest()[:16]
 
 
 def show(r: dict) -> None:
-    rows = [[way, v["seconds"], v["prefill_rows"], v["decode_rows"], v.get("forks", "")] for way, v in r["ways"].items()]
+    rows = [[way, v["seconds"], v["prefill_rows"], v["decode_rows"], v.get("forks", ""), v["rows_moved"],
+             v["answers_digest"]] for way, v in r["ways"].items()]
+    notes = []
+    if "ratios" in r:
+        notes.append(f"one by one / together: {r['ratios']['seconds']}x the time, {r['ratios']['prefill_rows']}x the "
+                     f"prefill rows, {r['ratios']['decode_rows']}x the decode rows; same answers: {r['same_answers']}")
     print_table(f"{len(r['routings'])} routings of {r['prompts']} prompts, {r['adapters']} adapters ({r['run']})",
-                ["way", "seconds", "rows prefilled", "rows decoded", "forks"], rows,
-                [f"one by one / together: {r['ratios']['seconds']}x the time, {r['ratios']['prefill_rows']}x the "
-                 f"prefill rows, {r['ratios']['decode_rows']}x the decode rows; same answers: {r['same_answers']}"])
+                ["way", "seconds", "rows prefilled", "rows decoded", "forks", "rows moved", "answers"], rows, notes)
 
 
 def main(argv=None) -> dict:

@@ -281,7 +281,7 @@ def test_a_freed_slot_below_a_running_one_is_not_written_past_the_busy_columns(e
             got += [tok for s, tok, _ in events if step >= 75 and s is b]
         step += 1
     assert a.rows == [0] and b.rows == [2] and got == late
-    assert c.rows == [0] and pool.moves == 1        # c moved down only once b had finished too
+    assert c.rows == [0] and engine.stats.moves == 1  # c moved down only once b had finished too
 
 
 def test_a_static_batch_frees_finished_rows_and_moves_running_ones_down(engine):
@@ -297,7 +297,7 @@ def test_a_static_batch_frees_finished_rows_and_moves_running_ones_down(engine):
     # a CPU syncs every step: the second token's step is the last with every row, then 18 steps
     # of the last prompt's rows alone (and no step after its 20th token)
     assert engine.stats.decode_rows - before == rows + 18 * last
-    assert engine._pool.moves == last
+    assert engine.stats.moves == last
     engine.cpu_syncs_every_step = False             # in chunks of 8 (a GPU's): rows freed at the first sync
     before = engine.stats.decode_rows
     assert [d.ids for d in engine.decode(prompts, w, specs)] == alone
@@ -333,7 +333,7 @@ def test_routings_of_the_same_prompts_share_rows_and_decode_as_if_alone(engine):
     assert [got[i * 3:(i + 1) * 3] for i in range(len(sets))] == alone
     assert engine.stats.prefill_rows - prefill_rows == 3 * len(NAMES)       # each (prompt, adapter) once
     assert engine.stats.decode_rows - decode_rows <= decoded_alone
-    assert engine._pool.forks > 0                       # the routings did part somewhere
+    assert engine.stats.forks > 0                       # the routings did part somewhere
     assert len({str(a) for a in alone}) > 1             # ... and decoded different text
 
 
@@ -349,7 +349,7 @@ def test_routings_that_choose_alike_decode_each_row_once(engine):
     one = engine.stats.decode_rows - before
     before = engine.stats.decode_rows
     assert engine.generate(prompts * 2, torch.cat([w, near]), max_new_tokens=10) == alone[0] * 2
-    assert engine.stats.decode_rows - before == one and engine._pool.forks == 0
+    assert engine.stats.decode_rows - before == one and engine.stats.forks == 0
 
 
 def test_a_fork_with_no_free_slot_grows_the_pool_and_changes_nothing(engine):

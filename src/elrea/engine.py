@@ -111,6 +111,8 @@ class Stats:
     prefills: int = 0
     prefill_rows: int = 0                              # (prompt, adapter) rows prefilled
     decode_rows: int = 0                               # rows computed by decode steps, summed over steps
+    forks: int = 0                                     # rows copied where requests sharing them parted
+    moves: int = 0                                     # rows moved down to shorten the busy prefix
 
 
 class Ensemble:
@@ -559,8 +561,6 @@ class Slots:
         self._mark_static()
         self._step_fn = None
         self._shapes: set = set()
-        self.forks = 0                       # rows copied because the requests sharing them parted
-        self.moves = 0                       # rows moved down to shorten the busy prefix (_compact)
         self.grow_to = 2 * n                 # the most slots forks may grow the pool to (then: deferral)
         self.reset()
 
@@ -730,7 +730,7 @@ class Slots:
                 self._shared.add(b)
         self.free_rows = [r for r in self.free_rows if r not in set(dst.tolist())]
         self._free(src.tolist())
-        self.moves += len(moves)
+        self.engine.stats.moves += len(moves)
         self._link_t = None
 
     def _retarget(self, row: int, done: list | None = None) -> None:
@@ -798,7 +798,7 @@ class Slots:
             seq.rows = [new if r == row else r for r in seq.rows]
         if len(qs) < 2:
             self._shared.discard(new)
-        self.forks += 1
+        self.engine.stats.forks += 1
         self._link_t = None
 
     def _grow(self) -> None:
