@@ -663,6 +663,17 @@ class Slots:
 
     def _release(self, seq: Seq, done: list | None = None) -> None:
         self.seqs.pop(seq.q, None)
+        self._unlink(seq, done)
+        self.free_q.append(seq.q)
+
+    def _drop_rows(self, seq: Seq) -> None:
+        """A finished request stops reading its rows (it stays, for its group's draws)."""
+        self._unlink(seq)
+        seq.rows = []
+
+    def _unlink(self, seq: Seq, done: list | None = None) -> None:
+        """Take a request off its rows; those no other request reads are freed, the others read
+        a request still going (`done`: the device's finished flags, where the host's lag)."""
         freed = []
         for row in set(seq.rows):
             links = self.links.get(row, {})
@@ -673,23 +684,6 @@ class Slots:
                 self.links.pop(row, None)
                 self._shared.discard(row)
                 freed.append(row)
-        self._free(freed)
-        self._link_t = None
-        self.free_q.append(seq.q)
-
-    def _drop_rows(self, seq: Seq) -> None:
-        """A finished request stops reading its rows; those no other request reads are freed."""
-        freed = []
-        for row in set(seq.rows):
-            links = self.links.get(row, {})
-            links.pop(seq.q, None)
-            if links:
-                self._retarget(row)
-            else:
-                self.links.pop(row, None)
-                self._shared.discard(row)
-                freed.append(row)
-        seq.rows = []
         self._free(freed)
         self._link_t = None
 
