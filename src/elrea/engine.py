@@ -284,16 +284,20 @@ class Ensemble:
             yield from self._decode_mixed_peft(prompts, weights, specs, stream)
             return
         # requests of the same prompt share their rows until their choices part (Slots): the pool
-        # holds the distinct (prompt, adapter) rows and grows if forks need more; a compiled step
-        # gets room for every row at once instead (growing would rebuild its graphs)
+        # holds the distinct (prompt, adapter) rows, and forks may take it to share_growth times
+        # that (never more than every row alone): an eager pool grows when they need it, a compiled
+        # one has that room from the start (its graphs are for its tensors); past it, the requests
+        # that part wait their turn
         distinct: dict[tuple, set] = {}
         for p, w in zip(prompts, weights):
-            distinct.setdefault(tuple(p), set()).update([0] if mix else torch.nonzero(w > 0).flatten().tolist())
+            distinct.setdefault(tuple(p), set()).update(torch.nonzero(w > 0).flatten().tolist())
         every = B if mix else int((weights > 0).sum())
-        rows = every if mix or self.compile != "off" else sum(len(c) for c in distinct.values())
+        rows = B if mix else sum(len(c) for c in distinct.values())
+        room = min(every, self.share_growth * rows)
         longest = max(len(p) for p in prompts) + max(s.max_new_tokens for s in specs)
-        pool = self.slots(rows, longest, requests=B)
-        pool.grow_to = max(pool.n, self.share_growth * bucket(rows))
+        compiled = self.compile != "off"
+        pool = self.slots(room if compiled else rows, longest, requests=B)
+        pool.grow_to = pool.n if compiled else max(pool.n, bucket(room))
         seqs = [pool.add(p, w, s, mix=mix, tag=b, share=True)
                 for b, (p, w, s) in enumerate(zip(prompts, weights, specs))]
         made: list[list[int]] = [[] for _ in range(B)]
