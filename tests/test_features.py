@@ -97,6 +97,29 @@ def test_batch_features_are_unit_and_batch_independent(tiny_model_dir, toy_rows)
     assert torch.allclose(both, alone, atol=1e-5)
 
 
+def test_the_featurizer_batches_longest_first_and_keeps_each_row_in_place(tiny_model_dir, toy_rows):
+    """Units of window x batch_size consecutive examples, batched longest first inside: every
+    batch is padded to lengths close to its own, and each row is its example's feature alone."""
+    from elrea.features import Featurizer
+
+    tok, enc = _encoded(tiny_model_dir, toy_rows, n=10)
+    enc = [enc[i] for i in (0, 9, 1, 8, 2, 7, 3, 6, 4, 5)]       # short and long interleaved
+    model = lora_model(tiny_model_dir)
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    feat = Featurizer(model, SparseProjector(p, 256, seed=3), adapter=None, pad_id=tok.pad_token_id,
+                      batch_size=2, window=2)
+    assert feat.plan(enc) == [(0, 4), (4, 8), (8, 10)]
+    seen = []
+    real = feat._features
+    feat._features = lambda batch: seen.append([len(e.input_ids) for e in batch]) or real(batch)
+    got = feat.features(enc)
+    lengths = [len(e.input_ids) for e in enc]
+    units = [sorted(lengths[s:e], reverse=True) for s, e in feat.plan(enc)]
+    assert seen == [u[i:i + 2] for u in units for i in range(0, len(u), 2)]
+    alone = torch.cat([batch_features(model, collate([e], tok.pad_token_id), feat.projector) for e in enc])
+    assert torch.allclose(got, alone, atol=1e-5)
+
+
 def test_per_example_loss_equals_the_transposed_layout_within_float32_rounding():
     """The loss reads the logits as contiguous [n*T, V] rows; the [n, V, T] layout it replaced
     gives the same losses up to float32 summation order (the features' exact references,

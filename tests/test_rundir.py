@@ -296,6 +296,29 @@ def test_full_disk_while_writing_keeps_the_old_file(tmp_path, error):
     assert path.read_text() == "old" and os.listdir(path.parent) == [path.name]
 
 
+def test_a_short_feature_write_is_finished_not_dropped(tmp_path, monkeypatch):
+    """pwrite may write part of the rows (a nearly full disk): the shard writes the rest, so a
+    commit never records rows that are not all on disk."""
+    from elrea.rundir import FeatureStore
+
+    store = FeatureStore(tmp_path / "f.npy", 4, 8, "fp")
+    store.prepare()
+    real, sizes = os.pwrite, []
+
+    def short(fd, data, offset):
+        sizes.append(len(data))
+        return real(fd, bytes(data[:max(1, len(data) // 3)]), offset)
+
+    monkeypatch.setattr("elrea.rundir.os.pwrite", short)
+    rows = np.arange(32, dtype=np.float32).reshape(4, 8)
+    shard = store.shard(0, 4)
+    shard.write(0, rows)
+    shard.commit(4)
+    shard.close()
+    assert len(sizes) > 2 and store.complete()
+    assert np.array_equal(np.load(tmp_path / "f.npy", mmap_mode="r"), rows)
+
+
 def test_full_disk_injected_into_features_and_results(tmp_path, tiny_model_dir, monkeypatch):
     """Without root: the same errors injected where features and evaluation rows are written."""
     from elrea.config import load_config

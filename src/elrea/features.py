@@ -337,6 +337,12 @@ class Featurizer:
     precondition: `adam` or `sgd` (PRECONDITIONERS); batches of at most `batch_size` examples
     and `max_tokens` padded tokens. Everything runs on the model's device; `fit` (training
     features), `ELREA.route` (routing features) and the benchmarks all build it with `for_run`.
+
+    Examples are taken in units of `window` x `batch_size` consecutive ones (the plan: what
+    processes share and the store commits), and inside a unit batched longest first, each
+    example's row put back in its place: on a mixture of tasks, batches in file order were
+    padded to about twice their real tokens (docs/benchmarks.md, "Padding"), and a backward
+    pass costs what its padded tokens do. A feature does not depend on its batch.
     """
 
     model: object
@@ -347,6 +353,7 @@ class Featurizer:
     batch_size: int = 16
     max_tokens: int = 0
     block_norm: bool = False
+    window: int = 8
 
     @classmethod
     def for_run(cls, model, cfg, base_dir: str | Path, pad_id: int, preconditioner: str,
@@ -366,11 +373,30 @@ class Featurizer:
     def device(self) -> torch.device:
         return model_device(self.model)
 
-    def plan(self, examples: list) -> list[tuple[int, int]]:
-        return plan_batches([len(e.input_ids) for e in examples], self.batch_size, self.max_tokens)
+    def plan(self, examples: list, window: int | None = None) -> list[tuple[int, int]]:
+        """Units (start, end) of `window` (default the featurizer's) x `batch_size` consecutive
+        examples, the last shorter."""
+        unit = (window or self.window) * self.batch_size
+        return [(s, min(s + unit, len(examples))) for s in range(0, len(examples), unit)]
 
-    def batch(self, examples: list) -> torch.Tensor:
-        """Features [n, d] of one batch of data.Encoded examples, on the model's device."""
+    def batch(self, examples: list, on_batch=None) -> torch.Tensor:
+        """Features [n, d] of data.Encoded examples, on the model's device: batched longest first
+        (at most batch_size examples and max_tokens padded tokens each), rows in input order;
+        on_batch(k) after each batch of k."""
+        lengths = [len(e.input_ids) for e in examples]
+        order = sorted(range(len(examples)), key=lambda i: -lengths[i])
+        out = None
+        for s, e in plan_batches([lengths[i] for i in order], self.batch_size, self.max_tokens):
+            idx = order[s:e]
+            rows = self._features([examples[i] for i in idx])
+            if on_batch is not None:
+                on_batch(len(idx))
+            if out is None:
+                out = rows.new_empty(len(examples), rows.shape[1])
+            out[torch.tensor(idx, device=rows.device)] = rows
+        return out
+
+    def _features(self, examples: list) -> torch.Tensor:
         from .data import collate
 
         batch = collate(examples, self.pad_id, side="right")
@@ -387,20 +413,24 @@ class Featurizer:
                 desc: str = "gradient features") -> None:
         """Write the features of `examples` into `store` (a prepared rundir.FeatureStore).
 
-        This process computes its contiguous share of the batch plan (all of it when alone),
-        resuming after the rows its shard has committed, and commits every `checkpoint_every`
-        batches. Features leave the device only here, to be written.
+        This process computes its contiguous share of the plan's units (all of them when alone),
+        resuming after the rows its shard has committed, and commits about every
+        `checkpoint_every` batches (whole units). Features leave the device only here, to be
+        written.
         """
         from tqdm.auto import tqdm
 
         from .distributed import Processes
 
         procs = procs or Processes(0, 1, self.device)
-        mine = procs.split(self.plan(examples))
+        window = min(self.window, checkpoint_every)         # a commit falls between units
+        mine = procs.split(self.plan(examples, window))
         if not mine:
             return
         shard = store.shard(mine[0][0], mine[-1][1])
-        todo = [(s, e) for s, e in mine if e > shard.done]
+        # after the rows committed (a store written under another plan may stop inside a unit)
+        todo = [(max(s, shard.done), e) for s, e in mine if e > shard.done]
+        every = max(1, checkpoint_every // window)                 # units per commit
         if shard.done > shard.start:
             log.info("%s: resuming at example %d of %d", desc, shard.done, len(examples))
         bar = tqdm(total=shard.end - shard.start, initial=shard.end - shard.start - sum(e - s for s, e in todo),
@@ -409,9 +439,8 @@ class Featurizer:
                    disable=not procs.is_main or not logging.getLogger("elrea").isEnabledFor(logging.INFO))
         try:
             for k, (s, e) in enumerate(todo, start=1):
-                shard.write(s, self.batch(examples[s:e]).cpu().numpy())
-                bar.update(e - s)
-                if k % checkpoint_every == 0:
+                shard.write(s, self.batch(examples[s:e], on_batch=bar.update).cpu().numpy())
+                if k % every == 0:
                     shard.commit(e)
             shard.commit(shard.end)
         finally:

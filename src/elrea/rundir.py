@@ -670,9 +670,12 @@ class FeatureShard:
     def write(self, start: int, rows: np.ndarray) -> None:
         if not (self.start <= start and start + len(rows) <= self.end):
             raise ValueError(f"rows {start}..{start + len(rows)} are outside shard {self.start}..{self.end}")
-        data = np.ascontiguousarray(rows, dtype=np.float32).tobytes()
+        data = memoryview(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+        at = self.offset + start * self.store.dim * 4
         with out_of_space(self.store.path):  # rows past the recorded count are redone on resume
-            os.pwrite(self.fd, data, self.offset + start * self.store.dim * 4)
+            while data:                      # a nearly full disk writes part and says so on the next try
+                n = os.pwrite(self.fd, data, at)
+                data, at = data[n:], at + n
 
     def commit(self, done: int) -> None:
         """Make rows [start, done) durable, then record the count."""
