@@ -488,11 +488,14 @@ def _batches(prompts: list[list[int]], size: int) -> list[list[int]]:
     rows (elrea.engine.Slots)."""
     where: dict[tuple, int] = {}
     batches: list[list[int]] = []
+    distinct = size                     # distinct prompts in the last batch
     for i, p in enumerate(prompts):
         b = where.get(tuple(p))
         if b is None:
-            if not batches or len({tuple(prompts[j]) for j in batches[-1]}) >= size:
+            if distinct >= size:
                 batches.append([])
+                distinct = 0
             b = where[tuple(p)] = len(batches) - 1
+            distinct += 1
         batches[b].append(i)
     return batches

@@ -712,21 +712,17 @@ class Slots:
             moves.append((used.pop(), low.pop(0)))
         src = torch.tensor([m[0] for m in moves], device=self.owner.device)
         dst = torch.tensor([m[1] for m in moves], device=self.owner.device)
-        for k, v in zip(self.cache.keys, self.cache.values):
-            k[dst] = k[src]
-            v[dst] = v[src]
-        for t in (self.tok, self.pos, self.cols, self.starts, self.owner, self.selector):
-            if t is not None:
-                t[dst] = t[src]
+        self._copy_rows(src, dst)
+        self.owner[dst] = self.owner[src]
         for a, b in moves:
-            self.adapter_names[b] = self.adapter_names[a]
             self.links[b] = self.links.pop(a)
             for q in self.links[b]:
                 self.seqs[q].rows = [b if r == a else r for r in self.seqs[q].rows]
             if a in self._shared:
                 self._shared.discard(a)
                 self._shared.add(b)
-        self.free_rows = [r for r in self.free_rows if r not in set(dst.tolist())]
+        taken = {b for _, b in moves}
+        self.free_rows = [r for r in self.free_rows if r not in taken]
         self._free(src.tolist())
         self.engine.stats.moves += len(moves)
         self._link_t = None
@@ -781,13 +777,7 @@ class Slots:
         if not self.free_rows:
             self._grow()
         new = self.free_rows.pop(0)
-        for k, v in zip(self.cache.keys, self.cache.values):
-            k[new] = k[row]
-            v[new] = v[row]
-        for t in (self.tok, self.pos, self.cols, self.starts, self.selector):
-            if t is not None:
-                t[new] = t[row]
-        self.adapter_names[new] = self.adapter_names[row]
+        self._copy_rows(torch.tensor([row]), torch.tensor([new]))
         self.owner[new] = qs[0]
         self.links[new] = {}
         for q in qs:
@@ -798,6 +788,18 @@ class Slots:
             self._shared.discard(new)
         self.engine.stats.forks += 1
         self._link_t = None
+
+    def _copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Rows `dst` take the cache and state of rows `src` (a fork's copy, a compaction's move)."""
+        src, dst = src.to(self.owner.device), dst.to(self.owner.device)
+        for k, v in zip(self.cache.keys, self.cache.values):
+            k[dst] = k[src]
+            v[dst] = v[src]
+        for t in (self.tok, self.pos, self.cols, self.starts, self.selector):
+            if t is not None:
+                t[dst] = t[src]
+        for a, b in zip(src.tolist(), dst.tolist()):
+            self.adapter_names[b] = self.adapter_names[a]
 
     def _grow(self) -> None:
         """Twice the slots (a fork found none free): every row tensor and the cache copied over.
