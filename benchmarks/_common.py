@@ -99,6 +99,7 @@ def machine() -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
         "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
     }
+    info.update(cpu_features())
     if torch.cuda.is_available():  # a run on a GPU names it, with the CUDA version
         g = gpu_info(torch.device("cuda", 0))
         info.update(gpu=g["name"], gpu_memory_gib=g["memory_gib"], cuda=torch.version.cuda)
@@ -106,6 +107,17 @@ def machine() -> dict:
         info["usable_cpus"] = len(os.sched_getaffinity(0))
     if hasattr(os, "getloadavg"):  # a busy machine makes every number here wrong: record it
         info["loadavg_at_start"] = list(os.getloadavg())
+    return info
+
+
+def cpu_features() -> dict:
+    """What torch's CPU kernels can use here: bf16 is fast only with AMX tiles (or, less so,
+    AVX-512 bf16); CPUs of one name in a cloud differ in this, so every report records it."""
+    info = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    for key, probe in (("cpu_amx", "_is_amx_tile_supported"), ("cpu_avx512_bf16", "_is_avx512_bf16_supported")):
+        fn = getattr(torch.cpu, probe, None)   # private probes of torch >= 2.3: absent means unknown
+        if fn is not None:
+            info[key] = bool(fn())
     return info
 
 

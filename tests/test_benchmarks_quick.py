@@ -353,6 +353,26 @@ def test_speed_training_times_each_dropout_on_the_same_batches(tmp_path):
     assert 0 < r["labelled_tokens"] < r["tokens"]["real"]
 
 
+def test_speed_precision_times_both_dtypes_and_checks_what_bf16_changes(tmp_path):
+    """benchmarks/speed_precision.py --quick: a training micro-batch and a batch of features, each
+    timed in float32 and bfloat16 the asked number of times; speed-ups follow the times; bf16's
+    features point where float32's do, and its loss is float32's within bf16's rounding."""
+    sys.path.insert(0, str(BENCH))
+    import speed_precision
+
+    r = speed_precision.main(["--quick", "--repeats", "2", "--out", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text())["speedup"] == r["speedup"]
+    assert {k: len(v) for k, v in r["all_seconds"].items()} == {
+        f"{s}_{d}": 2 for s in ("train", "features") for d in ("float32", "bfloat16")}
+    med = {k: statistics.median(v) for k, v in r["all_seconds"].items()}
+    for stage in ("train", "features"):
+        assert r["speedup"][stage] == round(med[f"{stage}_float32"] / med[f"{stage}_bfloat16"], 3)
+    assert 0.99 < r["feature_cosine"]["min"] <= r["feature_cosine"]["mean"] <= 1.0 + 1e-6
+    assert r["first_loss"]["bfloat16"] == pytest.approx(r["first_loss"]["float32"], rel=0.02)
+    assert r["first_loss"]["bfloat16"] != r["first_loss"]["float32"]   # the bf16 path really ran
+    assert {"cpu_capability"} <= r["machine"].keys()
+
+
 def test_shared_decoding_gives_each_routing_its_own_answers_with_fewer_rows(fitted_run, toy_data, tmp_path):
     """benchmarks/shared_decoding.py: the run's routings decoded one by one and together give
     the same answers; together, each (prompt, adapter) row is prefilled once."""

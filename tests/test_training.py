@@ -299,3 +299,23 @@ def test_models_that_cannot_keep_some_logits_get_them_all():
             return input_ids
 
     assert not trims_logits(Plain())
+
+
+@pytest.mark.parametrize("amx,precision,hinted", [(True, "float32", True), (True, "bfloat16", False),
+                                                  (False, "float32", False)])
+def test_a_cpu_with_amx_training_in_float32_is_told_of_bfloat16(tmp_path, tiny_model_dir, examples, monkeypatch,
+                                                                 caplog, amx, precision, hinted):
+    """torch's AMX probe decides the hint: only float32 on a CPU with AMX gets it, and never a GPU."""
+    import logging
+
+    from elrea.models import precision_hint
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    enc, tok = examples
+    model = lora_model(tiny_model_dir, randomize_b=False)
+    cfg = TrainConfig(lr=2e-3, batch_size=8, micro_batch_size=4, max_steps=1)
+    with caplog.at_level(logging.INFO, logger="elrea"):
+        train_adapter(model, enc, cfg, tmp_path / "a", tok.pad_token_id, seed=3, precision=precision)
+    said = [r.getMessage() for r in caplog.records if "model.dtype=bfloat16" in r.getMessage()]
+    assert len(said) == (1 if hinted else 0)
+    assert precision_hint(torch.device("cuda", 0), "float32") is None

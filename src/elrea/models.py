@@ -299,6 +299,26 @@ def _keep_differentiable(model) -> None:
             m.support_avx512bf16_for_cpu = False
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU multiplies bfloat16 on AMX tiles (Intel Sapphire Rapids and later), where a
+    bf16 matmul runs several times faster than a float32 one. False when torch cannot tell."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)   # a private probe (torch >= 2.3)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def precision_hint(device: torch.device, dtype: str) -> str | None:
+    """A line for the log when a float32 backbone runs on a CPU that has AMX: bfloat16 is the
+    faster setting there (docs/benchmarks.md measures it); None where there is nothing to say."""
+    if torch.device(device).type != "cpu" or dtype != "float32" or not cpu_has_amx():
+        return None
+    return ("this CPU has AMX bfloat16 units: model.dtype=bfloat16 trains and computes features faster here "
+            "(docs/benchmarks.md, 'float32 or bfloat16 on a CPU'); float32 stays the default for "
+            "results that do not depend on the CPU")
+
+
 def model_device(model) -> torch.device:
     """The device of a model's first parameter (where its inputs must go)."""
     return next(model.parameters()).device

@@ -41,7 +41,7 @@ import torch
 
 from .config import TrainConfig
 from .data import Encoded, collate
-from .models import model_device
+from .models import model_device, precision_hint
 from .rundir import atomic_path, out_of_space
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,8 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     log.info("%s: %d examples, %d optimizer steps of %d sequences on %s%s", desc, len(examples),
              steps, cfg.micro_batch_size * accum * world, device,
              f", resuming from step {last.name.rsplit('-', 1)[-1]}" if last else "")
+    if hint := precision_hint(device, precision):
+        log.info(hint)
     with _tensorboard_dir(cfg, logs_dir), out_of_space(checkpoints) if checkpoints else contextlib.nullcontext(), \
             cpu_dropout(peft_model):
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)

@@ -1,0 +1,192 @@
+"""python benchmarks/speed_precision.py --data TRAIN.jsonl  -- float32 or bfloat16 on this CPU?
+
+`model.dtype=bfloat16` loads the backbone in bf16 (LoRA weights stay float32) and trains under
+bf16 autocast. Whether that pays on a CPU depends on the CPU: with AMX tiles (Intel Sapphire
+Rapids and later) a bf16 matmul runs several times faster than a float32 one; without them, bf16
+is emulated and gains nothing. This measures, side by side in one run, the two stages that
+dominate a CPU run, each as elrea runs it, in both dtypes:
+
+- train: one training micro-batch (forward, backward, AdamW on the LoRA parameters), with
+  elrea's CPU dropout and labelled logits, as `elrea fit` trains the base adapter and experts;
+- features: the projected per-example gradient features of one batch
+  (`elrea.features.batch_features`, sparse projection), as the features stage computes them;
+
+and what bf16 changes: the training loss of the first micro-batch in each dtype, and the
+cosine between each example's float32 and bfloat16 feature (the clustering and the router read
+only these directions).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/speed_precision.py \\
+        --data benchmarks/work/quality-bigbench-mix/data/train.jsonl --max-length 384
+    .venv/bin/python benchmarks/speed_precision.py --quick        # tiny model, toy data (for tests)
+
+Options: --data, --model (default smollm2-135m-instruct), --max-length (default the config's
+data.max_length), --micro-batch-size 8, --micro-batches 2 (per timed repetition),
+--feature-batch-size 16, --dim 8192, --repeats 2 (the median is reported; interleaved), --threads,
+--seed 0, --quick, --out (default benchmarks/results/speed_precision.json). The machine record
+names the CPU's AMX and AVX-512 bf16 support.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (RESULTS, command_line, machine, parse_data_args, print_table,  # noqa: E402
+                     randomize_lora_b, tiny_model_dir, write_report)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+DTYPES = ("float32", "bfloat16")
+STAGES = ("train", "features")
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", help="a training JSONL file (instruction, response)")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--max-length", type=int, default=None, help="data.max_length (default: the config's)")
+    ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--micro-batches", type=int, default=2, help="training micro-batches per timed repetition")
+    ap.add_argument("--feature-batch-size", type=int, default=16, help="features.batch_size")
+    ap.add_argument("--dim", type=int, default=8192, help="projection dimension")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    return parse_data_args(ap, argv)
+
+
+def run(args) -> dict:
+    from peft import get_peft_model
+
+    from elrea.config import DataConfig, LoraConfig, ModelConfig
+    from elrea.data import PromptFormatter, collate, encode_all, load_records
+    from elrea.features import batch_features, num_lora_params
+    from elrea.models import load_backbone, load_tokenizer, peft_lora_config
+    from elrea.projection import SparseProjector
+    from elrea.testing import make_toy_records, write_jsonl
+    from elrea.training import cpu_dropout, labelled_logits
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = args.data
+    if args.quick:
+        data = write_jsonl(Path(tempfile.mkdtemp(prefix="speed-precision-")) / "train.jsonl",
+                           make_toy_records(64, seed=0))
+        args.model = tiny_model_dir()
+    max_length = args.max_length or DataConfig().max_length
+    lora = LoraConfig()
+    models, tok = {}, None
+    for dt in DTYPES:   # the same LoRA weights on each backbone, B randomised so features are not trivial
+        mcfg = ModelConfig(name=args.model, dtype=dt)
+        tok = tok or load_tokenizer(mcfg)
+        torch.manual_seed(args.seed)
+        m = get_peft_model(load_backbone(mcfg, "cpu", training=True), peft_lora_config(lora))
+        randomize_lora_b(m, 0.02, args.seed)
+        models[dt] = m
+    encoded = encode_all(PromptFormatter(tok, max_length=max_length), load_records(data), "train")
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(len(encoded), generator=g).tolist()
+    train_batches = [collate([encoded[j] for j in order[i * args.micro_batch_size:][:args.micro_batch_size]],
+                             tok.pad_token_id, side="right") for i in range(args.micro_batches)]
+    feature_batch = collate([encoded[j] for j in order[:args.feature_batch_size]], tok.pad_token_id, side="right")
+    projector = SparseProjector(num_lora_params(models["float32"]), args.dim, seed=args.seed)
+    start = {dt: {k: v.detach().clone() for k, v in m.named_parameters() if v.requires_grad}
+             for dt, m in models.items()}
+
+    def restore(dt):
+        with torch.no_grad():
+            for k, v in models[dt].named_parameters():
+                if k in start[dt]:
+                    v.copy_(start[dt][k])
+
+    def train(dt, batches=train_batches) -> tuple[float, float]:
+        model = models[dt]
+        restore(dt)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        first = None
+        t0 = time.perf_counter()
+        with cpu_dropout(model):
+            for b in batches:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dt == "bfloat16"):
+                    loss = model(**labelled_logits(b)).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                first = float(loss.detach()) if first is None else first
+        return time.perf_counter() - t0, first
+
+    def features(dt, batch=feature_batch) -> tuple[float, torch.Tensor]:
+        model = models[dt]
+        restore(dt)
+        model.eval()
+        t0 = time.perf_counter()
+        out = batch_features(model, batch, projector)
+        return time.perf_counter() - t0, out
+
+    stages = {"train": train, "features": features}
+    first_out = {}
+    for dt in DTYPES:   # warm-up (allocator, kernels, the projector's cache); keeps the outputs to compare
+        train(dt, train_batches[:1])
+        first_out[dt] = features(dt)[1]
+    losses = {dt: train(dt, train_batches[:1])[1] for dt in DTYPES}
+    times = {f"{s}_{dt}": [] for s in STAGES for dt in DTYPES}
+    for _ in range(args.repeats):   # interleaved: a slow spell of the machine hits both dtypes
+        for s in STAGES:
+            for dt in DTYPES:
+                times[f"{s}_{dt}"].append(stages[s](dt)[0])
+    median = {k: statistics.median(v) for k, v in times.items()}
+    cos = F.cosine_similarity(first_out["float32"], first_out["bfloat16"], dim=1)
+    real = sum(int(b["attention_mask"].sum()) for b in train_batches)
+    padded = sum(b["attention_mask"].numel() for b in train_batches)
+    return {"data": "toy (elrea.testing)" if args.quick else str(data), "model": "tiny" if args.quick else args.model,
+            "threads": torch.get_num_threads(), "lora": {"rank": lora.rank, "dropout": lora.dropout,
+                                                          "target_modules": lora.target_modules},
+            "micro_batch_size": args.micro_batch_size, "micro_batches": len(train_batches),
+            "tokens": {"real": real, "padded": padded}, "feature_batch_size": args.feature_batch_size,
+            "dim": args.dim, "repeats": args.repeats,
+            "seconds": {"train_per_micro_batch": {dt: round(median[f"train_{dt}"] / len(train_batches), 4)
+                                                  for dt in DTYPES},
+                        "features_per_example": {dt: round(median[f"features_{dt}"] / args.feature_batch_size, 4)
+                                                 for dt in DTYPES}},
+            "all_seconds": times,
+            "speedup": {s: round(median[f"{s}_float32"] / median[f"{s}_bfloat16"], 3) for s in STAGES},
+            "first_loss": {dt: round(v, 5) for dt, v in losses.items()},
+            "feature_cosine": {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}}
+
+
+def show(r: dict) -> None:
+    s = r["seconds"]
+    rows = [["train: one micro-batch (fwd, bwd, AdamW)", f"{s['train_per_micro_batch']['float32']:.3f}",
+             f"{s['train_per_micro_batch']['bfloat16']:.3f}", f"{r['speedup']['train']:.2f}x"],
+            ["features: per example", f"{s['features_per_example']['float32']:.3f}",
+             f"{s['features_per_example']['bfloat16']:.3f}", f"{r['speedup']['features']:.2f}x"]]
+    m = r["machine"]
+    print_table(f"float32 vs bfloat16 on {m['cpu']} (AMX {m.get('cpu_amx')}, AVX-512 bf16 "
+                f"{m.get('cpu_avx512_bf16')}): {r['model']}, LoRA r{r['lora']['rank']}, "
+                f"{r['micro_batches']} micro-batches of {r['micro_batch_size']} ({r['tokens']['padded']} padded tokens), "
+                f"features in a batch of {r['feature_batch_size']}, d {r['dim']}",
+                ["stage", "float32 s", "bfloat16 s", "bf16 speed-up"], rows,
+                [f"first micro-batch loss: float32 {r['first_loss']['float32']}, bfloat16 {r['first_loss']['bfloat16']}; "
+                 f"cosine of each example's float32 and bfloat16 feature: min {r['feature_cosine']['min']}, "
+                 f"mean {r['feature_cosine']['mean']}"])
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    report = {"command": command_line(sys.argv[0] if argv is None else __file__, argv), "machine": machine()}
+    report.update(run(args))
+    show(report)
+    out = Path(args.out) if args.out else RESULTS / ("speed_precision_quick.json" if args.quick
+                                                     else "speed_precision.json")
+    write_report(out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
