@@ -354,19 +354,24 @@ def test_speed_training_times_each_dropout_on_the_same_batches(tmp_path):
 
 
 def test_speed_precision_times_both_dtypes_and_checks_what_bf16_changes(tmp_path):
-    """benchmarks/speed_precision.py --quick: a training micro-batch and a batch of features, each
-    timed in float32 and bfloat16 the asked number of times; speed-ups follow the times; bf16's
-    features point where float32's do, and its loss is float32's within bf16's rounding."""
+    """benchmarks/speed_precision.py --quick: a training micro-batch, a batch of features and an
+    ensemble decode, each timed in float32 and bfloat16 the asked number of times; speed-ups
+    follow the times; bf16's features point where float32's do, and its loss is float32's within
+    bf16's rounding."""
     sys.path.insert(0, str(BENCH))
     import speed_precision
 
     r = speed_precision.main(["--quick", "--repeats", "2", "--out", str(tmp_path / "p.json")])
     assert json.loads((tmp_path / "p.json").read_text())["speedup"] == r["speedup"]
+    stages = ("train", "features", "decode")
     assert {k: len(v) for k, v in r["all_seconds"].items()} == {
-        f"{s}_{d}": 2 for s in ("train", "features") for d in ("float32", "bfloat16")}
+        f"{s}_{d}": 2 for s in stages for d in ("float32", "bfloat16")}
     med = {k: statistics.median(v) for k, v in r["all_seconds"].items()}
-    for stage in ("train", "features"):
+    for stage in stages:
         assert r["speedup"][stage] == round(med[f"{stage}_float32"] / med[f"{stage}_bfloat16"], 3)
+    d = r["decode"]
+    assert d["tokens_per_second"]["float32"] == round(d["prompts"] * d["new_tokens"] / med["decode_float32"], 2)
+    assert 0 <= d["same_tokens"]["identical"] <= d["same_tokens"]["common_prefix"] <= 1
     assert 0.99 < r["feature_cosine"]["min"] <= r["feature_cosine"]["mean"] <= 1.0 + 1e-6
     assert r["first_loss"]["bfloat16"] == pytest.approx(r["first_loss"]["float32"], rel=0.02)
     assert r["first_loss"]["bfloat16"] != r["first_loss"]["float32"]   # the bf16 path really ran
