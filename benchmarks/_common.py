@@ -62,6 +62,19 @@ def parse_data_args(ap, argv=None):
     return args
 
 
+def training_data(args, prefix: str) -> str:
+    """The training file of a benchmark parsed by parse_data_args, after --threads is applied:
+    --data, or with --quick a toy file of 64 records, and args.model set to the tiny model."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    if not args.quick:
+        return args.data
+    from elrea.testing import make_toy_records, write_jsonl
+
+    args.model = tiny_model_dir()
+    return str(write_jsonl(Path(tempfile.mkdtemp(prefix=prefix)) / "train.jsonl", make_toy_records(64, seed=0)))
+
+
 def default_out(args, out_name: str) -> Path:
     if args.out:
         return Path(args.out)

@@ -34,16 +34,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (RESULTS, command_line, machine, parse_data_args, print_table,  # noqa: E402
-                     randomize_lora_b, tiny_model_dir, write_report)
+                     randomize_lora_b, training_data, write_report)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from speed_training import micro_batches  # noqa: E402   (the same random micro-batches)
 
 DTYPES = ("float32", "bfloat16")
 STAGES = ("train", "features", "decode")
@@ -71,20 +71,13 @@ def run(args) -> dict:
     from peft import get_peft_model
 
     from elrea.config import DataConfig, LoraConfig, ModelConfig
-    from elrea.data import PromptFormatter, collate, encode_all, load_records
+    from elrea.data import PromptFormatter, encode_all, load_records
     from elrea.features import batch_features, num_lora_params
     from elrea.models import load_backbone, load_tokenizer, peft_lora_config
     from elrea.projection import SparseProjector
-    from elrea.testing import make_toy_records, write_jsonl
     from elrea.training import cpu_dropout, labelled_logits
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = args.data
-    if args.quick:
-        data = write_jsonl(Path(tempfile.mkdtemp(prefix="speed-precision-")) / "train.jsonl",
-                           make_toy_records(64, seed=0))
-        args.model = tiny_model_dir()
+    data = training_data(args, "speed-precision-")
     max_length = args.max_length or DataConfig().max_length
     lora = LoraConfig()
     models, tok = {}, None
@@ -96,11 +89,8 @@ def run(args) -> dict:
         randomize_lora_b(m, 0.02, args.seed)
         models[dt] = m
     encoded = encode_all(PromptFormatter(tok, max_length=max_length), load_records(data), "train")
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.randperm(len(encoded), generator=g).tolist()
-    train_batches = [collate([encoded[j] for j in order[i * args.micro_batch_size:][:args.micro_batch_size]],
-                             tok.pad_token_id, side="right") for i in range(args.micro_batches)]
-    feature_batch = collate([encoded[j] for j in order[:args.feature_batch_size]], tok.pad_token_id, side="right")
+    train_batches = micro_batches(encoded, args.micro_batches, args.micro_batch_size, args.seed, tok.pad_token_id)
+    feature_batch = micro_batches(encoded, 1, args.feature_batch_size, args.seed, tok.pad_token_id)[0]
     projector = SparseProjector(num_lora_params(models["float32"]), args.dim, seed=args.seed)
     start = {dt: {k: v.detach().clone() for k, v in m.named_parameters() if v.requires_grad}
              for dt, m in models.items()}

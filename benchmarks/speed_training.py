@@ -36,13 +36,12 @@ import argparse
 import contextlib
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (RESULTS, command_line, machine, parse_data_args, print_table,  # noqa: E402
-                     tiny_model_dir, write_report)
+                     training_data, write_report)
 
 import torch  # noqa: E402
 
@@ -78,16 +77,9 @@ def run(args) -> dict:
     from elrea.config import DataConfig, LoraConfig, ModelConfig
     from elrea.data import PromptFormatter, encode_all, load_records
     from elrea.models import load_backbone, load_tokenizer, peft_lora_config
-    from elrea.testing import make_toy_records, write_jsonl
     from elrea.training import cpu_dropout, labelled_logits
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = args.data
-    if args.quick:
-        data = write_jsonl(Path(tempfile.mkdtemp(prefix="speed-training-")) / "train.jsonl",
-                           make_toy_records(64, seed=0))
-        args.model = tiny_model_dir()
+    data = training_data(args, "speed-training-")
     max_length = args.max_length or DataConfig().max_length
     mcfg = ModelConfig(name=args.model, dtype=args.dtype)
     tok = load_tokenizer(mcfg)
