@@ -378,6 +378,28 @@ def test_speed_precision_times_both_dtypes_and_checks_what_bf16_changes(tmp_path
     assert {"cpu_capability"} <= r["machine"].keys()
 
 
+def test_speed_prefill_times_each_fix_and_every_way_gives_the_same_tokens(tmp_path):
+    """benchmarks/speed_prefill.py --quick: the engine's prefill before the fixes, with each, and
+    now, in both dtypes, each timed the asked number of times; ratios follow the times; the
+    first tokens agree every way."""
+    sys.path.insert(0, str(BENCH))
+    import speed_prefill
+
+    from elrea import fastlora
+
+    chunk = fastlora.CHUNK_ROWS
+    r = speed_prefill.main(["--quick", "--repeats", "2", "--prompts", "4", "--out", str(tmp_path / "f.json")])
+    assert fastlora.CHUNK_ROWS == chunk                          # each way gives the setting back
+    assert json.loads((tmp_path / "f.json").read_text())["seconds"] == r["seconds"]
+    assert {k: len(v) for k, v in r["all_seconds"].items()} == {
+        f"{w}_{d}": 2 for w in speed_prefill.WAYS for d in ("float32", "bfloat16")}
+    med = {k: statistics.median(v) for k, v in r["all_seconds"].items()}
+    for d in ("float32", "bfloat16"):
+        assert r["speedup_over_before"][d]["now"] == round(med[f"before_{d}"] / med[f"now_{d}"], 3)
+    assert r["same_first_tokens"] == {"float32": True, "bfloat16": True}
+    assert r["rows"] == 4 * 5
+
+
 def test_shared_decoding_gives_each_routing_its_own_answers_with_fewer_rows(fitted_run, toy_data, tmp_path):
     """benchmarks/shared_decoding.py: the run's routings decoded one by one and together give
     the same answers; together, each (prompt, adapter) row is prefilled once."""

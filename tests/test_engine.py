@@ -417,3 +417,28 @@ def test_when_the_pool_may_not_grow_parting_requests_wait_and_go_on_from_their_t
     assert [[d.text_ids for d in got[i * 2:(i + 1) * 2]] for i in range(len(sets))] == alone
     assert {d.reason for d in got} == {"length"}
     assert engine.stats.prefills - prefills > 1          # the deferred ones came back in later prefills
+
+
+def test_the_lm_head_gets_contiguous_rows_and_the_hook_leaves_with_close(peft_model):
+    """A prefill keeps the last position's logits: transformers hands the LM head a strided
+    view, which torch multiplies batch by batch over an expanded weight (slow on a CPU). The
+    engine makes it contiguous while it owns the model, and only then; the tokens stay PEFT's."""
+    head = peft_model.get_output_embeddings()
+    hooks_before = len(head._forward_pre_hooks)
+    seen = []
+    spy = head.register_forward_hook(lambda m, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        eng = Ensemble(peft_model, NAMES, pad_id=0)
+        prompts = _prompts(3, seed=4)
+        got = eng.generate(prompts, eng.one_hot("b", 3), max_new_tokens=4)
+        assert seen and all(seen)
+        assert got == [_peft_generate(peft_model, "b", p, 4) for p in prompts]
+        eng.close()
+        assert len(head._forward_pre_hooks) == hooks_before
+        seen.clear()
+        _peft_generate(peft_model, "b", prompts[0] + prompts[1], 1)   # a strided view, without the engine
+        with torch.no_grad():
+            peft_model(input_ids=torch.tensor([prompts[0][:2], prompts[1][:2]]), logits_to_keep=1)
+        assert False in seen                                          # the hook really is gone
+    finally:
+        spy.remove()

@@ -46,7 +46,9 @@ def _single(model, adapter, batch, rows):
 
 @pytest.mark.parametrize("layout", [["default"] * 2 + ["b"] * 2 + ["c"] * 2,      # adapter-major
                                     ["b", "default", "c", "b", "c", "default", "b"]])  # any order
-def test_stacked_rows_equal_single_adapter_peft(three_adapters, layout):
+@pytest.mark.parametrize("chunk_rows", [fastlora.CHUNK_ROWS, 5])
+def test_stacked_rows_equal_single_adapter_peft(three_adapters, layout, chunk_rows, monkeypatch):
+    monkeypatch.setattr(fastlora, "CHUNK_ROWS", chunk_rows)   # 5: the LoRA sums a block of rows at a time
     model, adapters = three_adapters
     assert fastlora.supported(model, adapters)
     batch = _batch(len(layout))
@@ -173,10 +175,13 @@ def test_adapters_off_is_peft_disable_adapter_without_its_cost(three_adapters, m
         assert torch.allclose(model(input_ids=ids).logits, on, atol=1e-5)
 
 
-def test_stacked_rows_in_bf16_are_bitwise_peft(tiny_model_dir):
+@pytest.mark.parametrize("chunk_rows", [fastlora.CHUNK_ROWS, 5])
+def test_stacked_rows_in_bf16_are_bitwise_peft(tiny_model_dir, monkeypatch, chunk_rows):
     """A bf16 backbone with float32 LoRA: PEFT adds the float32 delta to the upcast base output
     and rounds once; so must the stack (rounding the delta to bf16 first drifted from PEFT's
-    tokens on the GPU run). Bitwise equal logits on the CPU."""
+    tokens on the GPU run). Bitwise equal logits on the CPU, whole or a block of rows at a time
+    (a prefill's rows: 5 here, so that blocks end mid-sequence and the last is short)."""
+    monkeypatch.setattr(fastlora, "CHUNK_ROWS", chunk_rows)
     from peft import get_peft_model
 
     from elrea.config import LoraConfig, ModelConfig

@@ -142,6 +142,8 @@ class Ensemble:
         self._stack_checked = False
         self._pool: Slots | None = None
         self._warned = False
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self._head_hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
         attn = getattr(getattr(model, "config", None), "_attn_implementation", "sdpa")
         if attn not in ("sdpa", "eager", None):
             raise ValueError(f"the decoding engine needs attn_implementation 'sdpa' or 'eager' (custom masks), "
@@ -170,8 +172,12 @@ class Ensemble:
         return self._stack
 
     def close(self) -> None:
-        """Give the PEFT model back as it was (PEFT's own forward on every LoRA layer)."""
+        """Give the PEFT model back as it was (PEFT's own forward on every LoRA layer, no hook
+        on its output layer)."""
         self._restack()
+        if self._head_hook is not None:
+            self._head_hook.remove()
+            self._head_hook = None
 
     def _restack(self) -> None:
         if self._stack is not None:
@@ -1100,6 +1106,21 @@ def _groups(seqs: list[Seq], device):
         specs[key] = s.decoding
     for key, qs in groups.items():
         yield specs[key], torch.tensor(qs, dtype=torch.long, device=device), key[1]
+
+
+def _contiguous_input(module, args):
+    """A forward pre-hook for the output layer: its input made contiguous.
+
+    A prefill or a scoring call keeps the logits of the last positions only, and transformers
+    gives the LM head `hidden[:, -k:, :]`, a strided view. torch's linear cannot fold that
+    view's batch dimensions into one matmul, so it expands the whole (vocab x hidden) weight
+    once per row and multiplies batch by batch: on a CPU, 9x slower than on a contiguous copy in
+    float32 and some 500x in bfloat16, where it was a third of a prefill (docs/benchmarks.md,
+    "The engine's prefill"). The copy is a few rows of hidden states."""
+    x = args[0] if args else None
+    if x is None or not isinstance(x, torch.Tensor) or x.is_contiguous():
+        return None
+    return (x.contiguous(), *args[1:])
 
 
 def _model_dtype(model) -> torch.dtype:

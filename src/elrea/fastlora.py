@@ -116,6 +116,10 @@ def _stacked(m, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 
+# rows of the LoRA sum done at a time in a prefill: (rows x out) float32 stays in a core's cache
+CHUNK_ROWS = 256
+
+
 def _stacked_forward(module, stack: "Stacked", A, B, x, *args, **kwargs):
     sel = stack.selector
     if sel is None:                      # not inside the engine: PEFT's own forward
@@ -126,7 +130,16 @@ def _stacked_forward(module, stack: "Stacked", A, B, x, *args, **kwargs):
     h = h * (sel[:, None, :] if h.dim() == 3 else sel)
     # as PEFT: the sum in the adapter's dtype, rounded to the backbone's once (rounding the
     # delta to bf16 first and adding in bf16 rounds twice, and drifts from PEFT's tokens)
-    return (result + h @ B).to(result.dtype)                     # (N, T, out)
+    n = h.numel() // h.shape[-1]
+    if n <= CHUNK_ROWS or torch.is_grad_enabled() or torch.compiler.is_compiling() or not result.is_contiguous():
+        return (result + h @ B).to(result.dtype)                 # (N, T, out)
+    # a prefill: the same sums a block of rows at a time, each written over the base output. Done
+    # whole, the float32 (N T, out) delta and sum go through memory three times, which on a CPU
+    # cost several times the layer's own matmul (bitwise the same: each element is one sum)
+    r, hh = result.view(n, result.shape[-1]), h.reshape(n, h.shape[-1])
+    for s in range(0, n, CHUNK_ROWS):
+        torch.add(r[s:s + CHUNK_ROWS], hh[s:s + CHUNK_ROWS] @ B, out=r[s:s + CHUNK_ROWS])
+    return result
 
 
 class Stacked:
