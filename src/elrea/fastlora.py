@@ -131,11 +131,13 @@ def _stacked_forward(module, stack: "Stacked", A, B, x, *args, **kwargs):
     # as PEFT: the sum in the adapter's dtype, rounded to the backbone's once (rounding the
     # delta to bf16 first and adding in bf16 rounds twice, and drifts from PEFT's tokens)
     n = h.numel() // h.shape[-1]
-    if n <= CHUNK_ROWS or torch.is_grad_enabled() or torch.compiler.is_compiling() or not result.is_contiguous():
+    if (n <= CHUNK_ROWS or result.device.type != "cpu" or torch.is_grad_enabled()
+            or torch.compiler.is_compiling() or not result.is_contiguous()):
         return (result + h @ B).to(result.dtype)                 # (N, T, out)
-    # a prefill: the same sums a block of rows at a time, each written over the base output. Done
-    # whole, the float32 (N T, out) delta and sum go through memory three times, which on a CPU
-    # cost several times the layer's own matmul (bitwise the same: each element is one sum)
+    # a prefill on a CPU: the same sums a block of rows at a time, each written over the base
+    # output. Done whole, the float32 (N T, out) delta and sum go through memory three times,
+    # which on a CPU costs several times the layer's own matmul (bitwise the same: each element
+    # is one sum). A GPU's memory keeps up, and a launch per block would cost more there
     r, hh = result.view(n, result.shape[-1]), h.reshape(n, h.shape[-1])
     for s in range(0, n, CHUNK_ROWS):
         torch.add(r[s:s + CHUNK_ROWS], hh[s:s + CHUNK_ROWS] @ B, out=r[s:s + CHUNK_ROWS])
