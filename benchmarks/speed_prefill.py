@@ -9,7 +9,7 @@ two things around the matmuls used to cost more than the matmuls themselves:
   now gives the head a contiguous copy (a forward pre-hook it holds while it owns the model);
 - the stacked LoRA's sum `base + (x A * sel) B`, done in float32 over the whole (rows x out)
   output: in bf16 an upcast, an add and a downcast, each a pass through memory. It is now done a
-  block of `fastlora.CHUNK_ROWS` rows at a time on a CPU, each block's float32 sum staying in cache and
+  block of `fastlora.CHUNK_ROWS` rows at a time on a CPU (the float32 copy of x and `x A` too), each block staying in cache and
   written over the base output (the same sums, bitwise).
 
 This times, side by side, the engine's prefill (greedy, one new token: the prefill and its

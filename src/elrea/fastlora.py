@@ -126,21 +126,24 @@ def _stacked_forward(module, stack: "Stacked", A, B, x, *args, **kwargs):
         return type(module).forward(module, x, *args, **kwargs)
     kwargs.pop("adapter_names", None)
     result = module.base_layer(x, *args, **kwargs)
-    h = x.to(A.dtype) @ A                                        # (N, T, K r)
-    h = h * (sel[:, None, :] if h.dim() == 3 else sel)
-    # as PEFT: the sum in the adapter's dtype, rounded to the backbone's once (rounding the
-    # delta to bf16 first and adding in bf16 rounds twice, and drifts from PEFT's tokens)
-    n = h.numel() // h.shape[-1]
+    n = result.numel() // result.shape[-1]
     if (n <= CHUNK_ROWS or result.device.type != "cpu" or torch.is_grad_enabled()
             or torch.compiler.is_compiling() or not result.is_contiguous()):
+        h = x.to(A.dtype) @ A                                    # (N, T, K r)
+        h = h * (sel[:, None, :] if h.dim() == 3 else sel)
+        # as PEFT: the sum in the adapter's dtype, rounded to the backbone's once (rounding the
+        # delta to bf16 first and adding in bf16 rounds twice, and drifts from PEFT's tokens)
         return (result + h @ B).to(result.dtype)                 # (N, T, out)
     # a prefill on a CPU: the same sums a block of rows at a time, each written over the base
-    # output. Done whole, the float32 (N T, out) delta and sum go through memory three times,
-    # which on a CPU costs several times the layer's own matmul (bitwise the same: each element
-    # is one sum). A GPU's memory keeps up, and a launch per block would cost more there
-    r, hh = result.view(n, result.shape[-1]), h.reshape(n, h.shape[-1])
+    # output. Done whole, the float32 copies of x, the (N T, out) delta and the sum each go
+    # through memory (each a fresh allocation the size of a layer's activations, page-faulted
+    # in), which on a CPU cost several times the layer's own matmul (bitwise the same: each
+    # element is one sum). A GPU's memory keeps up, and a launch per block would cost more there
+    xs, r = x.reshape(n, x.shape[-1]), result.view(n, result.shape[-1])
+    rows_sel = sel.repeat_interleave(n // sel.shape[0], dim=0)   # (N T, K r): each token its row's
     for s in range(0, n, CHUNK_ROWS):
-        torch.add(r[s:s + CHUNK_ROWS], hh[s:s + CHUNK_ROWS] @ B, out=r[s:s + CHUNK_ROWS])
+        h = (xs[s:s + CHUNK_ROWS].to(A.dtype) @ A) * rows_sel[s:s + CHUNK_ROWS]
+        torch.add(r[s:s + CHUNK_ROWS], h @ B, out=r[s:s + CHUNK_ROWS])
     return result
 
 
