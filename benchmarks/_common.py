@@ -75,6 +75,18 @@ def training_data(args, prefix: str) -> str:
     return str(write_jsonl(Path(tempfile.mkdtemp(prefix=prefix)) / "train.jsonl", make_toy_records(64, seed=0)))
 
 
+def data_benchmark_main(script: str, parse_args, run, show, argv=None) -> dict:
+    """The main() of a benchmark parsed by parse_data_args: parse, run, print the table, write
+    benchmarks/results/<script's name>.json (<name>_quick.json with --quick) or --out."""
+    args = parse_args(argv)
+    report = {"command": command_line(sys.argv[0] if argv is None else script, argv), "machine": machine()}
+    report.update(run(args))
+    show(report)
+    name = Path(script).stem
+    write_report(Path(args.out) if args.out else RESULTS / f"{name}{'_quick' if args.quick else ''}.json", report)
+    return report
+
+
 def default_out(args, out_name: str) -> Path:
     if args.out:
         return Path(args.out)

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, command_line, machine, parse_data_args, print_table,  # noqa: E402
-                     randomize_lora_b, training_data, write_report)
+from _common import (data_benchmark_main, parse_data_args, print_table,  # noqa: E402
+                     randomize_lora_b, training_data)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -223,14 +223,7 @@ def show(r: dict) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    report = {"command": command_line(sys.argv[0] if argv is None else __file__, argv), "machine": machine()}
-    report.update(run(args))
-    show(report)
-    out = Path(args.out) if args.out else RESULTS / ("speed_precision_quick.json" if args.quick
-                                                     else "speed_precision.json")
-    write_report(out, report)
-    return report
+    return data_benchmark_main(__file__, parse_args, run, show, argv)
 
 
 if __name__ == "__main__":
