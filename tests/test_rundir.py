@@ -68,15 +68,22 @@ def test_one_writer_readers_refuse_and_every_interruption_resumes(tmp_path, tiny
 
     first = _start(cmd)
     _wait(first, lambda: _features_done(run) >= 5)
-    with pytest.raises(RunInUse, match=rf"stage 'clusters' is being written by `elrea fit .*pid {first.pid}"):
-        ELREA.from_pretrained(run)
-    second = subprocess.run(_fit_cmd(tiny_model_dir, data, run, "base.lr=1e-3"), capture_output=True,
-                            text=True, env=ENV, timeout=300)
-    assert second.returncode == 2
-    assert f"pid {first.pid}" in second.stderr and "in use by" in second.stderr
-    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
-
-    code, err = _stop(first, signal.SIGINT)
+    first.send_signal(signal.SIGSTOP)   # held mid-stage (a fast machine finished the stage during the checks)
+    try:
+        with pytest.raises(RunInUse, match=rf"stage 'clusters' is being written by `elrea fit .*pid {first.pid}"):
+            ELREA.from_pretrained(run)
+        second = subprocess.run(_fit_cmd(tiny_model_dir, data, run, "base.lr=1e-3"), capture_output=True,
+                                text=True, env=ENV, timeout=300)
+        assert second.returncode == 2
+        assert f"pid {first.pid}" in second.stderr and "in use by" in second.stderr
+        assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    except BaseException:
+        first.kill()                    # never leave it stopped
+        raise
+    first.send_signal(signal.SIGINT)    # delivered as it continues: still inside the features stage
+    first.send_signal(signal.SIGCONT)
+    err = first.communicate(timeout=120)[1]
+    code = first.returncode
     assert code == 130, err
     assert _last_line(err) == "elrea: interrupted; re-run the same command to resume"
     assert "Traceback" not in err
