@@ -1,5 +1,7 @@
 """Contract 1: batched per-example gradients equal one-backward-per-example autograd."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -134,3 +136,98 @@ def test_per_example_loss_equals_the_transposed_layout_within_float32_rounding()
     old = old_tok.sum(1) / (labels[:, 1:] != -100).sum(1).clamp(min=1)
     new = per_example_loss(logits, labels)
     assert torch.allclose(new, old, rtol=1e-6, atol=0) and new[2] == 0
+
+
+def test_peak_memory_counts_what_a_block_allocates_and_free_memory_is_shared_per_node(monkeypatch):
+    from elrea.models import PeakMemory, free_memory
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the resident-set high-water mark is measured on Linux only")
+    with PeakMemory("cpu") as big:
+        x = torch.ones(64 * 2 ** 20 // 4)           # 64 MiB, written so that every page is resident
+        del x
+    with PeakMemory("cpu") as none:
+        pass
+    assert 60 * 2 ** 20 <= big.bytes <= 96 * 2 ** 20, big.bytes
+    assert none.bytes < 8 * 2 ** 20, none.bytes
+    with pytest.raises(ValueError), PeakMemory("cpu") as failed:
+        raise ValueError
+    assert failed.bytes is None
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    alone = free_memory("cpu")
+    assert 0 < alone <= int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0]) * 1024
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert free_memory("cpu") < alone / 2                  # four processes share the machine
+    assert free_memory("meta") is None
+
+
+def _featurizer(tiny_model_dir, toy_rows, n=12, **kw):
+    from elrea.features import Featurizer
+
+    tok, enc = _encoded(tiny_model_dir, toy_rows, n=n)
+    model = lora_model(tiny_model_dir)
+    p = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    feat = Featurizer(model, SparseProjector(p, 256, seed=3), adapter=None, pad_id=tok.pad_token_id, **kw)
+    seen = []
+    real = feat._features
+    feat._features = lambda batch: seen.append([len(e.input_ids) for e in batch]) or real(batch)
+    return tok, enc, model, feat, seen
+
+
+def test_the_featurizer_fits_its_batches_to_the_memory_its_first_batch_took(tiny_model_dir, toy_rows,
+                                                                             monkeypatch, caplog):
+    """The first batch (at most PROBE_TOKENS) is measured; later ones hold at most the tokens that
+    fit in memory_fraction of the free memory at that rate, and the features are those computed
+    one example at a time."""
+    import elrea.features as features
+
+    class Measured:                                   # the first batch took 10 MiB
+        def __init__(self, device):
+            self.bytes = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.bytes = 10 * 2 ** 20
+
+    monkeypatch.setattr(features, "PeakMemory", Measured)
+    monkeypatch.setattr(features, "free_memory", lambda device: 10 * 2 ** 20)
+    tok, enc, model, feat, seen = _featurizer(tiny_model_dir, toy_rows, batch_size=4, window=3)
+    with caplog.at_level("INFO", logger="elrea"):
+        got = feat.features(enc)
+    first = len(seen[0]) * seen[0][0]
+    assert feat.bytes_per_token == 10 * 2 ** 20 / first
+    assert feat.token_cap == int(0.5 * 10 * 2 ** 20 / feat.bytes_per_token) <= first // 2
+    assert all(len(b) * max(b) <= feat.token_cap for b in seen[1:])
+    assert any(len(b) < 4 for b in seen[1:]), "the cap must bind in this test"
+    assert f"at most {feat.token_cap} padded tokens a batch" in caplog.text
+    alone = torch.cat([batch_features(model, collate([e], tok.pad_token_id), feat.projector) for e in enc])
+    assert torch.allclose(got, alone, atol=1e-5)
+
+    # an example that alone needs more than the share runs alone, with a warning
+    monkeypatch.setattr(features, "free_memory", lambda device: 2 ** 20)
+    caplog.clear()
+    tok, enc, model, feat, seen = _featurizer(tiny_model_dir, toy_rows, n=6, batch_size=4)
+    with caplog.at_level("INFO", logger="elrea"):
+        feat.features(enc)
+    assert feat.token_cap < min(len(e.input_ids) for e in enc)
+    assert all(len(b) == 1 for b in seen[1:])
+    assert "lower data.max_length" in caplog.text
+
+
+def test_the_featurizer_keeps_its_setting_when_memory_is_plenty_unmeasured_or_not_asked(tiny_model_dir,
+                                                                                        toy_rows, monkeypatch):
+    import elrea.features as features
+
+    tok, enc, model, feat, seen = _featurizer(tiny_model_dir, toy_rows, batch_size=4, max_tokens=4096)
+    feat.features(enc)                              # the real measurement, on the tiny model
+    assert feat.token_cap == 4096 and feat.bytes_per_token > 0
+    assert feat.bytes_per_token < 2 ** 20, "the tiny model takes far less than a MiB a token"
+    tok, enc, model, feat, seen = _featurizer(tiny_model_dir, toy_rows, batch_size=4, memory_fraction=None)
+    feat.features(enc)
+    assert feat.token_cap is None and feat.max_tokens_now() == 0 and all(len(b) == 4 for b in seen)
+    monkeypatch.setattr(features, "free_memory", lambda device: None)
+    tok, enc, model, feat, seen = _featurizer(tiny_model_dir, toy_rows, batch_size=4, max_tokens=100)
+    feat.features(enc)
+    assert feat.token_cap == 100 and feat.bytes_per_token is None

@@ -154,7 +154,8 @@ class FeatureConfig:
     test_preconditioner: str = _f("sgd", "Routing features: 'sgd' (plain gradient) or 'adam'.")
     batch_size: int = _f(16, "Examples per batched backward pass (at most).")
     max_tokens_per_batch: int = _f(16384, "Padded tokens per batched backward pass (at most; an example "
-                                   "longer than this runs alone); 0 = no limit. Bounds memory.")
+                                   "longer than this runs alone); 0 = no limit. Lowered at run time to "
+                                   "what fits in half the free memory, measured on the first batch.")
     checkpoint_every: int = _f(16, "Flush features to disk every this many batches. Not part of any "
                                "stage fingerprint.")
     block_norm: bool = _f(False, "Scale each layer's block of the preconditioned gradient to unit norm "

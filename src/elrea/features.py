@@ -15,15 +15,15 @@ examples do not interact, row i of that output gradient belongs to example i alo
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .models import lora_parameters, model_device
+from .models import PeakMemory, free_memory, lora_parameters, model_device
 from .registry import PRECONDITIONERS  # re-exported: the preconditioners by name
 
 log = logging.getLogger(__name__)
@@ -327,6 +327,15 @@ def plan_batches(lengths: list[int], batch_size: int, max_tokens: int = 0) -> li
     return plan
 
 
+PROBE_TOKENS = 1024       # a featurizer's first batch, whose memory is measured, has at most this many
+MEMORY_FRACTION = 0.5     # padded tokens; later batches stay within this share of the free memory
+
+
+def tighter(a: int, b: int) -> int:
+    """The tighter of two token limits where 0 means none."""
+    return min(a, b) if a > 0 and b > 0 else max(a, b)
+
+
 @dataclass
 class Featurizer:
     """What a gradient feature needs, in one place (docs/method.md, steps 2 and 5):
@@ -343,6 +352,13 @@ class Featurizer:
     example's row put back in its place: on a mixture of tasks, batches in file order were
     padded to about twice their real tokens (docs/benchmarks.md, "Padding"), and a backward
     pass costs what its padded tokens do. A feature does not depend on its batch.
+
+    Memory: the first batch holds at most PROBE_TOKENS padded tokens and its peak memory is
+    measured (elrea.models.PeakMemory); from then on batches hold at most as many tokens as fit
+    in `memory_fraction` of the memory that was free before it (elrea.models.free_memory), or
+    `max_tokens` if that is fewer. A backward pass's memory grows with its padded tokens, and on
+    a CPU running out of it is a kill without a message (docs/method.md, "Feature batches").
+    memory_fraction=None: `max_tokens` alone.
     """
 
     model: object
@@ -354,6 +370,10 @@ class Featurizer:
     max_tokens: int = 0
     block_norm: bool = False
     window: int = 8
+    memory_fraction: float | None = MEMORY_FRACTION
+    token_cap: int | None = field(default=None, init=False)   # set by the first batch: 0 = no limit
+    bytes_per_token: float | None = field(default=None, init=False)   # the first batch's peak / its tokens
+    free_bytes: int | None = field(default=None, init=False)          # free memory before it
 
     @classmethod
     def for_run(cls, model, cfg, base_dir: str | Path, pad_id: int, preconditioner: str,
@@ -381,20 +401,54 @@ class Featurizer:
 
     def batch(self, examples: list, on_batch=None) -> torch.Tensor:
         """Features [n, d] of data.Encoded examples, on the model's device: batched longest first
-        (at most batch_size examples and max_tokens padded tokens each), rows in input order;
-        on_batch(k) after each batch of k."""
+        (at most batch_size examples and the token cap each), rows in input order; on_batch(k)
+        after each batch of k."""
         lengths = [len(e.input_ids) for e in examples]
         order = sorted(range(len(examples)), key=lambda i: -lengths[i])
-        out = None
-        for s, e in plan_batches([lengths[i] for i in order], self.batch_size, self.max_tokens):
-            idx = order[s:e]
-            rows = self._features([examples[i] for i in idx])
-            if on_batch is not None:
-                on_batch(len(idx))
-            if out is None:
-                out = rows.new_empty(len(examples), rows.shape[1])
-            out[torch.tensor(idx, device=rows.device)] = rows
+        out, done = None, 0
+        while done < len(order):
+            pending = order[done:]
+            probe = self.token_cap is None and self.memory_fraction is not None
+            cap = tighter(self.max_tokens, PROBE_TOKENS) if probe else self.max_tokens_now()
+            plan = plan_batches([lengths[i] for i in pending], self.batch_size, cap)
+            for s, e in plan[:1] if probe else plan:
+                idx = pending[s:e]
+                free = free_memory(self.device) if probe else None
+                with PeakMemory(self.device) if probe else nullcontext() as peak:
+                    rows = self._features([examples[i] for i in idx])
+                if probe:
+                    self._fit_cap(peak.bytes, free, e - s, lengths[idx[0]])
+                if on_batch is not None:
+                    on_batch(len(idx))
+                if out is None:
+                    out = rows.new_empty(len(examples), rows.shape[1])
+                out[torch.tensor(idx, device=rows.device)] = rows
+                done += len(idx)
         return out
+
+    def max_tokens_now(self) -> int:
+        """The padded tokens a batch may hold now (0: no limit): `max_tokens`, lowered to what
+        fits in memory once the first batch has been measured."""
+        return self.max_tokens if self.token_cap is None else self.token_cap
+
+    def _fit_cap(self, peak: int | None, free: int | None, rows: int, longest: int) -> None:
+        """Set the token cap from the first batch's peak memory over its padded tokens."""
+        self.free_bytes = free
+        if not peak or free is None:
+            self.token_cap = self.max_tokens          # nothing measured: the setting alone
+            return
+        per_token = self.bytes_per_token = peak / (rows * longest)
+        fit = max(1, int(self.memory_fraction * free / per_token))
+        self.token_cap = tighter(self.max_tokens, fit)
+        if fit < longest:
+            log.warning("gradient features: one example of %d tokens needs about %.1f GiB, more than %d%% of "
+                        "the %.1f GiB free; if the process is killed, lower data.max_length or free memory",
+                        longest, per_token * longest / 2 ** 30, round(100 * self.memory_fraction),
+                        free / 2 ** 30)
+        elif self.token_cap != self.max_tokens:
+            log.info("gradient features: at most %d padded tokens a batch (features.max_tokens_per_batch=%d), "
+                     "to stay within %d%% of the %.1f GiB free at %.2f MiB a token", self.token_cap,
+                     self.max_tokens, round(100 * self.memory_fraction), free / 2 ** 30, per_token / 2 ** 20)
 
     def _features(self, examples: list) -> torch.Tensor:
         from .data import collate

@@ -9,6 +9,7 @@ heavy dependencies).
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import json
 import logging
@@ -317,6 +318,97 @@ def precision_hint(device: torch.device, dtype: str) -> str | None:
     return ("this CPU has AMX bfloat16 units: model.dtype=bfloat16 trains and computes features faster here "
             "(docs/benchmarks.md, 'float32 or bfloat16 on a CPU'); float32 stays the default for "
             "results that do not depend on the CPU")
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """A 'Key:  N kB' line of a /proc file, in bytes; None where there is none (not Linux)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes this process's cgroup may still allocate (cgroup v2, then v1); None without a limit."""
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            raw = Path(limit).read_text().strip()
+            if raw == "max" or int(raw) >= 1 << 60:
+                return None
+            return max(0, int(raw) - int(Path(usage).read_text().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def free_memory(device: torch.device | str) -> int | None:
+    """Bytes that work on `device` may still take: on CUDA the device's free memory plus what
+    torch holds cached but unused; on a CPU the machine's available memory (MemAvailable), or
+    the cgroup's room if smaller, shared by the processes of this node (LOCAL_WORLD_SIZE). None
+    where it cannot be told (other devices, no /proc)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type != "cpu":
+        return None
+    room = [r for r in (_proc_kib("/proc/meminfo", "MemAvailable"), _cgroup_room()) if r is not None]
+    if not room:
+        return None
+    return min(room) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's freed pages back to the system (glibc's malloc_trim), so that the resident
+    set counts only memory in use; nothing where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Peak memory of the work inside a `with` block beyond what was in use when it began, in
+    bytes (`.bytes`, None where it cannot be measured): on CUDA torch's allocator statistics; on
+    a Linux CPU the process's resident-set high-water mark (VmHWM), reset as the block begins
+    (/proc/self/clear_refs), so it counts what the allocator really took."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.bytes: int | None = None
+        self._start: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        elif self.device.type == "cpu":
+            _trim_heap()       # freed but kept pages would be reused unseen by the count
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")                      # resets VmHWM to the current RSS
+                self._start = _proc_kib("/proc/self/status", "VmRSS")
+            except OSError:
+                self._start = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._start is None or exc[0] is not None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = _proc_kib("/proc/self/status", "VmHWM")
+        if peak is not None:
+            self.bytes = max(0, peak - self._start)
 
 
 def model_device(model) -> torch.device:
