@@ -5,7 +5,8 @@
 For each run directory (after its features stage), clusters its stored gradient features with
 the run's clustering settings as they are and centred (features.center), and BIRCH with the same
 settings on the sentence embeddings of the instructions, and prints C, sizes, ARI / NMI against
-the records' sources and the silhouette; JSON to benchmarks/results/cluster_signals.json.
+the records' sources and the silhouette; JSON to benchmarks/results/cluster_signals.json, with
+each cluster's sources (`members`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from elrea.rundir import Run, atomic_path, load_features, read_json  # noqa: E40
 
 
 def describe(X, labels, sources) -> dict:
-    return cluster_metrics(X, labels, sources)
+    """cluster_metrics, and which sources each cluster holds ({label: {source: count}}, largest first)."""
+    from collections import Counter
+
+    members = {}
+    for lab in sorted(set(labels.tolist())):
+        counts = Counter(str(s) for s, c in zip(sources, labels.tolist()) if c == lab)
+        members[str(lab)] = dict(counts.most_common())
+    return {**cluster_metrics(X, labels, sources), "members": members}
 
 
 def main(argv=None):

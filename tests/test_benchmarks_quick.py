@@ -411,3 +411,42 @@ def test_shared_decoding_gives_each_routing_its_own_answers_with_fewer_rows(fitt
     assert together["prefill_rows"] == 10 * r["adapters"] < one["prefill_rows"]
     assert together["decode_rows"] <= one["decode_rows"]
     assert r["ratios"]["prefill_rows"] == round(one["prefill_rows"] / together["prefill_rows"], 2)
+
+
+def test_feature_memory_measures_the_first_batch_and_keeps_the_rest_under_the_cap(tmp_path):
+    """benchmarks/feature_memory.py --quick with a tiny share of memory: the cap binds, every
+    later batch holds at most the capped tokens (an example longer than the cap alone), each
+    measured, and the recorded rate is the first batch's."""
+    r = _run_script("feature_memory.py", "--quick", "--memory-fraction", "0.0001", out=tmp_path / "m.json")
+    assert r["memory_fraction"] == 0.0001 and set(r["dtypes"]) == {"float32", "bfloat16"}
+    for d in r["dtypes"].values():
+        first, *later = d["batches"]
+        assert first["probe"] and first["padded_tokens"] <= r["probe_tokens"]
+        assert 0 < d["token_cap"] < d["default_batch_tokens"], d
+        assert later and all(b["padded_tokens"] <= d["token_cap"] or b["rows"] == 1 for b in later)
+        assert sum(b["rows"] for b in d["batches"]) == r["examples"]
+        assert all(b["peak_bytes"] is not None for b in later)
+        fit = 0.0001 * d["free_gib"] * 2 ** 30 / (d["mib_per_token"] * 2 ** 20)    # both rounded in the JSON
+        assert d["token_cap"] == 1 if fit < 1 else abs(d["token_cap"] - fit) <= 0.05 * fit + 1, (fit, d)
+
+
+def test_cluster_signals_reports_each_settings_clusters_and_their_sources(fitted_run, tmp_path):
+    """benchmarks/cluster_signals.py on a fitted run: the paper's features, centred ones and
+    sentence embeddings, each with C, sizes and the sources of every cluster, which add up to
+    the sizes and to every training record once."""
+    from elrea.data import load_records
+    from elrea.rundir import Run, read_json
+
+    r = _run_script("cluster_signals.py", str(fitted_run), out=tmp_path / "c.json")
+    res = r["runs"][str(fitted_run)]
+    assert set(res) == {"gradient", "gradient, centred", "sentence embedding"}
+    records = load_records(read_json(Run(fitted_run).manifest)["data"])
+    for v in res.values():
+        assert len(v["members"]) == v["num_clusters"] == len(v["sizes"])
+        assert [sum(m.values()) for m in v["members"].values()] == v["sizes"]
+        totals = {}
+        for m in v["members"].values():
+            for s, n in m.items():
+                totals[s] = totals.get(s, 0) + n
+        assert totals == {s: sum(r.source == s for r in records) for s in {r.source for r in records}}
+        assert -1 <= v["ari_vs_source"] <= 1 and 0 <= v["nmi_vs_source"] <= 1
