@@ -6,7 +6,6 @@ Machine description, thread setup, median timing, sampled per-phase RSS, model/p
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -16,7 +15,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -172,56 +170,27 @@ def timed(fn, repeats: int = 1, warmup=None):
     return statistics.median(times), times, result
 
 
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: fall back to the process-wide peak
-        return peak_rss_mb() * 2 ** 20
-
-
 def peak_rss_mb() -> float:
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kb / 2 ** 20 if sys.platform == "darwin" else kb / 2 ** 10   # bytes on macOS, KiB on Linux
 
 
-def _release_freed_memory():
-    """Give freed heap back to the OS, so one phase's leftovers do not hide the next one's peak."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 @contextmanager
 def rss_phase(record: dict, interval: float = 0.005):
-    """Sample RSS in a thread while the block runs; store peak and growth (MiB) in `record`.
+    """Peak resident set while the block runs, and its growth over the start (MiB), in `record`:
+    elrea.models.PeakMemory on the CPU (a sampling thread; ru_maxrss only gives the whole
+    process's peak). A spike shorter than `interval` can be missed."""
+    from elrea.models import PeakMemory
 
-    ru_maxrss only gives the whole process's peak, so per-phase peaks are sampled. Torch
-    kernels release the GIL, so the sampler keeps running during long matmuls; a spike
-    shorter than `interval` can be missed.
-    """
-    _release_freed_memory()
-    start = _rss_bytes()
-    peak = [start]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            stop.wait(interval)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
+    gc.collect()
+    m = PeakMemory("cpu", interval)
     try:
-        yield record
+        with m:
+            yield record
     finally:
-        stop.set()
-        th.join()
-        peak[0] = max(peak[0], _rss_bytes())
-        record["peak_rss_mb"] = round(peak[0] / 2 ** 20, 1)
-        record["rss_growth_mb"] = round((peak[0] - start) / 2 ** 20, 1)
+        if m.start is not None:
+            record["peak_rss_mb"] = round(m.peak / 2 ** 20, 1)
+            record["rss_growth_mb"] = round((m.peak - m.start) / 2 ** 20, 1)
 
 
 # ----------------------------------------------------------------------------- models / data

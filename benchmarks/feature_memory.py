@@ -111,19 +111,20 @@ def one_dtype(args, dtype: str, data: str) -> dict:
         "batches": batches,
         "seconds": round(seconds, 2),
     }
-    del feat, model
-    gc.collect()
     return result
 
 
 def run(args) -> dict:
-    data = training_data(args, "feature-memory-")
     from elrea.features import MEMORY_FRACTION, PROBE_TOKENS
 
+    data = training_data(args, "feature-memory-")
+    per_dtype = {}
+    for dt in args.dtypes:
+        per_dtype[dt] = one_dtype(args, dt, data)
+        gc.collect()                      # the model of this dtype goes before the next loads
     return {"model": args.model, "examples": args.examples, "batch_size": args.batch_size,
             "max_length": args.max_length, "memory_fraction": args.memory_fraction or MEMORY_FRACTION,
-            "probe_tokens": PROBE_TOKENS,
-            "dtypes": {dt: one_dtype(args, dt, data) for dt in args.dtypes}}
+            "probe_tokens": PROBE_TOKENS, "dtypes": per_dtype}
 
 
 def show(r: dict) -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -373,42 +374,63 @@ def _trim_heap() -> None:
         pass
 
 
-class PeakMemory:
-    """Peak memory of the work inside a `with` block beyond what was in use when it began, in
-    bytes (`.bytes`, None where it cannot be measured): on CUDA torch's allocator statistics; on
-    a Linux CPU the process's resident-set high-water mark (VmHWM), reset as the block begins
-    (/proc/self/clear_refs), so it counts what the allocator really took."""
+def resident_bytes() -> int | None:
+    """This process's resident set now (Linux /proc/self/statm), in bytes; None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
-    def __init__(self, device: torch.device | str):
+
+class PeakMemory:
+    """Peak memory of the work inside a `with` block beyond what was in use when it began:
+    `.bytes` (None where it cannot be measured), and `.start` / `.peak` in absolute bytes.
+
+    On CUDA, torch's allocator statistics. On a Linux CPU, the resident set sampled by a thread
+    every `interval` seconds (torch's kernels release the GIL, so it runs during long ones; a
+    spike shorter than that can be missed), after the C heap hands its freed pages back so that
+    reusing them counts. The process's own high-water mark is left alone: `ru_maxrss` and
+    `/usr/bin/time` still report the whole run's peak.
+    """
+
+    def __init__(self, device: torch.device | str, interval: float = 0.002):
         self.device = torch.device(device)
+        self.interval = interval
         self.bytes: int | None = None
-        self._start: int | None = None
+        self.start: int | None = None
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
         elif self.device.type == "cpu":
             _trim_heap()       # freed but kept pages would be reused unseen by the count
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")                      # resets VmHWM to the current RSS
-                self._start = _proc_kib("/proc/self/status", "VmRSS")
-            except OSError:
-                self._start = None
+            self.start = self.peak = resident_bytes()
+            if self.start is not None:
+                self._thread = threading.Thread(target=self._sample, name="elrea-peak-memory", daemon=True)
+                self._thread.start()
         return self
 
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, resident_bytes() or 0)
+
     def __exit__(self, *exc) -> None:
-        if self._start is None or exc[0] is not None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, resident_bytes() or 0)
+        if self.start is None or exc[0] is not None:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            peak = _proc_kib("/proc/self/status", "VmHWM")
-        if peak is not None:
-            self.bytes = max(0, peak - self._start)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        self.bytes = max(0, self.peak - self.start)
 
 
 def model_device(model) -> torch.device:
