@@ -406,24 +406,22 @@ class Featurizer:
         lengths = [len(e.input_ids) for e in examples]
         order = sorted(range(len(examples)), key=lambda i: -lengths[i])
         out, done = None, 0
-        while done < len(order):
-            pending = order[done:]
+        while done < len(order):              # one batch at a time: the first one sets the cap
             probe = self.token_cap is None and self.memory_fraction is not None
             cap = tighter(self.max_tokens, PROBE_TOKENS) if probe else self.max_tokens_now()
-            plan = plan_batches([lengths[i] for i in pending], self.batch_size, cap)
-            for s, e in plan[:1] if probe else plan:
-                idx = pending[s:e]
-                free = free_memory(self.device) if probe else None
-                with PeakMemory(self.device) if probe else nullcontext() as peak:
-                    rows = self._features([examples[i] for i in idx])
-                if probe:
-                    self._fit_cap(peak.bytes, free, e - s, lengths[idx[0]])
-                if on_batch is not None:
-                    on_batch(len(idx))
-                if out is None:
-                    out = rows.new_empty(len(examples), rows.shape[1])
-                out[torch.tensor(idx, device=rows.device)] = rows
-                done += len(idx)
+            head = order[done:done + self.batch_size]
+            idx = head[:plan_batches([lengths[i] for i in head], self.batch_size, cap)[0][1]]
+            free = free_memory(self.device) if probe else None
+            with PeakMemory(self.device) if probe else nullcontext() as peak:
+                rows = self._features([examples[i] for i in idx])
+            if probe:
+                self._fit_cap(peak.bytes, free, len(idx), lengths[idx[0]])
+            if on_batch is not None:
+                on_batch(len(idx))
+            if out is None:
+                out = rows.new_empty(len(examples), rows.shape[1])
+            out[torch.tensor(idx, device=rows.device)] = rows
+            done += len(idx)
         return out
 
     def max_tokens_now(self) -> int:
