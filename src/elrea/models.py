@@ -387,7 +387,8 @@ class PeakMemory:
     """Peak memory of the work inside a `with` block beyond what was in use when it began:
     `.bytes` (None where it cannot be measured), and `.start` / `.peak` in absolute bytes.
 
-    On CUDA, torch's allocator statistics. On a Linux CPU, the resident set sampled by a thread
+    On CUDA, torch's allocator statistics, whose peak it resets as it begins (as transformers'
+    TrainerMemoryTracker does at each stage). On a Linux CPU, the resident set sampled by a thread
     every `interval` seconds (torch's kernels release the GIL, so it runs during long ones; a
     spike shorter than that can be missed), after the C heap hands its freed pages back so that
     reusing them counts. The process's own high-water mark is left alone: `ru_maxrss` and
