@@ -450,3 +450,18 @@ def test_cluster_signals_reports_each_settings_clusters_and_their_sources(fitted
                 totals[s] = totals.get(s, 0) + n
         assert totals == {s: sum(r.source == s for r in records) for s in {r.source for r in records}}
         assert -1 <= v["ari_vs_source"] <= 1 and 0 <= v["nmi_vs_source"] <= 1
+
+
+def test_contention_runs_each_setting_alone_and_at_once_in_separate_processes(tmp_path):
+    """benchmarks/contention.py --quick: a setting runs as one process and as --copies processes
+    at once, each with the threads the setting gives; medians and ratios (to the first row when
+    the default is not asked for) follow."""
+    r = _run_script("contention.py", "--quick", "--settings", "one thread each", "--copies", "2",
+                    "--prompts", "2", "--adapters", "2", "--new-tokens", "4", out=tmp_path / "c.json")
+    assert list(r["runs"]) == ["one thread each, alone", "one thread each, 2 at once"]
+    assert [len(v) for v in r["runs"].values()] == [1, 2]
+    assert {p["threads"] for v in r["runs"].values() for p in v} == {1}
+    first = r["median"]["one thread each, alone"]
+    for k, v in r["median"].items():
+        assert v["prefill_s"] == statistics.median(p["prefill_s"] for p in r["runs"][k]) > 0
+        assert r["slowdown_vs_first_row"][k]["step_ms"] == round(v["step_ms"] / first["step_ms"], 2)
