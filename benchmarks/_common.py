@@ -261,6 +261,25 @@ def randomize_lora_b(model, std: float, seed: int, adapter: str | None = None):
                 p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)
 
 
+def random_experts_model(model: str, dtype: str, adapters: int, seed: int, device="cpu"):
+    """(PEFT model in eval mode, its tokenizer, the adapter names): `model` with `adapters` LoRA
+    adapters of the default config ("default", "expert_1", ...), every B random (std 0.02)."""
+    from peft import get_peft_model
+
+    from elrea.config import LoraConfig, ModelConfig
+    from elrea.models import load_backbone, load_tokenizer, peft_lora_config
+
+    lora = LoraConfig()
+    names = ["default"] + [f"expert_{c}" for c in range(1, adapters)]
+    mcfg = ModelConfig(name=model, dtype=dtype)
+    torch.manual_seed(seed)
+    m = get_peft_model(load_backbone(mcfg, device), peft_lora_config(lora))
+    for a in names[1:]:
+        m.add_adapter(a, peft_lora_config(lora))
+    randomize_lora_b(m, 0.02, seed)
+    return m.eval(), load_tokenizer(mcfg), names
+
+
 def left_pad(seqs: list[list[int]], pad_id: int, device="cpu"):
     """(input_ids, attention_mask) [n, T] on `device`, padded on the left for decoding (elrea's own)."""
     from elrea.ensemble import left_pad as pad

@@ -67,25 +67,13 @@ def worker(args) -> dict:
     """One process's decoding, streamed: the median seconds of its prefill (with the first token)
     and milliseconds of a later step, over --repeats decodings."""
     import torch
-    from peft import get_peft_model
 
-    from _common import randomize_lora_b
-    from elrea.config import LoraConfig, ModelConfig
+    from _common import random_experts_model
     from elrea.data import PromptFormatter, load_records
     from elrea.engine import Ensemble
     from elrea.ensemble import sampling
-    from elrea.models import load_backbone, load_tokenizer, peft_lora_config
 
-    lora = LoraConfig()
-    names = ["default"] + [f"expert_{c}" for c in range(1, args.adapters)]
-    mcfg = ModelConfig(name=args.model, dtype=args.dtype)
-    tok = load_tokenizer(mcfg)
-    torch.manual_seed(args.seed)
-    m = get_peft_model(load_backbone(mcfg, "cpu"), peft_lora_config(lora))
-    for a in names[1:]:
-        m.add_adapter(a, peft_lora_config(lora))
-    randomize_lora_b(m, 0.02, args.seed)
-    m.eval()
+    m, tok, names = random_experts_model(args.model, args.dtype, args.adapters, args.seed)
     fmt = PromptFormatter(tok, max_length=args.max_length)
     prompts = [fmt.encode_instruction(r.messages).input_ids for r in load_records(args.data)[:args.prompts]]
     eng = Ensemble(m, names, pad_id=tok.pad_token_id, compile="off")

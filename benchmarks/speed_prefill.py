@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (data_benchmark_main, parse_data_args, print_table,  # noqa: E402
-                     randomize_lora_b, training_data)
+from _common import (data_benchmark_main, parse_data_args, print_table, random_experts_model,  # noqa: E402
+                     training_data)
 
 import torch  # noqa: E402
 
@@ -78,26 +78,14 @@ def way(eng, name: str):
 
 
 def run(args) -> dict:
-    from peft import get_peft_model
 
-    from elrea.config import LoraConfig, ModelConfig
     from elrea.data import PromptFormatter, load_records
     from elrea.engine import Ensemble
-    from elrea.models import load_backbone, load_tokenizer, peft_lora_config
 
     data = training_data(args, "speed-prefill-")
-    lora = LoraConfig()
-    names = ["default"] + [f"expert_{c}" for c in range(1, args.adapters)]
     engines, prompts = {}, None
     for dt in args.dtypes:
-        mcfg = ModelConfig(name=args.model, dtype=dt)
-        tok = load_tokenizer(mcfg)
-        torch.manual_seed(args.seed)
-        m = get_peft_model(load_backbone(mcfg, "cpu"), peft_lora_config(lora))
-        for a in names[1:]:
-            m.add_adapter(a, peft_lora_config(lora))
-        randomize_lora_b(m, 0.02, args.seed)
-        m.eval()
+        m, tok, names = random_experts_model(args.model, dt, args.adapters, args.seed)
         if prompts is None:
             fmt = PromptFormatter(tok, max_length=args.max_length)
             prompts = [fmt.encode_instruction(r.messages).input_ids for r in load_records(data)[:args.prompts]]
