@@ -43,6 +43,12 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     assert b["lora"]["steps"] < b["lora-matched"]["steps"] and b["elrea-half"]["steps"] < b[rep["budget"]["elrea"]]["steps"]
     assert all(v["seconds_per_prompt"] > 0 and v["test_mean"] == rep["accuracy"][m]["mean"] for m, v in b.items())
     assert (out / "budget.png").stat().st_size > 1000
+    # tokens seen, as Trainer counted them: ELREA's experts split the data and each ran one epoch
+    # of its share, its base adapter two epochs of all of it, as `lora` did
+    assert 2 * b["elrea-gradient"]["tokens"] == 3 * b["lora"]["tokens"] > 0
+    assert b["lora"]["tokens"] < b["lora-matched"]["tokens"] and \
+        b["elrea-half"]["tokens"] < b[rep["budget"]["elrea"]]["tokens"]
+    assert "tokens seen (M)" in r.stdout
     for t in rep["trials"]:   # top-2 ran at the temperature best for all experts of its run and router
         if t["top_k"] == 2:
             full = [u for u in rep["trials"] if (u["run"], u["router"], u["top_k"]) == (t["run"], t["router"], 0)]
@@ -81,6 +87,19 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     assert "## Accuracy on held (%), held out" in report
     assert "![accuracy](accuracy.png)" in report and (out / "accuracy.png").stat().st_size > 1000
     assert (out / "per_source.png").exists()
+
+    # a run trained before elrea counted tokens: the count computed from its data is Trainer's
+    import shutil
+
+    from elrea.pipeline import trained_tokens
+
+    counted = trained_tokens(runs / "elrea", rep["data"]["train"])
+    legacy = shutil.copytree(runs / "elrea", tmp_path / "legacy")
+    man = json.loads((legacy / "elrea.json").read_text())
+    for summary in [man["stages"]["base"], *man["stages"]["experts"]["finished"].values()]:
+        del summary["tokens"]
+    (legacy / "elrea.json").write_text(json.dumps(man))
+    assert trained_tokens(legacy, rep["data"]["train"]) == counted
 
     # resuming: nothing is fitted or decoded again, and the result is the same
     before = {p: p.stat().st_mtime for p in (out / "evals").iterdir()}

@@ -1,6 +1,8 @@
 """Training (elrea.training): an interrupted training resumes from its last checkpoint and ends
 with the very adapter and Adam moments an uninterrupted one reaches."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -64,7 +66,7 @@ def _same(a: dict, b: dict):
 @pytest.mark.parametrize("sampling", ["random", "batch_rebalance"])
 def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, tiny_model_dir, examples, sampling):
     how = dict(train_sampling_strategy=sampling)
-    _train(tiny_model_dir, examples, tmp_path / "whole", tmp_path / "ck-whole", **how)
+    whole = _train(tiny_model_dir, examples, tmp_path / "whole", tmp_path / "ck-whole", **how)
     assert not (tmp_path / "ck-whole").exists()  # removed once the adapter is saved
 
     ckpt = tmp_path / "ck"
@@ -74,8 +76,21 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, tiny
     steps = _Steps()
     summary = _train(tiny_model_dir, examples, tmp_path / "resumed", ckpt, callbacks=[steps], **how)
     assert steps.seen == [5, 6] and summary["steps"] == 6 and not ckpt.exists()
-    for whole, resumed in zip(_saved(tmp_path / "whole"), _saved(tmp_path / "resumed")):
-        _same(whole, resumed)
+    for a, b in zip(_saved(tmp_path / "whole"), _saved(tmp_path / "resumed")):
+        _same(a, b)
+    # 6 steps of 8 are one epoch of the 48 examples: Trainer counted each one's tokens once,
+    # across the interruption too
+    assert whole["tokens"] == summary["tokens"] == sum(len(e.input_ids) for e in examples[0])
+
+
+def test_tokens_are_not_reported_when_a_checkpoint_did_not_count_them(tmp_path, tiny_model_dir, examples):
+    ckpt = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):  # as a checkpoint saved before elrea counted tokens
+        _train(tiny_model_dir, examples, tmp_path / "a", ckpt, callbacks=[_Crash(4)],
+               include_num_input_tokens_seen="no")
+    summary = _train(tiny_model_dir, examples, tmp_path / "a", ckpt)
+    assert summary["steps"] == 6 and "tokens" not in summary
+    assert "tokens" not in json.loads((tmp_path / "a" / "training.json").read_text())
 
 
 def test_identical_trainings_write_identical_readable_files(tmp_path, tiny_model_dir, examples):

@@ -12,6 +12,7 @@ unchanged fingerprint is skipped, a changed one re-runs with the stages after it
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import platform
@@ -34,7 +35,7 @@ from .models import absolute_if_local, backbone_fingerprint, describe_backbone, 
 from .rundir import (FeatureStore, Manifest, Run, RunLock, atomic_path, invocation, load_features, make_dir,
                      write_json)
 from .stages import STAGE_NAMES, STAGES
-from .training import train_adapter, trained_summary
+from .training import epoch_steps, train_adapter, trained_summary
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,43 @@ def source_mix(labels: np.ndarray, sources: list, C: int) -> dict:
                 counts[str(s)] = counts.get(str(s), 0) + 1
         mix[str(c)] = dict(sorted(counts.items()))
     return mix
+
+
+def trained_tokens(run: str | Path | Run, data: str | Path, data_options: dict | None = None) -> dict:
+    """{"base": n, "experts": {"1": n, ...}}: the non-padding tokens each adapter of the fitted
+    run trained on, `data` being the training data it was fitted on.
+
+    Trainer's count where the stage recorded one (`tokens` in the manifest and training.json).
+    Adapters trained before elrea counted are computed from the data and the run's config: the
+    encoded length of each of its examples times the epochs it ran (its optimizer steps over the
+    steps of one epoch on one process), which is Trainer's count for whole epochs on one process.
+    """
+    run = Run(run)
+    stages = Manifest.load(run.root).data.get("stages", {})
+    base = stages.get("base", {})
+    if base.get("status") != "done":
+        raise RunDirError(f"{run.manifest}: the base adapter is not trained; run `elrea fit` first")
+    experts = stages.get("experts", {}).get("finished", {})
+
+    @functools.cache
+    def encoded() -> tuple[RunConfig, np.ndarray]:   # only for adapters without a count
+        cfg = run.config()
+        records = load_records(data, **(data_options or {}))
+        if len(records) != base.get("examples", len(records)):
+            raise DataError(f"{len(records)} records, but the run at {run.root} was fitted on {base['examples']}: "
+                            "give the training data it was fitted on", path=str(data))
+        fmt = PromptFormatter(load_tokenizer(cfg.model), cfg.data.system_prompt, cfg.data.max_length,
+                              cfg.data.truncation)
+        return cfg, np.array([len(e.input_ids) for e in encode_all(fmt, records, "train")], dtype=np.int64)
+
+    def count(summary: dict, stage: str, cluster: int | None = None) -> int:
+        if "tokens" in summary:
+            return int(summary["tokens"])
+        cfg, lengths = encoded()
+        mine = lengths if cluster is None else lengths[run.labels() == cluster]
+        return round(int(mine.sum()) * summary["steps"] / epoch_steps(len(mine), getattr(cfg, stage)))
+
+    return {"base": count(base, "base"), "experts": {c: count(e, "experts", int(c)) for c, e in experts.items()}}
 
 
 # ----------------------------------------------------------------------------- fit

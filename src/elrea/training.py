@@ -26,6 +26,7 @@ same tokens.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -117,8 +118,10 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
 
     `precision` is the backbone's dtype: bfloat16 trains under bf16 autocast, float16 under
     fp16 autocast with loss scaling (CUDA only; elsewhere the fp16 backbone runs as it is).
-    Returns a summary: optimizer steps, final training loss, seconds (also saved, with
-    `fingerprint`, `meta` and Trainer's loss history, as out_dir/training.json). With
+    Returns a summary: optimizer steps, final training loss, seconds, examples and `tokens` (the
+    non-padding tokens trained on, by Trainer's count; absent where it did not count them all).
+    It is also saved, with `fingerprint`, `meta` and Trainer's loss history, as
+    out_dir/training.json. With
     cfg.report_to including tensorboard, its event files go to `logs_dir`. With
     `checkpoint_dir` and cfg.checkpoint_every > 0, training saves resumable checkpoints there and
     (with `resume`) continues from the last one left by an interrupted call with the same
@@ -147,6 +150,7 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         ddp_find_unused_parameters=False,  # every LoRA factor of the active adapter is used
+        include_num_input_tokens_seen="non_padding",  # the summary's "tokens" (Trainer gathers the processes')
         remove_unused_columns=False, dataloader_num_workers=0,
         dataloader_pin_memory=device.type == "cuda",
         disable_tqdm=not logging.getLogger("elrea").isEnabledFor(logging.INFO),  # `elrea -q`: no bars
@@ -177,6 +181,8 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
     seconds = time.time() - t0
     summary = {"steps": int(result.global_step), "train_loss": float(result.training_loss),
                "seconds": round(seconds, 2), "examples": len(examples)}
+    if (tokens := _tokens_seen(trainer, last)) is not None:
+        summary["tokens"] = tokens
     if trainer.is_world_process_zero():
         history = [h for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
         save_adapter(peft_model, out_dir, trainer.optimizer if save_moments else None,
@@ -266,6 +272,22 @@ def _no_final_checkpoint():
     return NoFinalCheckpoint()
 
 
+def _tokens_seen(trainer, resumed_from: Path | None) -> int | None:
+    """The non-padding tokens of every batch the training took, as Trainer counted them; None
+    where it did not count them all: trainer_args changed what it counts, or the training resumed
+    from a checkpoint saved before elrea had it count."""
+    if trainer.args.include_num_input_tokens_seen != "non_padding":
+        return None
+    if resumed_from is not None:
+        try:
+            saved = json.loads((resumed_from / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if saved.get("global_step", 0) > 0 and not saved.get("num_input_tokens_seen"):
+            return None
+    return int(trainer.state.num_input_tokens_seen)
+
+
 def _checkpoints(checkpoint_dir, cfg: TrainConfig, fingerprint, n: int, world: int, resume: bool):
     """(the folder Trainer checkpoints into, the checkpoint to resume from), or (None, None).
 
@@ -326,6 +348,12 @@ def pin_to_device(args, device: torch.device) -> None:
     torch.cuda.set_device(device)
     args._n_gpu = 1
     args.__dict__["_setup_devices"] = device
+
+
+def epoch_steps(n: int, cfg: TrainConfig) -> int:
+    """Optimizer steps of one epoch of `n` examples under `cfg`, on one process."""
+    accum = max(1, cfg.batch_size // cfg.micro_batch_size)
+    return _steps(n, dataclasses.replace(cfg, epochs=1.0, max_steps=-1), accum)
 
 
 def _steps(n: int, cfg: TrainConfig, accum: int) -> int:

@@ -38,11 +38,16 @@ def _cluster_rows(report: dict) -> tuple[list[str], list[list]]:
 
 
 def _budget_rows(report: dict) -> tuple[list[str], list[list]]:
-    cols = ["method", "optimizer steps", "test mean (%)", "s per test prompt"]
+    cols = ["method", "optimizer steps", "tokens seen (M)", "test mean (%)", "s per test prompt"]
     b = report["budget"]["methods"]
-    rows = [[m, v["steps"], f"{100 * v['test_mean']:.1f}", f"{v['seconds_per_prompt']:.3f}"]
+    rows = [[m, v["steps"], _millions(v.get("tokens")), f"{100 * v['test_mean']:.1f}", f"{v['seconds_per_prompt']:.3f}"]
             for m, v in sorted(b.items(), key=lambda kv: (kv[1]["steps"], kv[0]))]
     return cols, rows
+
+
+def _millions(n) -> str:
+    """Tokens in millions ("-" for a report written before tokens were counted)."""
+    return "-" if n is None else f"{n / 1e6:.3g}"
 
 
 def _choice_rows(report: dict) -> tuple[list[str], list[list]]:
@@ -110,10 +115,11 @@ def write_report(out: Path, report: dict) -> Path:
         text += [f"## Accuracy on {name} (%), held out", "", f"{h['examples']} prompts (`{h['path']}`); same "
                  "methods, chosen on the same validation split; columns as above.", "", _md_table(*_rows(h)), ""]
     text += ["## Accuracy against training compute", "",
-             "Optimizer steps of each method's adapters (base + experts), its test mean, and decoding seconds per "
-             "test prompt (the cost at inference). `elrea-half` is the chosen ELREA setting refitted with base and "
-             "experts at half their epochs, so that it meets `lora` at about equal steps, as ELREA meets "
-             "`lora-matched`. All runs share one batch size, so tokens seen are proportional to steps.", "",
+             "Optimizer steps of each method's adapters (base + experts), the non-padding tokens they trained on "
+             "(Trainer's count; for adapters trained before elrea counted, each example's length times the epochs "
+             "it ran), its test mean, and decoding seconds per test prompt (the cost at inference). `elrea-half` "
+             "is the chosen ELREA setting refitted with base and experts at half their epochs, so that it meets "
+             "`lora` at about equal steps, as ELREA meets `lora-matched`.", "",
              _md_table(*_budget_rows(report)), "", "![budget](budget.png)", "",
              "## Routing cost", "",
              f"One decoded token at batch 1: {report['routing_cost']['ms_per_decoded_token_batch1']:.1f} ms.", "",
@@ -172,21 +178,27 @@ def _pictures(out: Path, report: dict) -> list[Path]:
 
 def _budget_picture(out: Path, report: dict, plt) -> Path:
     b = report["budget"]
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
-    for (label, ms), color in zip(b["curves"].items(), ["tab:gray", "tab:orange"]):
-        ms = [m for m in ms if m in b["methods"]]
-        xs = [b["methods"][m]["steps"] for m in ms]
-        ys = [100 * b["methods"][m]["test_mean"] for m in ms]
-        ax.plot(xs, ys, "o-", color=color, label=label)
-        for m, x, y in zip(ms, xs, ys):
-            ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    others = [m for m in b["methods"] if not any(m in ms for ms in b["curves"].values())]
-    ax.scatter([b["methods"][m]["steps"] for m in others], [100 * b["methods"][m]["test_mean"] for m in others],
-               s=12, color="tab:blue", alpha=0.6, label="other methods")
-    ax.set_xlabel("optimizer steps (base + experts)")
-    ax.set_ylabel("test mean accuracy (%)")
-    ax.set_title("accuracy against training compute")
-    ax.legend(fontsize=8)
+    axes = [("steps", "optimizer steps", "optimizer steps (base + experts)", 1)]
+    if all(v.get("tokens") is not None for v in b["methods"].values()):
+        axes.append(("tokens", "tokens seen", "tokens seen, millions (base + experts)", 1e-6))
+    fig, panels = plt.subplots(1, len(axes) + 1, figsize=(5.5 * len(axes) + 4.5, 4),
+                               gridspec_kw={"width_ratios": [3] * len(axes) + [2]})
+    for ax, (key, what, label, scale) in zip(panels, axes):
+        for (name, ms), color in zip(b["curves"].items(), ["tab:gray", "tab:orange"]):
+            ms = [m for m in ms if m in b["methods"]]
+            xs = [scale * b["methods"][m][key] for m in ms]
+            ys = [100 * b["methods"][m]["test_mean"] for m in ms]
+            ax.plot(xs, ys, "o-", color=color, label=name)
+            for m, x, y in zip(ms, xs, ys):
+                ax.annotate(m, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        others = [m for m in b["methods"] if not any(m in ms for ms in b["curves"].values())]
+        ax.scatter([scale * b["methods"][m][key] for m in others], [100 * b["methods"][m]["test_mean"] for m in others],
+                   s=12, color="tab:blue", alpha=0.6, label="other methods")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test mean accuracy (%)")
+        ax.set_title(f"accuracy against {what}")
+        ax.legend(fontsize=8)
+    bx = panels[-1]
     ms = list(b["methods"])
     bx.barh(ms, [b["methods"][m]["seconds_per_prompt"] for m in ms],
             color=["tab:orange" if m.startswith("elrea") else "tab:gray" for m in ms])

@@ -183,8 +183,11 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
         results[m] = accuracy(test_records, outputs[m]["correct"])
         log.info("test %s: mean accuracy %.3f", m, results[m]["mean"])
     seconds = {m: work.cost(m, rd, test_records, method) for m, (rd, method) in methods.items()}
+    tokens = _TokensSeen(train)
     budget = {m: {"steps": stages["base"]["steps"] if m == "lora" else
                   (steps_of(matched) if m == "lora-matched" else steps_of(rd)),
+                  "tokens": tokens(first, base_only=True) if m == "lora" else
+                  tokens(matched if m == "lora-matched" else rd),
                   "test_mean": results[m]["mean"], "seconds_per_prompt": round(seconds[m], 4)}
               for m, (rd, _) in methods.items()}
     versus = _versus(test_records, results, opt.seed)
@@ -238,6 +241,22 @@ def steps_of(rd: Run) -> int:
     stages = read_json(rd.manifest)["stages"]
     experts = stages.get("experts", {}).get("finished", {})
     return stages["base"]["steps"] + sum(e["steps"] for e in experts.values())
+
+
+class _TokensSeen:
+    """Non-padding tokens a run's adapters trained on (elrea.pipeline.trained_tokens, once a run):
+    its base adapter's, and unless `base_only` all its experts'."""
+
+    def __init__(self, train):
+        self.train, self.runs = train, {}
+
+    def __call__(self, rd: Run, base_only: bool = False) -> int:
+        from ..pipeline import trained_tokens
+
+        if rd.root not in self.runs:
+            self.runs[rd.root] = trained_tokens(rd, self.train)
+        t = self.runs[rd.root]
+        return t["base"] + (0 if base_only else sum(t["experts"].values()))
 
 
 def _versus(records, results: dict, seed: int) -> dict:
