@@ -465,3 +465,46 @@ def test_contention_runs_each_setting_alone_and_at_once_in_separate_processes(tm
     for k, v in r["median"].items():
         assert v["prefill_s"] == statistics.median(p["prefill_s"] for p in r["runs"][k]) > 0
         assert r["slowdown_vs_first_row"][k]["step_ms"] == round(v["step_ms"] / first["step_ms"], 2)
+
+
+def test_center_choice_takes_each_runs_best_validation_trial_and_their_paired_difference(tmp_path, toy_data):
+    """benchmarks/center_choice.py on validation answers as the compare writes them: each run's
+    best trial per router and over all, the second run's best minus the first's, and no trial of
+    one run counted as another's (elrea-center-* files are not elrea's)."""
+    import numpy as np
+
+    from elrea.data import load_records
+
+    val = toy_data / "test.jsonl"
+    records = load_records(val)
+    rng = np.random.default_rng(0)
+    evals = tmp_path / "work" / "evals"
+    evals.mkdir(parents=True)
+    answers = {}
+    for run in ("elrea", "elrea-center"):
+        for router in ("gradient", "learned"):
+            for tau, k in ((1, 0), (2, 0), (1, 1)):
+                correct = rng.integers(0, 2, len(records)).tolist()
+                answers[run, router, tau, k] = correct
+                (evals / f"validation-{run}-{router}-tau{tau}-top{k}.json").write_text(json.dumps(
+                    {"run": str(tmp_path / "work" / "runs" / run), "correct": correct}))
+    r = _run_script("center_choice.py", str(tmp_path / "work"), "--validation", str(val), out=tmp_path / "c.json")
+    assert r["trials"] == {"elrea": 6, "elrea-center": 6}
+
+    def mean_over_sources(correct):
+        per = {}
+        for rec, c in zip(records, correct):
+            per.setdefault(rec.source, []).append(c)
+        return float(np.mean([np.mean(v) for v in per.values()]))
+
+    for router in ("gradient", "learned", None):
+        picked = {}
+        for run in ("elrea", "elrea-center"):
+            mine = {key: c for key, c in answers.items() if key[0] == run and router in (None, key[1])}
+            picked[run] = max(mean_over_sources(c) for c in mine.values())
+        got = r["routers"][router or "best of all"]
+        for run in picked:
+            assert got[run]["validation"] == pytest.approx(picked[run], abs=1e-12)
+        d = got["difference"]
+        assert abs(d["points"] - 100 * (picked["elrea-center"] - picked["elrea"])) < 1e-9
+        assert d["ci95"][0] <= d["points"] <= d["ci95"][1]
