@@ -28,9 +28,10 @@ _DEVICE = re.compile(r"auto|mps|(cpu|cuda|xpu)(:[0-9]+)?")  # matched whole: no 
 EXECUTION_FIELDS = ("model.device", "base.gradient_checkpointing", "experts.gradient_checkpointing",
                     "features.checkpoint_every", "base.report_to", "experts.report_to",
                     "base.checkpoint_every", "experts.checkpoint_every")
-# Fields added after runs existed: they enter a fingerprint only when set to something else than
-# their default, so that a run fitted before they existed still resumes.
-ADDED_LATER = ("features.block_norm", "features.center", "clustering.signal")
+# Fields added after runs existed, with the value every run had before: they enter a fingerprint
+# only when set to something else, so that a run fitted before they existed still resumes (and a
+# later change of their default re-runs exactly the runs it changes).
+ADDED_LATER = {"features.block_norm": False, "features.center": False, "clustering.signal": "instruction"}
 # Plugin names (projection, preconditioners, clustering method, router) are checked against
 # elrea.registry, which lists them without importing them (no torch here).
 CLUSTER_SIGNALS = ("instruction", "full")
@@ -308,17 +309,17 @@ class RunConfig:
 
         Fields that say where or how fast a stage runs, not what it computes (EXECUTION_FIELDS),
         are left out: moving a run to a GPU or turning on gradient checkpointing resumes it.
-        Fields of ADDED_LATER count only when not at their default. With `stage`, a field that
-        STAGE_OF_FIELD gives to another stage is left out of its section and added to its stage's.
+        Fields of ADDED_LATER count only when not at the value runs had before them. With `stage`,
+        a field that STAGE_OF_FIELD gives to another stage is left out of its section and added to
+        its stage's.
         """
         d = self.to_dict()
-        defaults = RunConfig().to_dict()
         for dotted in EXECUTION_FIELDS:
             section, name = dotted.split(".")
             d[section].pop(name, None)
-        for dotted in ADDED_LATER:
+        for dotted, before in ADDED_LATER.items():
             section, name = dotted.split(".")
-            if d[section].get(name) == defaults[section][name]:
+            if d[section].get(name) == before:
                 d[section].pop(name, None)
         picked = {n: d[n] for n in names}
         if stage is not None:
