@@ -117,3 +117,8 @@ def test_compare_user_mistakes_are_one_line_errors(tmp_path, toy_data):
     r = _compare("--data", toy_data / "train.jsonl", "--test", toy_data / "test.jsonl", "--out", tmp_path / "o",
                  "routing.router=nearest")
     assert r.returncode != 0 and "routing.router" in r.stderr and "Traceback" not in r.stderr
+    # a candidate that sets a field to its default is the first candidate again
+    r = _compare("--data", toy_data / "train.jsonl", "--test", toy_data / "test.jsonl", "--out", tmp_path / "o",
+                 "--candidates", "", "base.epochs=2")
+    assert r.returncode != 0 and "'base.epochs=2' and '' give the same run" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()

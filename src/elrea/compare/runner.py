@@ -59,11 +59,25 @@ def compare(train: str | Path, test: str | Path | list, out: str | Path, config:
     names = _test_names(paths)
     checks = {n: make_checker(opt.checker, p) for n, p in zip(names, paths)}  # a missing package fails first
     load_config(config, overrides)  # a bad config fails before anything is written
+    _check_candidates(config, overrides, opt.candidates)
     tests = {n: (p, load_records(p), checks[n]) for n, p in zip(names, paths)}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out):  # one compare per directory; its fits lock their own runs
         return _compare(train, tests, out, config, overrides, validation, opt)
+
+
+def _check_candidates(config, overrides: list[str], candidates: list) -> None:
+    """Refuse candidates that are the same run twice: the same settings once resolved (e.g. one
+    setting a field to its default), or the same run directory name."""
+    seen: dict = {}
+    for cand in candidates:
+        settings = json.dumps(load_config(config, overrides + list(cand)).to_dict(), sort_keys=True)
+        for what in (settings, _run_name(cand)):
+            if what in seen:
+                raise ConfigError(f"--candidates: {','.join(cand)!r} and {','.join(seen[what])!r} give the same "
+                                  "run; drop one")
+            seen[what] = cand
 
 
 def _test_names(paths: list[Path]) -> list[str]:
