@@ -102,3 +102,26 @@ def test_the_routing_temperature_is_tau_and_its_old_name_still_reads(caplog):
     assert RunConfig.from_dict(old).routing.tau == 3.0 and not caplog.text
     with pytest.raises(ConfigError, match="routing.temperature and routing.tau are the same setting"):
         load_config(None, ["routing.temperature=0.5", "routing.tau=2"])
+
+
+def test_a_run_config_written_before_a_field_existed_reads_the_value_runs_had_then(monkeypatch, tmp_path):
+    """A stored config without a field added later takes the value every run had before it, not
+    today's default (which may have changed since); a user's config file takes today's default."""
+    import elrea.config as C
+    from elrea.rundir import Run
+
+    before = {"features.block_norm": True, "features.center": True, "clustering.signal": "full"}
+    monkeypatch.setattr(C, "ADDED_LATER", before)   # as if each default had changed since
+    old = RunConfig().to_dict()
+    for dotted in before:
+        section, name = dotted.split(".")
+        del old[section][name]
+    got = RunConfig.from_dict(old)
+    assert (got.features.block_norm, got.features.center, got.clustering.signal) == (True, True, "full")
+    (tmp_path / "run_config.json").write_text(json.dumps(old))
+    assert Run(tmp_path).config().features.center is True
+    # written by this version: every field is there and is read as it is
+    assert RunConfig.from_dict(RunConfig().to_dict()) == RunConfig()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("features:\n  dim: 512\n")
+    assert load_config(str(cfg), []).features.center == RunConfig().features.center

@@ -298,8 +298,16 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
         """A RunConfig from its plain form (to_dict's, or a run's run_config.json); unknown fields
-        and wrong types are ConfigErrors naming the field. Not validated: call .validate()."""
-        return _from_dict(cls, _renamed(data, warn=False) if isinstance(data, dict) else data)
+        and wrong types are ConfigErrors naming the field. A field of ADDED_LATER that a run's
+        config lacks (it was written before the field existed) takes the value every run had
+        then, not today's default. Not validated: call .validate()."""
+        if isinstance(data, dict):
+            data = _renamed(data, warn=False)   # a copy
+            for dotted, before in ADDED_LATER.items():
+                section, name = dotted.split(".")
+                if isinstance(part := data.setdefault(section, {}), dict):
+                    part.setdefault(name, before)
+        return _from_dict(cls, data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
