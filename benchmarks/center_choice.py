@@ -14,17 +14,16 @@ scores at least as good. JSON to benchmarks/results/center_choice.json.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, print_table  # noqa: E402
+from _common import RESULTS, command_line, machine, print_table, write_report  # noqa: E402
 
 from elrea.compare.stats import accuracy, paired_difference  # noqa: E402
 from elrea.data import load_records  # noqa: E402
-from elrea.rundir import atomic_path, read_json  # noqa: E402
+from elrea.rundir import read_json  # noqa: E402
 
 TRIAL = re.compile(r"validation-(?P<run>.+)-(?P<router>[a-z]+)-tau(?P<tau>[0-9.]+)-top(?P<k>[0-9]+)\.json")
 
@@ -83,16 +82,13 @@ def main(argv=None):
     result = choose(Path(args.work), records, first, second)
     if not result["routers"]:
         raise SystemExit(f"{args.work}/evals: no validation trials of both {first} and {second} yet")
-    report = {"command": command_line(__file__, argv), "validation": args.validation, "prompts": len(records),
+    report = {"command": command_line(__file__, argv), "machine": machine(), "validation": args.validation, "prompts": len(records),
               "runs": args.runs, **result}
     rows = [[r, _trial(v[first]), _trial(v[second]), f"{v['difference']['points']:+.1f}",
              "[{:+.1f}, {:+.1f}]".format(*v["difference"]["ci95"])] for r, v in result["routers"].items()]
     print_table(f"best validation accuracy (%), {len(records)} prompts", ["router", first, second,
                 f"{second} - {first}", "95% paired CI"], rows)
-    out = Path(args.out)
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(Path(args.out), report)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,18 @@ each cluster's sources (`members`).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, command_line, machine, print_table  # noqa: E402
+from _common import RESULTS, command_line, machine, print_table, write_report  # noqa: E402
 
 from elrea.clustering import CenteredFeatures, cluster_features, cluster_metrics, feature_mean  # noqa: E402
 from elrea.config import RunConfig  # noqa: E402
 from elrea.data import load_records  # noqa: E402
 from elrea.routers.embedding import embed  # noqa: E402
-from elrea.rundir import Run, atomic_path, load_features, read_json  # noqa: E402
+from elrea.rundir import Run, load_features, read_json  # noqa: E402
 
 
 def describe(X, labels, sources) -> dict:
@@ -63,10 +62,7 @@ def main(argv=None):
             rows.append([run, name, v["num_clusters"], " ".join(map(str, v["sizes"])), v.get("ari_vs_source"),
                          v.get("nmi_vs_source"), v["silhouette"]])
     print_table("clusters against sources", ["run", "signal", "C", "sizes", "ARI", "NMI", "silhouette"], rows)
-    out = Path(args.out)
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(Path(args.out), report)
 
 
 if __name__ == "__main__":
