@@ -337,7 +337,7 @@ def trained_tokens(run: str | Path | Run, data: str | Path, data_options: dict |
     experts = stages.get("experts", {}).get("finished", {})
 
     @functools.cache
-    def encoded() -> tuple[RunConfig, np.ndarray]:   # only for adapters without a count
+    def encoded() -> tuple[RunConfig, np.ndarray, np.ndarray | None]:   # only for adapters without a count
         cfg = run.config()
         records = load_records(data, **(data_options or {}))
         if len(records) != base.get("examples", len(records)):
@@ -345,13 +345,14 @@ def trained_tokens(run: str | Path | Run, data: str | Path, data_options: dict |
                             "give the training data it was fitted on", path=str(data))
         fmt = PromptFormatter(load_tokenizer(cfg.model), cfg.data.system_prompt, cfg.data.max_length,
                               cfg.data.truncation)
-        return cfg, np.array([len(e.input_ids) for e in encode_all(fmt, records, "train")], dtype=np.int64)
+        lengths = np.array([len(e.input_ids) for e in encode_all(fmt, records, "train")], dtype=np.int64)
+        return cfg, lengths, run.labels() if experts else None
 
     def count(summary: dict, stage: str, cluster: int | None = None) -> int:
         if "tokens" in summary:
             return int(summary["tokens"])
-        cfg, lengths = encoded()
-        mine = lengths if cluster is None else lengths[run.labels() == cluster]
+        cfg, lengths, labels = encoded()
+        mine = lengths if cluster is None else lengths[labels == cluster]
         return round(int(mine.sum()) * summary["steps"] / epoch_steps(len(mine), getattr(cfg, stage)))
 
     return {"base": count(base, "base"), "experts": {c: count(e, "experts", int(c)) for c, e in experts.items()}}
