@@ -1,6 +1,6 @@
 """Paper features or centred ones: the two candidate runs of an `elrea compare`, on validation.
 
-    python benchmarks/center_choice.py WORK --validation VAL.jsonl [--runs elrea elrea-center]
+    python benchmarks/center_choice.py WORK --validation VAL.jsonl [--runs elrea-center_false elrea]
 
 Reads the validation answers the compare in WORK has decoded so far (WORK/evals/validation-*.json,
 written as each round of trials ends, long before compare.json) and, for each router and over
@@ -73,8 +73,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("work", help="the compare's output directory (its --out)")
     ap.add_argument("--validation", required=True, help="the validation JSONL the compare decoded")
-    ap.add_argument("--runs", nargs=2, default=["elrea", "elrea-center"], metavar=("FIRST", "SECOND"),
-                    help="the two candidate runs (default: the paper's features, centred)")
+    ap.add_argument("--runs", nargs=2, default=["elrea-center_false", "elrea"], metavar=("FIRST", "SECOND"),
+                    help="the two candidate runs (default: the paper's features, then centred ones, as "
+                         "`elrea compare` names them; compares run before centring was the default "
+                         "named them elrea and elrea-center)")
     ap.add_argument("--out", default=str(RESULTS / "center_choice.json"))
     args = ap.parse_args(argv)
     records = load_records(args.validation)

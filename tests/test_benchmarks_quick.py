@@ -470,7 +470,7 @@ def test_contention_runs_each_setting_alone_and_at_once_in_separate_processes(tm
 def test_center_choice_takes_each_runs_best_validation_trial_and_their_paired_difference(tmp_path, toy_data):
     """benchmarks/center_choice.py on validation answers as the compare writes them: each run's
     best trial per router and over all, the second run's best minus the first's, and no trial of
-    one run counted as another's (elrea-center-* files are not elrea's)."""
+    one run counted as another's (elrea-center_false-* files are not elrea's)."""
     import numpy as np
 
     from elrea.data import load_records
@@ -481,7 +481,7 @@ def test_center_choice_takes_each_runs_best_validation_trial_and_their_paired_di
     evals = tmp_path / "work" / "evals"
     evals.mkdir(parents=True)
     answers = {}
-    for run in ("elrea", "elrea-center"):
+    for run in ("elrea", "elrea-center_false"):
         for router in ("gradient", "learned"):
             for tau, k in ((1, 0), (2, 0), (1, 1)):
                 correct = rng.integers(0, 2, len(records)).tolist()
@@ -489,7 +489,7 @@ def test_center_choice_takes_each_runs_best_validation_trial_and_their_paired_di
                 (evals / f"validation-{run}-{router}-tau{tau}-top{k}.json").write_text(json.dumps(
                     {"run": str(tmp_path / "work" / "runs" / run), "correct": correct}))
     r = _run_script("center_choice.py", str(tmp_path / "work"), "--validation", str(val), out=tmp_path / "c.json")
-    assert r["trials"] == {"elrea": 6, "elrea-center": 6}
+    assert r["trials"] == {"elrea": 6, "elrea-center_false": 6}
 
     def mean_over_sources(correct):
         per = {}
@@ -499,12 +499,12 @@ def test_center_choice_takes_each_runs_best_validation_trial_and_their_paired_di
 
     for router in ("gradient", "learned", None):
         picked = {}
-        for run in ("elrea", "elrea-center"):
+        for run in ("elrea", "elrea-center_false"):
             mine = {key: c for key, c in answers.items() if key[0] == run and router in (None, key[1])}
             picked[run] = max(mean_over_sources(c) for c in mine.values())
         got = r["routers"][router or "best of all"]
         for run in picked:
             assert got[run]["validation"] == pytest.approx(picked[run], abs=1e-12)
         d = got["difference"]
-        assert abs(d["points"] - 100 * (picked["elrea-center"] - picked["elrea"])) < 1e-9
+        assert abs(d["points"] - 100 * (picked["elrea"] - picked["elrea-center_false"])) < 1e-9
         assert d["ci95"][0] <= d["points"] <= d["ci95"][1]

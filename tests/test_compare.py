@@ -27,7 +27,7 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     held = tmp_path / "held.jsonl"    # a second test file: its own table and intervals
     held.write_text("".join(json.dumps(r) + "\n" for r in make_toy_records(8, seed=11)))
     args = ["--model", tiny_model_dir, "--data", toy_data / "train.jsonl", "--test", toy_data / "test.jsonl", held,
-            "--out", out, *FAST, "--routers", "gradient", "learned", "--candidates", "", "features.center=true",
+            "--out", out, *FAST, "--routers", "gradient", "learned",
             "--tau-grid", "1", "2", "--cluster-settings", "clustering.signal=full"]
     r = _compare(*args)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -57,7 +57,7 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     for router, c in rep["chosen"].items():
         best = max((t for t in rep["trials"] if t["router"] == router), key=lambda t: t["validation"])
         assert (c["run"], c["tau"], c["top_k"]) == (best["run"], best["tau"], best["top_k"])
-    assert {t["run"] for t in rep["trials"]} == {"elrea", "elrea-center"}
+    assert {t["run"] for t in rep["trials"]} == {"elrea", "elrea-center_false"}   # the default candidates
     ref = rep["accuracy"]["lora-matched"]
     for m, v in rep["versus_lora_matched"].items():
         acc = rep["accuracy"][m]
@@ -65,7 +65,8 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
         assert abs(v["points"] - 100 * (acc["mean"] - ref["mean"])) < 1e-6
         assert v["ci95"][0] - 1e-9 <= v["points"] <= v["ci95"][1] + 1e-9
     cl = rep["clusterings"]
-    assert cl["source"]["ari"] == 1.0 and cl["elrea-center"]["centered"] and cl["clusters-signal_full"]["signal"] == "full"
+    assert cl["source"]["ari"] == 1.0 and cl["elrea"]["centered"] and not cl["elrea-center_false"]["centered"] \
+        and cl["clusters-signal_full"]["signal"] == "full"
     assert sum(cl["random"]["sizes"]) == sum(cl["elrea"]["sizes"]) == 56
     rc = rep["routing_cost"]
     assert set(rc["routers"]) == {"gradient", "learned"} and rc["ms_per_decoded_token_batch1"] > 0
@@ -77,7 +78,7 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     assert json.loads((runs / "lora-matched" / "elrea.json").read_text())["stages"]["base"]["steps"] == steps
     # baselines shared ELREA's base adapter instead of training their own
     fp = lambda run: json.loads((runs / run / "elrea.json").read_text())["stages"]["base"]["fingerprint"]  # noqa: E731
-    assert fp("random") == fp("source") == fp("elrea-center") == fp("elrea")
+    assert fp("random") == fp("source") == fp("elrea-center_false") == fp("elrea")
     h = rep["held_out"]["held"]
     assert h["examples"] == 8 and set(h["accuracy"]) == set(rep["accuracy"])
     assert all(len(a["correct"]) == 8 for a in h["accuracy"].values()) and set(h["versus_lora_matched"]) == \

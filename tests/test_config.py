@@ -110,16 +110,27 @@ def test_a_run_config_written_before_a_field_existed_reads_the_value_runs_had_th
     import elrea.config as C
     from elrea.rundir import Run
 
-    before = {"features.block_norm": True, "features.center": True, "clustering.signal": "full"}
-    monkeypatch.setattr(C, "ADDED_LATER", before)   # as if each default had changed since
-    old = RunConfig().to_dict()
-    for dotted in before:
-        section, name = dotted.split(".")
-        del old[section][name]
+    def without(fields):
+        old = RunConfig().to_dict()
+        for dotted in fields:
+            section, name = dotted.split(".")
+            del old[section][name]
+        return old
+
+    # as shipped: centring became the default after runs without it existed
+    assert RunConfig().features.center is True and C.ADDED_LATER["features.center"] is False
+    assert RunConfig.from_dict(without(C.ADDED_LATER)).features.center is False
+    # and as if every default had changed since
+    d = RunConfig()
+    before = {"features.block_norm": not d.features.block_norm, "features.center": not d.features.center,
+              "clustering.signal": "full" if d.clustering.signal != "full" else "instruction"}
+    monkeypatch.setattr(C, "ADDED_LATER", before)
+    old = without(before)
     got = RunConfig.from_dict(old)
-    assert (got.features.block_norm, got.features.center, got.clustering.signal) == (True, True, "full")
+    assert {"features.block_norm": got.features.block_norm, "features.center": got.features.center,
+            "clustering.signal": got.clustering.signal} == before
     (tmp_path / "run_config.json").write_text(json.dumps(old))
-    assert Run(tmp_path).config().features.center is True
+    assert Run(tmp_path).config().features.center is before["features.center"]
     # written by this version: every field is there and is read as it is
     assert RunConfig.from_dict(RunConfig().to_dict()) == RunConfig()
     cfg = tmp_path / "c.yaml"

@@ -36,9 +36,9 @@ BEFORE = {
     "labels": {"base": "047e668c473a5c53", "features": "ed83957f6251bd41", "clusters": "97368d569151dbd9",
                "experts": "c598e895bc3bedd0", "router": "684f6bb83710a01f"},
 }
-SETTINGS = {"default": ([], None),
+SETTINGS = {"default": (["features.center=false"], None),   # the defaults of those versions
             "centred": (["features.center=true", "clustering.signal=full", "routing.learned_layer=2"], None),
-            "labels": (["seed=3"], np.arange(40) % 4)}
+            "labels": (["seed=3", "features.center=false"], np.arange(40) % 4)}
 
 
 @pytest.mark.parametrize("name", list(BEFORE))
@@ -65,7 +65,7 @@ def test_fingerprints_chain_through_the_declared_stages():
         after = {s.name for s in STAGES if _depends_on(s.name, first.name)}
         assert moved == after, (changed, moved, after)
     # a field given to another stage moves that stage, not its section's
-    other = fingerprints(load_config(None, ["features.center=true"]), "data")
+    other = fingerprints(load_config(None, ["features.center=false"]), "data")
     assert other["features"] == fp["features"] and other["clusters"] != fp["clusters"]
     assert STAGE_OF_FIELD["features.center"] == "clusters"
 

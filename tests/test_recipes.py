@@ -111,6 +111,7 @@ def test_the_papers_settings_ship_as_configs(name):
         ("google/gemma-2b-it", "4bit", 8, "all-linear")
     assert (cfg.base.lr, cfg.experts.lr, cfg.base.epochs, cfg.data.max_length, cfg.features.dim) == \
         (5e-5, 2e-5, 2, 2048, 8192)
+    assert cfg.features.center is False and load_config(None, []).features.center is True  # the paper's, not ours
 
 
 def test_a_missing_source_says_where_it_was_looked_for(hub, tmp_path):

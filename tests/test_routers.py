@@ -208,10 +208,10 @@ def test_block_norm_matches_per_layer_normalised_gradients(tiny_model_dir):
 
 
 def test_center_and_signal_fingerprints():
-    base = C.load_config(None, [])
-    center = C.load_config(None, ["features.center=true"])
-    full = C.load_config(None, ["clustering.signal=full"])
-    block = C.load_config(None, ["features.block_norm=true"])
+    base = C.load_config(None, ["features.center=false"])   # the paper's features, as before centring existed
+    center = C.load_config(None, [])
+    full = C.load_config(None, ["features.center=false", "clustering.signal=full"])
+    block = C.load_config(None, ["features.center=false", "features.block_norm=true"])
     f = lambda c: c.section_hash("features", stage="features")  # noqa: E731
     k = lambda c: c.section_hash("clustering", stage="clusters")  # noqa: E731
     assert f(center) == f(base) and k(center) != k(base)          # centring is the clusters stage's

@@ -451,9 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run config shared by every fit")
     p.add_argument("--routers", nargs="+", default=["gradient", "embedding", "learned"],
                    choices=[r for r in ROUTERS.names() if r != "uniform"], help="routers to compare")
-    p.add_argument("--candidates", nargs="+", default=["", "features.center=true"], metavar="OVERRIDES",
+    p.add_argument("--candidates", nargs="+", default=["", "features.center=false"], metavar="OVERRIDES",
                    help="ELREA settings chosen among on validation: comma-separated overrides each, '' = "
-                        "the config itself (default: '' features.center=true)")
+                        "the config itself (default: '' features.center=false: elrea's centred features and the paper's)")
     p.add_argument("--cluster-settings", nargs="*", default=["clustering.signal=full"], metavar="OVERRIDES",
                    help="settings whose clusters are only reported against sources (features + clusters, no "
                         "experts): comma-separated overrides each (default: clustering.signal=full)")

@@ -161,9 +161,10 @@ class FeatureConfig:
                                "stage fingerprint.")
     block_norm: bool = _f(False, "Scale each layer's block of the preconditioned gradient to unit norm "
                           "before projection, so that no single layer dominates the feature.")
-    center: bool = _f(False, "Subtract the mean training feature before normalising (training and routing "
+    center: bool = _f(True, "Subtract the mean training feature before normalising (training and routing "
                       "features alike; the mean is stored in the run), removing the direction every "
-                      "example shares. Part of the clusters stage.")
+                      "example shares. Part of the clusters stage. The paper does not centre "
+                      "(features.center=false); see docs/method.md for why elrea does.")
 
     def validate(self, p="features"):
         _positive(p, "dim", self.dim)

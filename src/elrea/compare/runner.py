@@ -27,7 +27,7 @@ COST_PROMPTS = 16  # test prompts each method decodes alone to measure its infer
 @dataclass
 class CompareOptions:
     routers: tuple = ("gradient", "embedding", "learned")
-    candidates: list = field(default_factory=lambda: [[], ["features.center=true"]])
+    candidates: list = field(default_factory=lambda: [[], ["features.center=false"]])
     tau_grid: tuple = (0.5, 1.0, 2.0)
     # sparse ensembles tried on validation besides all experts: top-1 (tau 1; one expert), and
     # top-k for k >= 2 at the temperature that was best for all experts
