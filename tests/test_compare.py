@@ -79,6 +79,18 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     # baselines shared ELREA's base adapter instead of training their own
     fp = lambda run: json.loads((runs / run / "elrea.json").read_text())["stages"]["base"]["fingerprint"]  # noqa: E731
     assert fp("random") == fp("source") == fp("elrea-center_false") == fp("elrea")
+    # the headline came first: the chosen ELREA, lora and lora-matched on every test file, written
+    # before any other baseline began training, with the numbers compare.json gives them
+    head = json.loads((out / "headline.json").read_text())
+    best = rep["budget"]["elrea"]
+    assert head["methods"] == [best, "lora", "lora-matched"] and set(head["files"]) == {"test", "held"}
+    for name, acc, versus in [("test", rep["accuracy"], rep["versus_lora_matched"]),
+                              ("held", rep["held_out"]["held"]["accuracy"], rep["held_out"]["held"]["versus_lora_matched"])]:
+        f = head["files"][name]
+        assert f["accuracy"] == {m: acc[m]["mean"] for m in head["methods"]}
+        assert f["versus_lora_matched"] == {m: versus[m] for m in (best, "lora")}
+    later = min(p.stat().st_mtime for p in (runs / "random" / "experts").rglob("*") if p.is_file())  # trained there
+    assert (out / "headline.json").stat().st_mtime < later
     h = rep["held_out"]["held"]
     assert h["examples"] == 8 and set(h["accuracy"]) == set(rep["accuracy"])
     assert all(len(a["correct"]) == 8 for a in h["accuracy"].values()) and set(h["versus_lora_matched"]) == \

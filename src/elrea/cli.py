@@ -440,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "ensemble and top-1), uniform weights, random clusters of the same sizes, and clusters "
                        "by `source` when the data has it. Temperature, top-1, router and each --candidates "
                        "setting are chosen on validation, never on test. Writes OUT/report.md (tables, "
-                       "pictures) and OUT/compare.json.")
+                       "pictures) and OUT/compare.json; OUT/headline.json (the chosen ELREA, lora and lora-matched "
+                       "on every test file) comes first, before the other baselines train.")
     p.add_argument("--data", required=True, help="training records")
     p.add_argument("--test", required=True, nargs="+", metavar="TEST",
                    help="test records with responses (and optional source); more files (e.g. held-out tasks: "

@@ -20,7 +20,8 @@ training data, and said so. Every fit shares the base adapter (and features) it 
 ELREA's first run; every decoded split is cached under OUT/evals, so re-running resumes.
 Every further --test file (e.g. bigbench-mix's held-out bbh.jsonl) is decoded by the same
 methods and gets its own table and paired intervals. Output: tables on the terminal,
-OUT/compare.json, OUT/report.md with pictures.
+OUT/compare.json, OUT/report.md with pictures; and first, as soon as the chosen ELREA and the
+compute-matched LoRA exist, OUT/headline.json (those two and lora on every test file).
 """
 
 from .runner import CompareOptions, compare

@@ -134,6 +134,13 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     t = time.time()
     _fit(train, matched, load_config(config, overrides + [f"base.max_steps={steps}"]), until="base")
     times["fit lora-matched"] = round(time.time() - t, 1)
+    elrea_methods = _elrea_methods(trials, chosen, runs, opt)
+    best_method = f"elrea-{best['router']}" + (f"-top{best['top_k']}" if best["top_k"] else "")
+    # the headline first: the chosen ELREA against one LoRA at its epochs and at ELREA's steps, on
+    # every test file, before the other baselines train (hours, on a CPU); the answers are cached
+    # and count again below
+    _headline(work, out, tests, {best_method: elrea_methods[best_method], "lora": (first, Method(column=0)),
+                                 "lora-matched": (first, Method(adapter=str(matched.base)))}, opt.seed)
     best_run = runs[best["run"]]
     extra_runs = {}
     train_records = load_records(train)
@@ -171,15 +178,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
         cluster_runs[rd.root.name] = rd
 
     # test, then each held-out file
-    results, methods = {}, {}
-    for router, c in chosen.items():
-        full = _best(trials, router, 0)
-        methods[f"elrea-{router}"] = (runs[full["run"]]["run"], Method(router=router, tau=full["tau"], top_k=0))
-        for k in opt.top_ks:
-            if any(t["router"] == router and t["top_k"] == k for t in trials):
-                top = _best(trials, router, k)
-                methods[f"elrea-{router}-top{k}"] = (runs[top["run"]]["run"],
-                                                     Method(router=router, tau=top["tau"], top_k=k))
+    results, methods = {}, dict(elrea_methods)
     methods["lora"] = (first, Method(column=0))
     methods["lora-matched"] = (first, Method(adapter=str(matched.base)))
     if "uniform" in opt.baselines:
@@ -189,7 +188,6 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     g = chosen.get("gradient", best)
     for name, rd in extra_runs.items():
         methods[name] = (rd, Method(router="gradient", tau=g["tau"], top_k=0))
-    best_method = f"elrea-{best['router']}" + (f"-top{best['top_k']}" if best["top_k"] else "")
     if opt.budget_curve:
         methods["elrea-half"] = (half, Method(router=best["router"], tau=best["tau"], top_k=best["top_k"]))
     outputs = work.outputs_all("test", methods, test_records)
@@ -335,6 +333,40 @@ def _choose(trials: list[dict], routers) -> dict:
     if not chosen:
         raise ElreaError("compare: no router could be evaluated on validation")
     return chosen
+
+
+def _elrea_methods(trials: list[dict], chosen: dict, runs: dict, opt: CompareOptions) -> dict:
+    """{elrea-ROUTER[-topK]: (run, Method)}: per router, its best full ensemble and its best top-k
+    for each k tried, each at the candidate and temperature best on validation."""
+    methods = {}
+    for router in chosen:
+        full = _best(trials, router, 0)
+        methods[f"elrea-{router}"] = (runs[full["run"]]["run"], Method(router=router, tau=full["tau"], top_k=0))
+        for k in opt.top_ks:
+            if any(t["router"] == router and t["top_k"] == k for t in trials):
+                top = _best(trials, router, k)
+                methods[f"elrea-{router}-top{k}"] = (runs[top["run"]]["run"],
+                                                     Method(router=router, tau=top["tau"], top_k=k))
+    return methods
+
+
+def _headline(work: _Work, out: Path, tests: dict, methods: dict, seed: int) -> dict:
+    """Decode `methods` (the chosen ELREA, lora, lora-matched) on every test file and write
+    OUT/headline.json: accuracy and the paired difference against lora-matched, per file. It
+    comes hours before compare.json on a CPU, which repeats these numbers among the rest."""
+    result = {"methods": list(methods), "files": {}}
+    for name, (path, records, check) in tests.items():
+        split = "test" if name == "test" else f"test-{name}"
+        outputs = work.outputs_all(split, methods, records, check=check)
+        acc = {m: accuracy(records, outputs[m]["correct"]) for m in methods}
+        versus = _versus(records, acc, seed)
+        result["files"][name] = {"path": str(path), "examples": len(records),
+                                 "accuracy": {m: a["mean"] for m, a in acc.items()}, "versus_lora_matched": versus}
+        for m, v in versus.items():
+            log.info("headline, %s: %s vs lora-matched %+.1f points, 95%% interval [%+.1f, %+.1f]", name, m,
+                     v["points"], *v["ci95"])
+    write_json(out / "headline.json", result)
+    return result
 
 
 def _best(trials, router, top_k: int) -> dict:
