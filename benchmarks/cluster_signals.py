@@ -3,7 +3,8 @@
     python benchmarks/cluster_signals.py RUN [RUN ...]
 
 For each run directory (after its features stage), clusters its stored gradient features with
-the run's clustering settings as they are and centred (features.center), and BIRCH with the same
+the run's clustering settings, both as stored (row `gradient`: the paper's uncentred features,
+whatever the run's features.center) and centred (row `gradient, centred`), and BIRCH with the same
 settings on the sentence embeddings of the instructions, and prints C, sizes, ARI / NMI against
 the records' sources and the silhouette; JSON to benchmarks/results/cluster_signals.json, with
 each cluster's sources (`members`).
