@@ -114,11 +114,23 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     (legacy / "elrea.json").write_text(json.dumps(man))
     assert trained_tokens(legacy, rep["data"]["train"]) == counted
 
-    # resuming: nothing is fitted or decoded again, and the result is the same
+    # random and source: the chosen run's full gradient ensemble at the temperature chosen for it
+    mine = [t for t in rep["trials"] if t["run"] == rep["elrea"]["run"] and t["router"] == "gradient"
+            and t["top_k"] == 0]
+    for name in ("random", "source"):
+        how = json.loads((out / "evals" / f"test-{name}.json").read_text())["how"]
+        assert how == {"router": "gradient", "tau": max(mine, key=lambda t: t["validation"])["tau"], "top_k": 0}
+
+    # resuming: nothing is fitted or decoded again (a cluster setting's own features neither:
+    # only the base adapter is shared with it), and the result is the same
     before = {p: p.stat().st_mtime for p in (out / "evals").iterdir()}
+    full = runs / "clusters-signal_full" / "features" / "train.npy"
+    full_before = full.stat().st_mtime
     r2 = _compare(*args)
     assert r2.returncode == 0, r2.stderr[-4000:]
     assert {p: p.stat().st_mtime for p in (out / "evals").iterdir()} == before
+    assert full.stat().st_mtime == full_before
+    assert "changed since the last run" not in r2.stderr
     again = json.loads((out / "compare.json").read_text())
     assert again["accuracy"] == rep["accuracy"]
 

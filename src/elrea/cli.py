@@ -461,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau-grid", nargs="+", type=float, default=[0.5, 1.0, 2.0],
                    help="routing temperatures tried on validation")
     p.add_argument("--top-k", nargs="*", type=int, default=[1, 2], metavar="K",
-                   help="sparse ensembles tried on validation besides all experts: top-1 (one expert per prompt), "
-                        "and top-K at the temperature best for all experts (default: 1 2)")
+                   help="sparse ensembles tried on validation besides all experts: top-1 (one adapter per prompt), "
+                        "and top-K at the temperature best for all experts; the base adapter is one of the C + 1 "
+                        "weights, so K up to C (default: 1 2)")
     p.add_argument("--no-budget-curve", action="store_true",
                    help="skip elrea-half (the chosen ELREA setting refitted at half the epochs, which draws accuracy "
                         "against optimizer steps beside one LoRA's; one more fit)")

@@ -238,24 +238,47 @@ def evaluate_to_file(model, records, out: str | Path, checker=exact_checker, che
 
 
 def evaluation_key(model, records, methods: dict, *settings) -> str:
-    """What a resumed evaluation must share with the interrupted one: the run (its directory and
-    stage fingerprints), the records and what counts as right for each, the generation and
-    routing config, the methods and `settings`."""
+    """What a resumed evaluation must share with the interrupted one (answers_key of the loaded
+    model's run and config)."""
+    return answers_key(model.run_dir, model.config, records, methods, *settings)
+
+
+def answers_key(run_dir, config, records, methods: dict, *settings) -> str:
+    """What answers must share to be reused: the run (its directory and stage fingerprints), the
+    records and what counts as right for each, the generation and routing config, the methods,
+    the contents of any adapter folder a method decodes alone (`Method.adapter`: another run's,
+    refitted or not) and `settings` (e.g. the checker's name)."""
     import hashlib
     import json
 
     from .data import records_fingerprint
     from .rundir import Manifest
 
-    stages = Manifest.load(model.run_dir).data.get("stages", {})
+    stages = Manifest.load(run_dir).data.get("stages", {})
     # how fast the engine decodes (compile, sync_every) does not change what it decodes
-    generation = {k: v for k, v in dataclasses.asdict(model.config.generation).items()
+    generation = {k: v for k, v in dataclasses.asdict(config.generation).items()
                   if k not in ("compile", "sync_every")}
-    parts = [str(model.run_dir), {s: st.get("fingerprint") for s, st in stages.items()}, records_fingerprint(records),
+    parts = [str(run_dir), {s: st.get("fingerprint") for s, st in stages.items()}, records_fingerprint(records),
              [getattr(r, "references", []) for r in records],   # what counts as right is kept per row
-             generation, dataclasses.asdict(model.config.routing), {n: m.key() for n, m in methods.items()},
+             generation, dataclasses.asdict(config.routing), {n: m.key() for n, m in methods.items()},
+             {n: _folder_digest(m.adapter) for n, m in methods.items() if m.adapter is not None},
              list(settings)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _folder_digest(folder) -> str:
+    """sha256 of an adapter folder's config and weights (a few MB): which adapter it holds now."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
+        path = Path(folder) / name
+        if path.exists():
+            h.update(name.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 class RowLog:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import re
@@ -15,7 +16,7 @@ import numpy as np
 from ..config import load_config
 from ..data import load_records
 from ..errors import ConfigError, ElreaError
-from ..evaluation import Method, RowLog, answer_all, evaluation_key
+from ..evaluation import Method, RowLog, answer_all, answers_key, evaluation_key
 from ..rundir import Run, RunLock, atomic_path, read_json, write_json
 from .stats import accuracy, paired_difference
 
@@ -29,8 +30,9 @@ class CompareOptions:
     routers: tuple = ("gradient", "embedding", "learned")
     candidates: list = field(default_factory=lambda: [[], ["features.center=false"]])
     tau_grid: tuple = (0.5, 1.0, 2.0)
-    # sparse ensembles tried on validation besides all experts: top-1 (tau 1; one expert), and
-    # top-k for k >= 2 at the temperature that was best for all experts
+    # sparse ensembles tried on validation besides all experts: top-1 (tau 1; one adapter), and
+    # top-k for 2 <= k <= C at the temperature that was best for all experts (the base adapter
+    # is one of the C + 1 weights)
     top_ks: tuple = (1, 2)
     # the budget curve: ELREA refitted with base and experts at half their epochs, so that it meets
     # one LoRA at (about) equal optimizer steps
@@ -98,7 +100,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
 
     train, val_path, carved = _validation_split(train, validation, out, opt)
     val_records = load_records(val_path)
-    work = _Work(out, check)
+    work = _Work(out, check, opt.checker)
     times: dict[str, float] = {}
 
     # ELREA candidates: the first is the run the others share their base adapter and features with
@@ -106,10 +108,9 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     for cand in opt.candidates:
         name = _run_name(cand)
         rd = Run(out / "runs" / name)
-        if runs:
-            first = next(iter(runs.values()))["run"]
-            rd.share(first, ("base", "features"))
         cfg = load_config(config, overrides + list(cand))
+        if runs:
+            _share(rd, next(iter(runs.values()))["run"], cfg)
         t = time.time()
         _fit(train, rd, cfg)
         times[f"fit {name}"] = round(time.time() - t, 1)
@@ -153,7 +154,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
         given["source"] = np.array([str(r.source) for r in train_records])
     for name, lab in given.items():
         rd = Run(out / "runs" / name)
-        rd.share(best_run["run"], ("base", "features"))
+        _share(rd, best_run["run"], best_run["config"])
         t = time.time()
         _fit(train, rd, best_run["config"], labels=lab, until="experts")
         times[f"fit {name}"] = round(time.time() - t, 1)
@@ -171,9 +172,10 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     cluster_runs = {}
     for setting in opt.cluster_settings:
         rd = Run(out / "runs" / ("clusters-" + _run_name(setting)[len("elrea-"):]))
-        rd.share(first, ("base", "features"))
+        cfg = load_config(config, overrides + list(setting))
+        _share(rd, first, cfg)   # clustering.signal=full computes features of its own
         t = time.time()
-        _fit(train, rd, load_config(config, overrides + list(setting)), until="clusters")
+        _fit(train, rd, cfg, until="clusters")
         times[f"fit {rd.root.name}"] = round(time.time() - t, 1)
         cluster_runs[rd.root.name] = rd
 
@@ -185,9 +187,13 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
         methods["uniform"] = (best_run["run"], Method(router="uniform", tau=1.0, top_k=0))
     if "arrow" in opt.baselines:   # a peer: PEFT's Arrow routing over the chosen run's experts
         methods["arrow"] = (best_run["run"], Method(arrow=ARROW_TOP_K))
-    g = chosen.get("gradient", best)
+    # random and source: the chosen run's own full gradient ensemble with its clusters replaced,
+    # at the temperature chosen for that ensemble on validation (only the grouping differs)
+    mine = [t for t in trials if t["run"] == best["run"]]
+    tau = _best(mine, "gradient", 0)["tau"] if any(t["router"] == "gradient" and t["top_k"] == 0 for t in mine) \
+        else best["tau"]
     for name, rd in extra_runs.items():
-        methods[name] = (rd, Method(router="gradient", tau=g["tau"], top_k=0))
+        methods[name] = (rd, Method(router="gradient", tau=tau, top_k=0))
     if opt.budget_curve:
         methods["elrea-half"] = (half, Method(router=best["router"], tau=best["tau"], top_k=best["top_k"]))
     outputs = work.outputs_all("test", methods, test_records)
@@ -231,7 +237,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
         "stage_seconds": {name: _stage_seconds(rd) for name, rd in
                           [(n, r["run"]) for n, r in runs.items()] + [("lora-matched", matched)]
                           + list(extra_runs.items()) + ([("elrea-half", half)] if opt.budget_curve else [])},
-        "seconds": times,
+        "fit_seconds_this_process": times,   # a resumed fit's skipped stages take ~0: see stage_seconds
     }
     with atomic_path(out / "compare.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2))
@@ -241,6 +247,18 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
 
 
 # ----------------------------------------------------------------------------- pieces
+
+def _share(rd: Run, source: Run, cfg, stages=("base", "features")) -> None:
+    """Share `stages` of `source` with `rd` (Run.share), up to the first whose settings under `cfg`
+    are not source's: `fit` would recompute that one, and sharing it again at every resume would
+    overwrite what `rd` computed of its own."""
+    from ..pipeline import fingerprints
+
+    mine, theirs = fingerprints(cfg, ""), fingerprints(source.config(), "")
+    same = list(itertools.takewhile(lambda s: mine[s] == theirs[s], stages))  # fingerprints chain
+    if same:
+        rd.share(source, same)
+
 
 def _fit(train, rd: Run, cfg, **kw):
     from ..pipeline import fit
@@ -442,11 +460,17 @@ def _stored_mean(rd: Run):
 
 
 class _Work:
-    """Loaded models (one at a time) and the cache of decoded splits under OUT/evals."""
+    """Loaded models (one at a time) and the cache of decoded splits under OUT/evals. A cached
+    answer file is reused only under its key (elrea.evaluation.answers_key: the run's stage
+    fingerprints, the records, the generation and routing config, the method, an adapter
+    folder's contents and the checker): a refitted run or a changed setting decodes again."""
 
-    def __init__(self, out: Path, check):
-        self.out, self.check = out, check
+    def __init__(self, out: Path, check, checker_name: str = ""):
+        self.out, self.check, self.checker_name = out, check, checker_name
         self.model, self.loaded = None, None
+
+    def key(self, rd: Run, records, method: Method) -> str:
+        return answers_key(rd.root, rd.config(), records, {"method": method}, self.checker_name)
 
     def load(self, rd: Run):
         from ..api import ELREA
@@ -482,11 +506,13 @@ class _Work:
             t = time.time()
             sig = {k: (signals or {}).get(k) for k in wanted}
             rows = answer_all(model, records, wanted, check, resume=partial, signal=sig,
-                              desc=f"{split} {', '.join(wanted)}", key=evaluation_key(model, records, wanted))
+                              desc=f"{split} {', '.join(wanted)}",
+                              key=evaluation_key(model, records, wanted, self.checker_name))
             seconds = round(time.time() - t, 2)
             for k, method in wanted.items():
-                out[k] = {"run": str(rd.root), "how": method.key(), "outputs": [r[f"{k}_output"] for r in rows],
-                          "correct": [int(r[k]) for r in rows], "seconds": seconds, "decoded_with": sorted(wanted)}
+                out[k] = {"run": str(rd.root), "how": method.key(), "key": self.key(rd, records, method),
+                          "outputs": [r[f"{k}_output"] for r in rows], "correct": [int(r[k]) for r in rows],
+                          "seconds": seconds, "decoded_with": sorted(wanted)}
                 write_json(self.out / "evals" / f"{split}-{k}.json", out[k])
             RowLog(partial, "").clear()
         return out
@@ -495,8 +521,7 @@ class _Work:
         path = self.out / "evals" / f"{split}-{key}.json"
         if path.exists():
             cached = read_json(path)
-            if cached.get("run") == str(rd.root) and cached.get("how") == method.key() \
-                    and len(cached.get("outputs", [])) == len(records):
+            if cached.get("key") == self.key(rd, records, method):
                 return cached
         return None
 
@@ -508,13 +533,12 @@ class _Work:
         sample = records[:n]
         if path.exists():
             cached = read_json(path)
-            if cached.get("run") == str(rd.root) and cached.get("how") == method.key() \
-                    and cached.get("prompts") == len(sample):
+            if cached.get("key") == self.key(rd, sample, method):
                 return cached["seconds_per_prompt"]
         model = self.load(rd)
         t = time.time()
         answer_all(model, sample, {key: method}, self.check, desc=None)
-        result = {"run": str(rd.root), "how": method.key(), "prompts": len(sample),
+        result = {"run": str(rd.root), "how": method.key(), "key": self.key(rd, sample, method), "prompts": len(sample),
                   "seconds_per_prompt": round((time.time() - t) / max(1, len(sample)), 4)}
         write_json(path, result)
         return result["seconds_per_prompt"]
@@ -526,7 +550,7 @@ class _Work:
         from ..errors import RunDirError
 
         model = self.load(rd)
-        n_experts = len(model.adapters) - 1
+        n_experts = len(model.adapters) - 1   # top-k keeps k of the C + 1 weights (base adapter included)
         signals, trials = {}, []
 
         def round_(settings: list[tuple]) -> None:
@@ -562,7 +586,7 @@ class _Work:
             full = [t for t in trials if t["router"] == router and t["top_k"] == 0]
             if full:
                 tau = max(full, key=lambda t: t["validation"])["tau"]
-                sparse += [(router, tau, k) for k in opt.top_ks if 1 < k < n_experts]
+                sparse += [(router, tau, k) for k in opt.top_ks if 1 < k < len(model.adapters)]
         round_(sparse)
         return trials
 
