@@ -16,7 +16,9 @@ answer checker, and writes the compare report plus the command and the machine t
 benchmarks/results/compare-<mixture>.json. Everything the comparison does (methods, choices
 on validation, paired intervals, routing cost, clusters against sources) is `elrea compare`'s;
 its report.md and pictures stay in the work directory. Resumable: the same command picks up
-where it stopped.
+where it stopped. The compare's headline (the chosen ELREA, lora and lora-matched on every test
+file) comes hours before the rest on a CPU: the same command with --headline copies it to
+benchmarks/results/headline-<mixture>.json as soon as it is written (a finished run does too).
 """
 
 from __future__ import annotations
@@ -48,8 +50,20 @@ def main(argv=None):
     ap.add_argument("--max-chars", type=int, default=1000, help="bigbench-mix: longest instruction kept")
     ap.add_argument("--work", help="elrea compare's output directory (default benchmarks/work/quality-<mixture>)")
     ap.add_argument("--out", help="results JSON (default benchmarks/results/compare-<mixture>.json)")
+    ap.add_argument("--headline", action="store_true",
+                    help="run nothing: copy the compare's headline.json (the chosen ELREA, lora and lora-matched on "
+                         "every test file, written hours before the rest on a CPU) from --work to "
+                         "headline-<mixture>.json beside the results JSON, with the command (without this flag) and "
+                         "the machine; a finished run writes it too")
     args, compare_args = ap.parse_known_args(argv)
     work = Path(args.work or f"benchmarks/work/quality-{args.mixture}")
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--headline"]
+    if args.headline:
+        if not (work / "headline.json").exists():
+            sys.exit(f"quality.py: {work / 'headline.json'} is not written yet: the compare writes it once the "
+                     "candidates are chosen on validation and lora-matched is trained")
+        _write_headline(work, _headline_path(args), args.mixture, argv)
+        return
     if args.mixture == "bigbench-mix":
         from elrea import bigbench
 
@@ -73,7 +87,27 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
+    _write_headline(work, _headline_path(args), args.mixture, argv)
     print(f"wrote {out}; report: {work / 'report.md'}")
+
+
+def _headline_path(args) -> Path:
+    """headline-<mixture>.json beside the results JSON (compare-<mixture>.json by default)."""
+    if not args.out:
+        return RESULTS / f"headline-{args.mixture}.json"
+    out = Path(args.out)
+    return out.with_name(out.name.replace("compare-", "headline-", 1) if out.name.startswith("compare-")
+                         else f"headline-{out.name}")
+
+
+def _write_headline(work: Path, out: Path, mixture: str, argv) -> Path:
+    headline = json.loads((work / "headline.json").read_text())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps({"command": command_line(__file__, argv), "machine": machine(),
+                                   "mixture": mixture, **headline}, indent=2))
+    print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":

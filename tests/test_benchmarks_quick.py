@@ -122,6 +122,15 @@ def test_quality_benchmark_is_elrea_compare_on_a_mixture(tmp_path, tiny_model_di
     assert required <= set(r["accuracy"]) <= required | {"elrea-gradient-top2", "elrea-learned-top2"}
     assert r["clusterings"]["source"]["ari"] == 1.0 and r["data"]["validation_carved"] is False
     assert (tmp_path / "w" / "report.md").exists() and (tmp_path / "w" / "accuracy.png").exists()
+    # the headline beside it, and --headline alone copies it again (as while a long compare runs)
+    head = tmp_path / "headline-quality.json"
+    h = json.loads(head.read_text())
+    assert h["files"]["test"]["accuracy"] == {m: r["accuracy"][m]["mean"] for m in h["methods"]}
+    head.unlink()
+    again = subprocess.run([*proc.args, "--headline"], capture_output=True, text=True, timeout=120, cwd=BENCH.parent)
+    assert again.returncode == 0, again.stderr[-2000:]
+    h2 = json.loads(head.read_text())
+    assert h2["files"] == h["files"] and "--headline" not in h2["command"] and h2["command"] == r["command"]
 
 
 @pytest.mark.slow
