@@ -200,3 +200,19 @@ def test_a_dead_peer_is_a_clear_error_not_a_traceback():
                                                 r"process .* \(Connection closed by peer \[127.0.0.1\]:29500\); re-run the same command"):
         with p._peers("computing features"):
             raise RuntimeError("Connection closed by peer [127.0.0.1]:29500\nmore detail")
+
+
+def test_the_cli_destroys_the_process_group_before_it_exits(tmp_path, capsys):
+    """A launched command ends its process group itself: left to the interpreter's teardown, gloo's
+    threads can abort a finished process (SIGABRT) and the launcher reports the job failed."""
+    import torch.distributed as dist
+
+    from elrea.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert main(["config"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

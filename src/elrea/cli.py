@@ -645,7 +645,22 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()
         print(f"elrea: {_who()}stopped by SIGTERM; re-run the same command to resume", file=sys.stderr)
         return 143
+    _end_process_group()
     return 0
+
+
+def _end_process_group() -> None:
+    """Under accelerate launch / torchrun: every process done, destroy the process group before the
+    interpreter exits. Left to the interpreter's teardown, gloo's worker threads can abort a
+    process whose work is finished (SIGABRT, "terminate called without an active exception",
+    pytorch/pytorch#190489), and the launcher then reports the whole job failed."""
+    if "torch" not in sys.modules:   # nothing set one up (and light commands stay light)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
