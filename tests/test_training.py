@@ -83,6 +83,19 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(tmp_path, tiny
     assert whole["tokens"] == summary["tokens"] == sum(len(e.input_ids) for e in examples[0])
 
 
+def test_tokens_are_counted_when_the_resumed_checkpoint_is_superseded(tmp_path, tiny_model_dir, examples):
+    # resumed from step 2, the training saves step 4's checkpoint, and Trainer (save_total_limit=1)
+    # deletes step 2's, the one it resumed from, before the training ends
+    ckpt = tmp_path / "ck"
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_model_dir, examples, tmp_path / "a", ckpt, callbacks=[_Crash(2)])
+    steps = _Steps()
+    summary = _train(tiny_model_dir, examples, tmp_path / "a", ckpt, callbacks=[steps])
+    assert steps.seen == [3, 4, 5, 6]
+    assert summary["tokens"] == sum(len(e.input_ids) for e in examples[0])
+    assert json.loads((tmp_path / "a" / "training.json").read_text())["tokens"] == summary["tokens"]
+
+
 def test_tokens_are_not_reported_when_a_checkpoint_did_not_count_them(tmp_path, tiny_model_dir, examples):
     ckpt = tmp_path / "ck"
     with pytest.raises(KeyboardInterrupt):  # as a checkpoint saved before elrea counted tokens

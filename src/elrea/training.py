@@ -175,13 +175,14 @@ def train_adapter(peft_model, examples: list[Encoded], cfg: TrainConfig, out_dir
              f", resuming from step {last.name.rsplit('-', 1)[-1]}" if last else "")
     if hint := precision_hint(device, precision):
         log.info(hint)
+    counted = _counted_before(last)  # read now: Trainer deletes that checkpoint once it saves a newer one
     with _tensorboard_dir(cfg, logs_dir), out_of_space(checkpoints) if checkpoints else contextlib.nullcontext(), \
             cpu_dropout(peft_model):
         result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     seconds = time.time() - t0
     summary = {"steps": int(result.global_step), "train_loss": float(result.training_loss),
                "seconds": round(seconds, 2), "examples": len(examples)}
-    if (tokens := _tokens_seen(trainer, last)) is not None:
+    if (tokens := _tokens_seen(trainer, counted)) is not None:
         summary["tokens"] = tokens
     if trainer.is_world_process_zero():
         history = [h for h in trainer.state.log_history if "loss" in h or "train_loss" in h]
@@ -272,19 +273,24 @@ def _no_final_checkpoint():
     return NoFinalCheckpoint()
 
 
-def _tokens_seen(trainer, resumed_from: Path | None) -> int | None:
+def _counted_before(resumed_from: Path | None) -> bool:
+    """Whether the checkpoint a training resumes from counted the tokens of its steps (True when
+    it starts afresh): those saved before elrea had Trainer count them hold none."""
+    if resumed_from is None:
+        return True
+    try:
+        saved = json.loads((resumed_from / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return saved.get("global_step", 0) == 0 or bool(saved.get("num_input_tokens_seen"))
+
+
+def _tokens_seen(trainer, counted_before: bool) -> int | None:
     """The non-padding tokens of every batch the training took, as Trainer counted them; None
     where it did not count them all: trainer_args changed what it counts, or the training resumed
-    from a checkpoint saved before elrea had it count."""
-    if trainer.args.include_num_input_tokens_seen != "non_padding":
+    from a checkpoint that had not counted (`_counted_before`)."""
+    if trainer.args.include_num_input_tokens_seen != "non_padding" or not counted_before:
         return None
-    if resumed_from is not None:
-        try:
-            saved = json.loads((resumed_from / "trainer_state.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        if saved.get("global_step", 0) > 0 and not saved.get("num_input_tokens_seen"):
-            return None
     return int(trainer.state.num_input_tokens_seen)
 
 
