@@ -41,6 +41,37 @@ def test_methods_answer_as_the_engine_and_the_adapter_folder_do(elrea_model, rec
     assert "arrow_router" not in m.engine.names and "lora_single" not in m.engine.names  # removed after
 
 
+def test_added_adapters_and_routed_methods_answer_in_one_call_as_each_alone(elrea_model, records):
+    """Arrow and an adapter folder are added to the engine while their methods answer: routed
+    methods and columns over the run's own adapters, answering in the same call, get zero weight
+    on them and the answers they give alone (they used to fail, their weights one column short)."""
+    m = elrea_model
+    methods = {"arrow": Method(arrow=2), "folder": Method(adapter=str(m.run.base)),
+               "routed": Method(router="gradient", tau=0.5, top_k=0), "base": Method(column=0)}
+    alone = {n: _answers(m, records, method) for n, method in methods.items()}
+    rows = answer_all(m, records, methods, desc=None)
+    assert {n: [r[f"{n}_output"] for r in rows] for n in methods} == alone
+    assert all(len(r["routed_weights"]) == len(m.adapters) for r in rows)
+    assert m.engine.names == m.adapters
+
+
+def test_the_engine_refuses_weights_of_another_width(elrea_model):
+    e, k = elrea_model.engine, len(elrea_model.adapters)
+    prompts = [[5, 6, 7]]
+    for width in (k - 1, k + 1):
+        with pytest.raises(ValueError, match=f"weights have {width} columns; this engine's adapters are {k}"):
+            e.generate(prompts, torch.full((1, width), 1.0 / width), max_new_tokens=2)
+    with e.arrow(elrea_model.adapters[1:], top_k=1) as name:
+        # over the adapters before Arrow's: a zero column for it; over more: refused
+        w = torch.zeros(1, k)
+        w[0, 0] = 1.0
+        assert e.weights(w).tolist() == [[1.0] + [0.0] * k]
+        with pytest.raises(ValueError, match=f"weights have {k + 2} columns"):
+            e.weights(torch.zeros(1, k + 2))
+        assert e.generate(prompts, w, max_new_tokens=3) == e.generate(prompts, e.one_hot(e.names[0], 1), max_new_tokens=3)
+        assert name == e.names[-1]
+
+
 def test_methods_of_one_run_answer_together_as_each_alone(elrea_model, records, monkeypatch):
     """Routings and columns of the run's adapters answer a batch in one decoding call whose
     copies of a prompt share rows: each method's answers are those it gives alone, and each

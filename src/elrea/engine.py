@@ -126,6 +126,7 @@ class Ensemble:
 
     def __init__(self, model, names: list[str], pad_id: int, compile: str = "auto", sync_every: int = 8):
         self.model, self.names, self.pad_id = model, list(names), pad_id
+        self._added_names: list[str] = []   # adapters added for a while (extra_adapter, arrow): the last columns
         self.device = model_device(model)
         self.dtype = _model_dtype(model)
         self.set_compile(compile)
@@ -187,6 +188,22 @@ class Ensemble:
     def column(self, name: str) -> int:
         return self.names.index(name)
 
+    def weights(self, weights, rows: int | None = None) -> torch.Tensor:
+        """`weights` as a float32 CPU tensor [rows, K], K = len(names). Weights over the adapters
+        the engine had before `extra_adapter` / `arrow` added theirs get zero columns for those
+        (a routed method decoding beside an added adapter); any other width is refused, never
+        read in part."""
+        w = torch.as_tensor(weights, dtype=torch.float32, device="cpu")
+        if rows is None:
+            rows = w.shape[0] if w.dim() >= 2 else 1
+        w = w.reshape(rows, -1)
+        k, before = len(self.names), len(self.names) - len(self._added_names)
+        if w.shape[1] == before and before < k:
+            w = torch.cat([w, w.new_zeros(w.shape[0], k - before)], dim=1)
+        if w.shape[1] != k:
+            raise ValueError(f"weights have {w.shape[1]} columns; this engine's adapters are {k}: {self.names}")
+        return w
+
     def one_hot(self, name: str, n: int) -> torch.Tensor:
         """Weights [n, K] that give every prompt to adapter `name` alone."""
         w = torch.zeros(n, len(self.names))
@@ -209,10 +226,12 @@ class Ensemble:
         add()
         self.model.eval()
         self.names.append(name)
+        self._added_names.append(name)
         try:
             yield
         finally:
             self.names.remove(name)
+            self._added_names.remove(name)
             self._restack()
             self.model.set_adapter(self.names[0])
             self.model.delete_adapter(name)
@@ -285,7 +304,7 @@ class Ensemble:
         (scores, logits) up to this step."""
         B = len(prompts)
         specs = decodings if isinstance(decodings, list) else [decodings] * B
-        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu")
+        weights = self.weights(weights, B)
         if mix and self.stack is None:           # PEFT's weighted adapters, one per prompt
             yield from self._decode_mixed_peft(prompts, weights, specs, stream)
             return
@@ -409,7 +428,7 @@ class Ensemble:
         weights: [K] for this prompt. One forward for all (adapter, continuation) rows
         (`score_batch` with the prompt as every request's context).
         """
-        w = torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(1, -1)
+        w = self.weights(weights, 1)
         if not continuations:
             return []
         return self.score_batch([(prompt, c) for c in continuations], w.expand(len(continuations), -1), greedy)
@@ -423,7 +442,7 @@ class Ensemble:
         (`score_budget`: as many requests as the budget holds, at most `max_batch_size`).
         on_batch(n_requests) is called after each batch (progress bars).
         """
-        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu")
+        weights = self.weights(weights, len(requests))
         n_rows = (weights > 0).sum(1).tolist()                                  # forward rows per request
         # longest first; requests that share an input (all but the continuation's last token) side by side
         order = sorted(range(len(requests)), key=lambda i: (-(len(requests[i][0]) + len(requests[i][1])),
@@ -482,7 +501,7 @@ class Ensemble:
         `hf` backend reuses them).
         """
         device = self.device
-        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(len(requests), -1)
+        weights = self.weights(weights, len(requests))
         inputs: dict[tuple, int] = {}   # (x + y[:-1], |y|, weights) -> its index u
         of = [inputs.setdefault((tuple(x + y[:-1]), len(y), tuple(weights[i].tolist())), len(inputs))
               for i, (x, y) in enumerate(requests)]
@@ -606,7 +625,7 @@ class Slots:
         share=True: it shares rows with the requests of the same prompt that join in the same
         prefill (see the class docstring); the pool then grows when a fork finds no free slot.
         budget: the new tokens it may make, when not its Decoding's max_new_tokens."""
-        weights = torch.as_tensor(weights, dtype=torch.float32, device="cpu").reshape(-1)
+        weights = self.engine.weights(weights, 1).reshape(-1)
         need = self.rows_needed(weights, mix)
         if need == 0:
             raise ValueError("weights: every weight is 0")
