@@ -64,6 +64,11 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
         assert len(acc["correct"]) == len(ref["correct"]) == 12
         assert abs(v["points"] - 100 * (acc["mean"] - ref["mean"])) < 1e-6
         assert v["ci95"][0] - 1e-9 <= v["points"] <= v["ci95"][1] + 1e-9
+    # and against one LoRA at the config's epochs (the paper's comparison), paired the same way
+    assert set(rep["versus_lora"]) == set(rep["accuracy"]) - {"lora"}
+    assert rep["versus_lora"]["lora-matched"]["points"] == pytest.approx(-rep["versus_lora_matched"]["lora"]["points"])
+    for m, v in rep["versus_lora"].items():
+        assert abs(v["points"] - 100 * (rep["accuracy"][m]["mean"] - rep["accuracy"]["lora"]["mean"])) < 1e-6
     cl = rep["clusterings"]
     assert cl["source"]["ari"] == 1.0 and cl["elrea"]["centered"] and not cl["elrea-center_false"]["centered"] \
         and cl["clusters-signal_full"]["signal"] == "full"
@@ -89,6 +94,8 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
         f = head["files"][name]
         assert f["accuracy"] == {m: acc[m]["mean"] for m in head["methods"]}
         assert f["versus_lora_matched"] == {m: versus[m] for m in (best, "lora")}
+        assert f["versus_lora"] == {m: (rep if name == "test" else rep["held_out"]["held"])["versus_lora"][m]
+                                    for m in (best, "lora-matched")}
     later = min(p.stat().st_mtime for p in (runs / "random" / "experts").rglob("*") if p.is_file())  # trained there
     assert (out / "headline.json").stat().st_mtime < later
     h = rep["held_out"]["held"]
@@ -97,7 +104,7 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
         set(rep["versus_lora_matched"])
     assert (out / "evals" / "test-held-lora.json").exists() and "accuracy on held (%)" in r.stdout
     report = (out / "report.md").read_text()
-    assert "## Accuracy on held (%), held out" in report
+    assert "## Accuracy on held (%), held out" in report and "vs lora (95% CI)" in report
     assert "![accuracy](accuracy.png)" in report and (out / "accuracy.png").stat().st_size > 1000
     assert (out / "per_source.png").exists()
 

@@ -11,14 +11,18 @@ log = logging.getLogger(__name__)
 
 
 def _rows(report: dict) -> tuple[list[str], list[list]]:
-    acc, vs = report["accuracy"], report["versus_lora_matched"]
+    acc, vs, vl = report["accuracy"], report["versus_lora_matched"], report.get("versus_lora")
     sources = list(next(iter(acc.values()))["per_source"])
     rows = []
     for m, r in acc.items():
-        d = vs.get(m)
         rows.append([m] + [f"{100 * r['per_source'][s]:.1f}" for s in sources] + [f"{100 * r['mean']:.1f}",
-                    "-" if d is None else f"{d['points']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"])
-    return ["method"] + sources + ["mean", "vs lora-matched (95% CI)"], rows
+                    _difference(vs.get(m))] + ([] if vl is None else [_difference(vl.get(m))]))
+    cols = ["method"] + sources + ["mean", "vs lora-matched (95% CI)"]
+    return cols + ([] if vl is None else ["vs lora (95% CI)"]), rows   # vs lora: reports since 2026-12-03
+
+
+def _difference(d: dict | None) -> str:
+    return "-" if d is None else f"{d['points']:+.1f} [{d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f}]"
 
 
 def _routing_rows(report: dict) -> tuple[list[str], list[list]]:
@@ -106,8 +110,9 @@ def write_report(out: Path, report: dict) -> Path:
         f"all experts). Chosen on validation: run `{e['run']}`, router `{e['router']}`, tau {e['tau']}, "
         f"{'top-%d' % e['top_k'] if e['top_k'] else 'all experts'}.", "",
         "## Accuracy on test (%)", "",
-        "Mean over sources; the last column is the difference to the compute-matched LoRA in points, "
-        "with a 95% paired bootstrap interval (test prompts resampled within each source).", "",
+        "Mean over sources; then the difference to the compute-matched LoRA (`lora-matched`) and to one "
+        "LoRA at the config's epochs (`lora`, the paper's comparison) in points, each with a 95% paired "
+        "bootstrap interval (test prompts resampled within each source).", "",
         _md_table(*_rows(report)), "",
     ]
     text += [f"![{p.stem}]({p.name})" for p in pictures if p.stem != "budget"] + [""]
