@@ -93,6 +93,7 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
                               ("held", rep["held_out"]["held"]["accuracy"], rep["held_out"]["held"]["versus_lora_matched"])]:
         f = head["files"][name]
         assert f["accuracy"] == {m: acc[m]["mean"] for m in head["methods"]}
+        assert f["per_source"] == {m: acc[m]["per_source"] for m in head["methods"]}
         assert f["versus_lora_matched"] == {m: versus[m] for m in (best, "lora")}
         assert f["versus_lora"] == {m: (rep if name == "test" else rep["held_out"]["held"])["versus_lora"][m]
                                     for m in (best, "lora-matched")}

@@ -374,8 +374,9 @@ def _elrea_methods(trials: list[dict], chosen: dict, runs: dict, opt: CompareOpt
 
 def _headline(work: _Work, out: Path, tests: dict, methods: dict, seed: int) -> dict:
     """Decode `methods` (the chosen ELREA, lora, lora-matched) on every test file and write
-    OUT/headline.json: accuracy and the paired difference against lora-matched, per file. It
-    comes hours before compare.json on a CPU, which repeats these numbers among the rest."""
+    OUT/headline.json: accuracy (mean and per source) and the paired differences against
+    lora-matched and lora, per file. It comes hours before compare.json on a CPU, which repeats
+    these numbers among the rest."""
     result = {"methods": list(methods), "files": {}}
     for name, (path, records, check) in tests.items():
         split = "test" if name == "test" else f"test-{name}"
@@ -383,8 +384,9 @@ def _headline(work: _Work, out: Path, tests: dict, methods: dict, seed: int) -> 
         acc = {m: accuracy(records, outputs[m]["correct"]) for m in methods}
         versus = _versus(records, acc, seed)
         result["files"][name] = {"path": str(path), "examples": len(records),
-                                 "accuracy": {m: a["mean"] for m, a in acc.items()}, "versus_lora_matched": versus,
-                                 "versus_lora": _versus(records, acc, seed, "lora")}
+                                 "accuracy": {m: a["mean"] for m, a in acc.items()},
+                                 "per_source": {m: a["per_source"] for m, a in acc.items()},
+                                 "versus_lora_matched": versus, "versus_lora": _versus(records, acc, seed, "lora")}
         for against in ("lora-matched", "lora"):
             for m, v in result["files"][name][f"versus_{against.replace('-', '_')}"].items():
                 log.info("headline, %s: %s vs %s %+.1f points, 95%% interval [%+.1f, %+.1f]", name, m, against,
