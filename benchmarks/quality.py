@@ -18,7 +18,8 @@ on validation, paired intervals, routing cost, clusters against sources) is `elr
 its report.md and pictures stay in the work directory. Resumable: the same command picks up
 where it stopped. The compare's headline (the chosen ELREA, lora and lora-matched on every test
 file) comes hours before the rest on a CPU: the same command with --headline copies it to
-benchmarks/results/headline-<mixture>.json as soon as it is written (a finished run does too).
+benchmarks/results/headline-<mixture>.json, and draws it as headline-<mixture>.png, as soon as
+it is written (a finished run does too).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main(argv=None):
                     help="run nothing: copy the compare's headline.json (the chosen ELREA, lora and lora-matched on "
                          "every test file, written hours before the rest on a CPU) from --work to "
                          "headline-<mixture>.json beside the results JSON, with the command (without this flag) and "
-                         "the machine; a finished run writes it too")
+                         "the machine, and draw it (headline-<mixture>.png); a finished run writes both too")
     args, compare_args = ap.parse_known_args(argv)
     work = Path(args.work or f"benchmarks/work/quality-{args.mixture}")
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--headline"]
@@ -107,6 +108,47 @@ def _write_headline(work: Path, out: Path, mixture: str, argv) -> Path:
         tmp.write_text(json.dumps({"command": command_line(__file__, argv), "machine": machine(),
                                    "mixture": mixture, **headline}, indent=2))
     print(f"wrote {out}")
+    print(f"wrote {_headline_picture(json.loads(out.read_text()), out.with_suffix('.png'))}")
+    return out
+
+
+def _headline_picture(headline: dict, out: Path) -> Path:
+    """Per test file: each method's mean accuracy (bars), and the paired differences against lora
+    and lora-matched with their 95% intervals (points and whiskers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files, methods = headline["files"], headline["methods"]
+    fig, axes = plt.subplots(2, len(files), figsize=(5.4 * len(files), 5.6), squeeze=False)
+    for col, (name, f) in enumerate(files.items()):
+        ax = axes[0, col]
+        acc = [100 * f["accuracy"][m] for m in methods]
+        bars = ax.bar(range(len(methods)), acc, color=["tab:blue", "tab:gray", "tab:olive"][:len(methods)])
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(methods)), methods, fontsize=8)
+        ax.set_title(f"{name}: {f['examples']} prompts", fontsize=10)
+        ax.set_ylabel("mean accuracy over tasks (%)" if col == 0 else "")
+        ax.set_ylim(0, max(acc) * 1.2 + 1)
+        bx = axes[1, col]
+        # each pair once: lora - lora-matched is lora-matched - lora reversed
+        diffs = [(f"{m} - {against}", v) for key, against in (("versus_lora_matched", "lora-matched"),
+                                                             ("versus_lora", "lora"))
+                 for m, v in f.get(key, {}).items() if (m, against) != ("lora", "lora-matched")]
+        ys = range(len(diffs) - 1, -1, -1)    # first at the top
+        for y, (label, v) in zip(ys, diffs):
+            lo, hi = v["ci95"]
+            bx.errorbar(v["points"], y, xerr=[[v["points"] - lo], [hi - v["points"]]], fmt="o", capsize=3,
+                        color="tab:green" if lo > 0 else "tab:red" if hi < 0 else "tab:gray")
+        bx.axvline(0, color="black", lw=0.8)
+        bx.set_yticks(list(ys), [d[0] for d in diffs], fontsize=7)
+        bx.set_ylim(-0.6, len(diffs) - 0.4)
+        bx.set_xlabel("points, 95% paired interval", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
     return out
 
 

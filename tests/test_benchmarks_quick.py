@@ -131,6 +131,7 @@ def test_quality_benchmark_is_elrea_compare_on_a_mixture(tmp_path, tiny_model_di
     assert again.returncode == 0, again.stderr[-2000:]
     h2 = json.loads(head.read_text())
     assert h2["files"] == h["files"] and "--headline" not in h2["command"] and h2["command"] == r["command"]
+    assert (tmp_path / "headline-quality.png").stat().st_size > 0
 
 
 @pytest.mark.slow
