@@ -102,13 +102,13 @@ def _headline_path(args) -> Path:
 
 
 def _write_headline(work: Path, out: Path, mixture: str, argv) -> Path:
-    headline = json.loads((work / "headline.json").read_text())
+    headline = {"command": command_line(__file__, argv), "machine": machine(), "mixture": mixture,
+                **json.loads((work / "headline.json").read_text())}
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps({"command": command_line(__file__, argv), "machine": machine(),
-                                   "mixture": mixture, **headline}, indent=2))
+        tmp.write_text(json.dumps(headline, indent=2))
     print(f"wrote {out}")
-    print(f"wrote {_headline_picture(json.loads(out.read_text()), out.with_suffix('.png'))}")
+    print(f"wrote {_headline_picture(headline, out.with_suffix('.png'))}")
     return out
 
 

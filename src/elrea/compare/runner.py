@@ -382,13 +382,13 @@ def _headline(work: _Work, out: Path, tests: dict, methods: dict, seed: int) -> 
         split = "test" if name == "test" else f"test-{name}"
         outputs = work.outputs_all(split, methods, records, check=check)
         acc = {m: accuracy(records, outputs[m]["correct"]) for m in methods}
-        versus = _versus(records, acc, seed)
+        versus = {against: _versus(records, acc, seed, against) for against in ("lora-matched", "lora")}
         result["files"][name] = {"path": str(path), "examples": len(records),
                                  "accuracy": {m: a["mean"] for m, a in acc.items()},
                                  "per_source": {m: a["per_source"] for m, a in acc.items()},
-                                 "versus_lora_matched": versus, "versus_lora": _versus(records, acc, seed, "lora")}
-        for against in ("lora-matched", "lora"):
-            for m, v in result["files"][name][f"versus_{against.replace('-', '_')}"].items():
+                                 "versus_lora_matched": versus["lora-matched"], "versus_lora": versus["lora"]}
+        for against, diffs in versus.items():
+            for m, v in diffs.items():
                 log.info("headline, %s: %s vs %s %+.1f points, 95%% interval [%+.1f, %+.1f]", name, m, against,
                          v["points"], *v["ci95"])
     write_json(out / "headline.json", result)
