@@ -34,6 +34,7 @@ from _common import RESULTS, command_line, machine  # noqa: E402
 
 from elrea.cli import main as elrea_main  # noqa: E402
 from elrea.demo import demo_config_path  # noqa: E402
+from elrea.errors import ElreaError  # noqa: E402
 from elrea.rundir import atomic_path  # noqa: E402
 from elrea.tasks import MIXTURES, export_mixture  # noqa: E402
 
@@ -46,6 +47,9 @@ def main(argv=None):
     ap.add_argument("--test", type=int, help="test records (default 240; bigbench-mix: per task, 60)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", type=int, default=12, help="bigbench-mix: training tasks")
+    ap.add_argument("--task", action="append", metavar="NAME",
+                    help="bigbench-mix: a training task by name (repeat; instead of --tasks drawn at random), e.g. "
+                         "to keep a smaller run on the tasks of a larger one")
     ap.add_argument("--bbh", type=int, default=50, help="bigbench-mix: records per held-out BBH task")
     ap.add_argument("--bigbench", help="bigbench-mix: the bigbench-1.0.0 sdist or its unpacked folder")
     ap.add_argument("--max-chars", type=int, default=1000, help="bigbench-mix: longest instruction kept")
@@ -70,8 +74,11 @@ def main(argv=None):
 
         sizes = {k: v for k, v in (("train", args.train), ("validation", args.validation), ("test", args.test))
                  if v is not None}
-        paths = bigbench.export(work / "data", args.bigbench, n_tasks=args.tasks, bbh=args.bbh, seed=args.seed,
-                                max_chars=args.max_chars, **sizes)
+        try:
+            paths = bigbench.export(work / "data", args.bigbench, n_tasks=args.tasks, bbh=args.bbh, seed=args.seed,
+                                    max_chars=args.max_chars, include=args.task, **sizes)
+        except ElreaError as e:   # a task, size or sdist the user named: say which, no traceback
+            sys.exit(f"quality.py: {e}")
         tests = [str(paths["test"]), str(paths["bbh"])]
     else:
         paths = export_mixture(args.mixture, work / "data", train=args.train or 640,

@@ -190,3 +190,21 @@ def test_cli_export(tree, tmp_path):
     assert bad.returncode == 2 and "--bbh: only for bigbench-mix" in bad.stderr and "Traceback" not in bad.stderr
     bad = subprocess.run(cmd[:-2] + ["--task", "sports_understanding"], capture_output=True, text=True)
     assert bad.returncode == 2 and "held out" in bad.stderr and "Traceback" not in bad.stderr
+
+
+
+def test_quality_benchmark_keeps_the_named_tasks(tree, tmp_path, monkeypatch, capsys):
+    """benchmarks/quality.py --task NAME: a smaller run on a larger run's tasks. The mixture is
+    exported before the compare starts (here refused at once: 20 records are too few to cluster)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality
+
+    args = ["--mixture", "bigbench-mix", "--bigbench", str(tree), "--train", "10", "--validation", "2", "--test", "4",
+            "--bbh", "3", "--work", str(tmp_path / "w")]
+    with pytest.raises(SystemExit) as done:
+        quality.main(args + ["--task", "colors", "--task", "reverse"])
+    assert done.value.code == 2 and "cannot form 2 clusters" in capsys.readouterr().err
+    assert {r["source"] for r in rows(tmp_path / "w" / "data" / "train.jsonl")} == {"colors", "reverse"}
+    with pytest.raises(SystemExit) as bad:
+        quality.main(args + ["--task", "nope"])
+    assert "--task nope" in str(bad.value.code)                       # a message, not a traceback
