@@ -95,8 +95,26 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
+    for picture in _copy_pictures(work, out):
+        print(f"wrote {picture}")
     _write_headline(work, _headline_path(args), args.mixture, argv)
     print(f"wrote {out}; report: {work / 'report.md'}")
+
+
+PICTURES = {"accuracy.png": "", "budget.png": "-budget", "per_source.png": "-per-source"}
+
+
+def _copy_pictures(work: Path, out: Path) -> list[Path]:
+    """The report's pictures beside the results JSON, named after it (compare-<mixture>.png,
+    -budget.png, -per-source.png), so that docs show the figures of the JSON they cite."""
+    written = []
+    for name, suffix in PICTURES.items():
+        if (work / name).exists():
+            target = out.with_name(f"{out.stem}{suffix}.png")
+            with atomic_path(target) as tmp:
+                tmp.write_bytes((work / name).read_bytes())
+            written.append(target)
+    return written
 
 
 def _headline_path(args) -> Path:

@@ -121,7 +121,9 @@ def test_quality_benchmark_is_elrea_compare_on_a_mixture(tmp_path, tiny_model_di
                 "uniform", "random", "source", "arrow", "elrea-half"}
     assert required <= set(r["accuracy"]) <= required | {"elrea-gradient-top2", "elrea-learned-top2"}
     assert r["clusterings"]["source"]["ari"] == 1.0 and r["data"]["validation_carved"] is False
-    assert (tmp_path / "w" / "report.md").exists() and (tmp_path / "w" / "accuracy.png").exists()
+    assert (tmp_path / "w" / "report.md").exists()
+    for picture, copy in (("accuracy.png", "quality.png"), ("budget.png", "quality-budget.png")):   # beside the JSON
+        assert (tmp_path / copy).read_bytes() == (tmp_path / "w" / picture).read_bytes()
     # the headline beside it, and --headline alone copies it again (as while a long compare runs)
     head = tmp_path / "headline-quality.json"
     h = json.loads(head.read_text())
