@@ -192,7 +192,6 @@ def test_cli_export(tree, tmp_path):
     assert bad.returncode == 2 and "held out" in bad.stderr and "Traceback" not in bad.stderr
 
 
-
 def test_quality_benchmark_keeps_the_named_tasks(tree, tmp_path, monkeypatch, capsys):
     """benchmarks/quality.py --task NAME: a smaller run on a larger run's tasks. The mixture is
     exported before the compare starts (here refused at once: 20 records are too few to cluster)."""
