@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, command_line, machine, print_table, write_report  # noqa: E402
 
-from elrea.compare.stats import accuracy, paired_difference  # noqa: E402
+from elrea.compare.stats import accuracy, paired_difference, validation_rank  # noqa: E402
 from elrea.data import load_records  # noqa: E402
 from elrea.rundir import read_json  # noqa: E402
 
@@ -46,7 +46,7 @@ def trials(work: Path, run: str, records) -> list[dict]:
 
 def best(ts: list[dict], router: str | None = None) -> dict | None:
     ts = [t for t in ts if router is None or t["router"] == router]
-    return max(ts, key=lambda t: t["validation"]) if ts else None
+    return max(ts, key=validation_rank) if ts else None
 
 
 def choose(work: Path, records, first: str, second: str, seed: int = 0) -> dict:

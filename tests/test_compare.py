@@ -13,6 +13,39 @@ FAST = ["base.epochs=2", "experts.epochs=1", "base.lr=2e-3", "experts.lr=2e-3", 
         "generation.max_new_tokens=6", "clustering.num_clusters=4"]
 
 
+def _best_on_validation(trials: list[dict]) -> dict:
+    """The trial compare must pick, written out: the most accurate (to 1e-9, so that equally many
+    right answers tie), then the fewest experts (top_k 0 is all of them), then the first."""
+    top = max(round(t["validation"], 9) for t in trials)
+    tied = [t for t in trials if round(t["validation"], 9) == top]
+    fewest = min(t["top_k"] or float("inf") for t in tied)
+    return next(t for t in tied if (t["top_k"] or float("inf")) == fewest)
+
+
+def test_validation_ties_go_to_the_cheaper_ensemble_not_to_rounding():
+    from types import SimpleNamespace
+
+    from elrea.compare.runner import _choose
+    from elrea.compare.stats import accuracy
+
+    # 20 validation prompts in two tasks; two routings with 3 answers right each (1 + 2 and 0 + 3),
+    # whose means over the tasks come out 1 ulp apart
+    records = [SimpleNamespace(source=s) for s in "a" * 10 + "b" * 10]
+    right = lambda a, b: [1] * a + [0] * (10 - a) + [1] * b + [0] * (10 - b)  # noqa: E731
+    trial = lambda router, tau, k, v: {"run": "elrea", "router": router, "tau": tau, "top_k": k, "validation": v}  # noqa: E731
+    noisy = [trial("gradient", 2.0, 0, accuracy(records, right(1, 2))["mean"]),
+             trial("gradient", 1.0, 1, accuracy(records, right(0, 3))["mean"])]
+    assert noisy[0]["validation"] > noisy[1]["validation"]   # the noise is there ...
+    chosen = _choose(noisy, ["gradient"])["gradient"]
+    assert (chosen["tau"], chosen["top_k"]) == (1.0, 1)      # ... and a tie is a tie: top-1, the cheaper
+    assert chosen is _best_on_validation(noisy)
+    # on a tie of cost, the first trial (lower temperature); a better score wins at any cost
+    flat = [trial("learned", 1.0, 0, 0.3), trial("learned", 2.0, 0, 0.3), trial("learned", 2.0, 2, 0.3 - 1e-3)]
+    assert _choose(flat, ["learned"])["learned"]["tau"] == 1.0
+    flat.append(trial("learned", 1.0, 1, 0.2))
+    assert _choose(flat, ["learned"])["learned"]["top_k"] == 0
+
+
 def _compare(*args, timeout=900):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "elrea.cli", "compare", "-q", *map(str, args)],
@@ -52,10 +85,10 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
     for t in rep["trials"]:   # top-2 ran at the temperature best for all experts of its run and router
         if t["top_k"] == 2:
             full = [u for u in rep["trials"] if (u["run"], u["router"], u["top_k"]) == (t["run"], t["router"], 0)]
-            assert t["tau"] == max(full, key=lambda u: u["validation"])["tau"]
+            assert t["tau"] == _best_on_validation(full)["tau"]
     # every choice was made on validation: the chosen setting is the best validation trial
     for router, c in rep["chosen"].items():
-        best = max((t for t in rep["trials"] if t["router"] == router), key=lambda t: t["validation"])
+        best = _best_on_validation([t for t in rep["trials"] if t["router"] == router])
         assert (c["run"], c["tau"], c["top_k"]) == (best["run"], best["tau"], best["top_k"])
     assert {t["run"] for t in rep["trials"]} == {"elrea", "elrea-center_false"}   # the default candidates
     ref = rep["accuracy"]["lora-matched"]
@@ -127,7 +160,7 @@ def test_compare_on_users_files(tmp_path, tiny_model_dir, toy_data):
             and t["top_k"] == 0]
     for name in ("random", "source"):
         how = json.loads((out / "evals" / f"test-{name}.json").read_text())["how"]
-        assert how == {"router": "gradient", "tau": max(mine, key=lambda t: t["validation"])["tau"], "top_k": 0}
+        assert how == {"router": "gradient", "tau": _best_on_validation(mine)["tau"], "top_k": 0}
 
     # resuming: nothing is fitted or decoded again (a cluster setting's own features neither:
     # only the base adapter is shared with it), and the result is the same

@@ -18,7 +18,7 @@ from ..data import load_records
 from ..errors import ConfigError, ElreaError
 from ..evaluation import Method, RowLog, answer_all, answers_key, evaluation_key
 from ..rundir import Run, RunLock, atomic_path, read_json, write_json
-from .stats import accuracy, paired_difference
+from .stats import accuracy, paired_difference, validation_rank
 
 log = logging.getLogger(__name__)
 ARROW_TOP_K = 3   # PEFT's ArrowConfig default and the Arrow paper's choice
@@ -122,7 +122,7 @@ def _compare(train, tests: dict, out: Path, config, overrides: list[str], valida
     for name, r in runs.items():
         trials += work.validate(name, r["run"], val_records, opt)
     chosen = _choose(trials, opt.routers)
-    best = max(chosen.values(), key=lambda t: t["validation"])
+    best = max(chosen.values(), key=validation_rank)
     log.info("chosen on validation: %s", ", ".join(f"{k}: {v['run']} tau={v['tau']} top_k={v['top_k']}"
                                                     for k, v in chosen.items()))
 
@@ -351,7 +351,7 @@ def _choose(trials: list[dict], routers) -> dict:
     for router in routers:
         mine = [t for t in trials if t["router"] == router]
         if mine:
-            chosen[router] = max(mine, key=lambda t: t["validation"])  # first of ties: earlier candidate, lower tau
+            chosen[router] = max(mine, key=validation_rank)
     if not chosen:
         raise ElreaError("compare: no router could be evaluated on validation")
     return chosen
@@ -397,7 +397,8 @@ def _headline(work: _Work, out: Path, tests: dict, methods: dict, seed: int) -> 
 
 def _best(trials, router, top_k: int) -> dict:
     mine = [t for t in trials if t["router"] == router and t["top_k"] == top_k]
-    return max(mine, key=lambda t: t["validation"])
+    return max(mine, key=validation_rank)
+
 
 
 def _group_name(methods: dict) -> str:
@@ -593,7 +594,7 @@ class _Work:
         for router in opt.routers:
             full = [t for t in trials if t["router"] == router and t["top_k"] == 0]
             if full:
-                tau = max(full, key=lambda t: t["validation"])["tau"]
+                tau = max(full, key=validation_rank)["tau"]
                 sparse += [(router, tau, k) for k in opt.top_ks if 1 < k < len(model.adapters)]
         round_(sparse)
         return trials

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -27,3 +29,13 @@ def paired_difference(records, a: list[int], b: list[int], draws: int = 10_000, 
     boot = np.mean([g[rng.integers(0, len(g), (draws, len(g)))].mean(1) for g in groups], axis=0)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return {"points": 100 * float(np.mean([g.mean() for g in groups])), "ci95": [100 * float(lo), 100 * float(hi)]}
+
+
+def validation_rank(trial: dict) -> tuple:
+    """The key by which `elrea compare` picks among validation trials ({"validation": mean
+    accuracy, "top_k": k, 0 for all experts}; use with max): accuracy, rounded so that trials with
+    equally many answers right tie however their mean over sources was summed (0.35000000000000003
+    against 0.3499999999999999 must not decide); on a tie the cheaper ensemble, top-1, then top-2,
+    ..., then all experts; on a tie of both, max keeps the first trial: the earlier candidate, the
+    lower temperature, the earlier router."""
+    return round(trial["validation"], 9), -(trial["top_k"] or math.inf)
