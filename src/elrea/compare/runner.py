@@ -400,7 +400,6 @@ def _best(trials, router, top_k: int) -> dict:
     return max(mine, key=validation_rank)
 
 
-
 def _group_name(methods: dict) -> str:
     """A short name for a set of method keys (the partial directory of their joint decoding)."""
     import hashlib
